@@ -1,0 +1,44 @@
+"""pgoutbox: a durable job queue for FastAPI services that needs nothing but PostgreSQL."""
+
+from outbox_worker.context import JobContext, current_correlation_id
+from outbox_worker.enqueue import NewJob, enqueue, enqueue_many
+from outbox_worker.errors import (
+    ArgsTooLarge,
+    ConfigError,
+    EnqueueError,
+    InvalidArgs,
+    InvalidName,
+    InvalidOption,
+    JobNotFound,
+    LeaseLost,
+    OutboxError,
+    TaskDefinitionError,
+    UnknownTask,
+)
+from outbox_worker.jobs import Job, JobState
+from outbox_worker.registry import Registry
+from outbox_worker.worker import Worker, WorkerOptions
+
+__all__ = [
+    "ArgsTooLarge",
+    "ConfigError",
+    "EnqueueError",
+    "InvalidArgs",
+    "InvalidName",
+    "InvalidOption",
+    "Job",
+    "JobContext",
+    "JobNotFound",
+    "JobState",
+    "LeaseLost",
+    "NewJob",
+    "OutboxError",
+    "Registry",
+    "TaskDefinitionError",
+    "UnknownTask",
+    "Worker",
+    "WorkerOptions",
+    "current_correlation_id",
+    "enqueue",
+    "enqueue_many",
+]

@@ -1,0 +1,3 @@
+from outbox_worker.cli import main
+
+main()

@@ -1,0 +1,122 @@
+"""Writes outcomes in batches: one fenced statement per kind per flush, not one per job.
+
+While a flush runs, new outcomes queue up and go out together in the next one, so batches
+grow with load and an idle worker still writes each outcome at once. A flush that fails on a
+transient error keeps its items and is retried; an outcome is only dropped when the fence
+says the job is no longer ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+
+from outbox_worker import db, sql
+from outbox_worker.outcomes import Failed, Outcome, Released, Succeeded
+
+
+class Completer:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        worker_id: str,
+        on_written: Callable[[list[Outcome]], None],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._pool = pool
+        self._worker_id = worker_id
+        self._on_written = on_written
+        self._log = log
+        self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.give_up_after: float | None = None
+
+    def put(self, outcome: Outcome) -> None:
+        self._queue.put_nowait(outcome)
+
+    async def run(self) -> None:
+        """Flush until cancelled; call :meth:`flush_pending` after cancelling to write the rest."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+
+    async def flush_pending(self) -> None:
+        batch: list[Outcome] = []
+        while not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        succeeded = [o for o in batch if isinstance(o, Succeeded)]
+        failed = [o for o in batch if isinstance(o, Failed)]
+        released = [o for o in batch if isinstance(o, Released)]
+        try:
+            if succeeded:
+                rows = await db.fetch(
+                    self._pool,
+                    "complete",
+                    sql.JOB_COMPLETE_MANY,
+                    [o.job_id for o in succeeded],
+                    [o.attempt for o in succeeded],
+                    [o.result for o in succeeded],
+                    self._worker_id,
+                    give_up_after=self.give_up_after,
+                )
+                self._report_fenced(succeeded, rows, "succeeded")
+            if failed:
+                rows = await db.fetch(
+                    self._pool,
+                    "fail",
+                    sql.JOB_FAIL_MANY,
+                    [o.job_id for o in failed],
+                    [o.attempt for o in failed],
+                    [o.error for o in failed],
+                    [o.delay for o in failed],
+                    [o.give_up for o in failed],
+                    self._worker_id,
+                    give_up_after=self.give_up_after,
+                )
+                self._report_fenced(failed, rows, "failed")
+                for row in rows:
+                    if row["state"] == "dead":
+                        self._log.error("job_dead", job_id=row["id"])
+            if released:
+                rows = await db.fetch(
+                    self._pool,
+                    "release",
+                    sql.JOB_RELEASE_MANY,
+                    [o.job_id for o in released],
+                    [o.attempt for o in released],
+                    self._worker_id,
+                    give_up_after=self.give_up_after,
+                )
+                self._report_fenced(released, rows, "released")
+        except Exception:
+            # Only reachable when give_up_after is set (shutdown with the database gone):
+            # the leases will expire and the rescuer of another worker takes the jobs back.
+            self._log.exception("outcomes_not_written", jobs=[o.job_id for o in batch])
+        self._on_written(batch)
+
+    def _report_fenced(
+        self,
+        outcomes: list[Succeeded] | list[Failed] | list[Released],
+        rows: list[asyncpg.Record],
+        what: str,
+    ) -> None:
+        if len(rows) == len(outcomes):
+            return
+        written = {row["id"] for row in rows}
+        for outcome in outcomes:
+            if outcome.job_id not in written:
+                self._log.warning(
+                    "outcome_dropped_lease_lost",
+                    job_id=outcome.job_id,
+                    attempt=outcome.attempt,
+                    outcome=what,
+                )

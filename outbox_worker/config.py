@@ -1,0 +1,85 @@
+"""Settings from the environment (``DATABASE_URL`` and ``OUTBOX_*``), built only by entry points.
+
+Services receive plain values, never this object, so tests and embedders can wire them directly.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from outbox_worker.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object) -> object:
+    """Read ``90``, ``45s``, ``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        match = _DURATION.match(value.lower())
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration like 30s, 15m, 12h or 7d")
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    return value
+
+
+Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
+
+
+def asyncpg_dsn(url: str) -> str:
+    """The URL in the form asyncpg takes: ``postgresql://``, without a SQLAlchemy driver suffix."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise ConfigError(f"DATABASE_URL must start with postgresql://, got {scheme or url!r}")
+    return f"postgresql://{rest}"
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The URL in the form SQLAlchemy's async engine takes: ``postgresql+asyncpg://``."""
+    return "postgresql+asyncpg://" + asyncpg_dsn(url).removeprefix("postgresql://")
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore")
+
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("DATABASE_URL", "OUTBOX_DATABASE_URL")
+    )
+    listen_database_url: str | None = None
+    lease_seconds: float = Field(default=30.0, gt=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    listen: bool = True
+    max_args_bytes: int = Field(default=1024 * 1024, gt=0)
+    concurrency: int = Field(default=10, ge=1, le=10_000)
+    pool_size: int = Field(default=10, ge=2)
+    prepared_statements: bool = True
+    retry_base_seconds: float = Field(default=1.0, gt=0)
+    retry_cap_seconds: float = Field(default=3600.0, gt=0)
+    retention_succeeded: Duration = timedelta(days=7)
+    retention_cancelled: Duration = timedelta(days=7)
+    retention_dead: Duration = timedelta(days=30)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    uvloop: bool = True
+
+    @field_validator("database_url", "listen_database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value:
+            return asyncpg_dsn(value)
+        return value
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        return self.database_url

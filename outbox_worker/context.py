@@ -1,0 +1,95 @@
+"""What a handler gets: who it is, a bound logger, and an effectively-once transaction."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import structlog
+
+from outbox_worker import sql
+from outbox_worker.errors import LeaseLost, OutboxError
+
+# The request (or job) that is causing enqueues right now: enqueue stores it as
+# correlation_id when none is given. The app's middleware and the worker set it.
+current_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "outbox_correlation_id", default=None
+)
+
+
+def encode_result(value: Any) -> str | None:
+    """The handler's return value as JSON text, or None when it has no JSON form."""
+    if value is None:
+        return None
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class JobContext:
+    """One attempt of one job, as its handler sees it.
+
+    ``attempt`` is 1 on the first run and equals the row's ``attempts`` while it runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        task: str,
+        queue: str,
+        attempt: int,
+        max_attempts: int,
+        correlation_id: str | None,
+        worker_id: str,
+        pool: asyncpg.Pool | None,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.queue = queue
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.correlation_id = correlation_id
+        self.worker_id = worker_id
+        self.log = log
+        self.result: Any = None
+        self._pool = pool
+        self._transaction_used = False
+        self.completed_in_transaction = False
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction whose commit also completes this job (fenced).
+
+        Writes made on the connection and the job's ``succeeded`` state commit together, so a
+        crash can never leave the writes done and the job still due: work that touches only
+        this database runs effectively once. If the lease was lost meanwhile, the writes roll
+        back and :class:`LeaseLost` is raised. Set ``ctx.result`` inside the block to store
+        a result. Usable once per attempt.
+        """
+        if self._pool is None:
+            raise OutboxError("this JobContext has no database pool")
+        if self._transaction_used:
+            raise OutboxError("ctx.transaction() completes the job, so it can be used only once")
+        self._transaction_used = True
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+            done = await conn.fetch(
+                sql.JOB_COMPLETE_MANY,
+                [self.job_id],
+                [self.attempt],
+                [encode_result(self.result)],
+                self.worker_id,
+            )
+            if not done:
+                raise LeaseLost(
+                    f"job {self.job_id} attempt {self.attempt} is no longer held by "
+                    f"{self.worker_id}; its writes were rolled back"
+                )
+        self.completed_in_transaction = True

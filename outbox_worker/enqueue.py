@@ -1,0 +1,244 @@
+"""Enqueue inside the caller's SQLAlchemy transaction: the job exists iff that transaction commits.
+
+Nothing here commits. Every check runs before any SQL, so a refused job leaves the caller's
+transaction untouched and usable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+
+from outbox_worker import sql
+from outbox_worker.config import WorkerSettings
+from outbox_worker.context import current_correlation_id
+from outbox_worker.errors import (
+    ArgsTooLarge,
+    EnqueueError,
+    InvalidArgs,
+    InvalidName,
+    InvalidOption,
+    UnknownTask,
+)
+from outbox_worker.jobs import Job
+from outbox_worker.names import NAME_PATTERN, is_valid_name
+from outbox_worker.registry import Registry
+
+Executor = AsyncSession | AsyncConnection
+
+INT32_MAX = 2**31 - 1
+MAX_DELAY_SECONDS = 10 * 366 * 86400.0
+MAX_KEY_LENGTH = 512
+MAX_CORRELATION_ID_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """One job for :func:`enqueue_many`; the fields mean what :func:`enqueue`'s arguments do."""
+
+    task: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    key: str | None = None
+    queue: str | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    delay: float | timedelta | None = None
+    run_at: datetime | None = None
+    correlation_id: str | None = None
+
+
+@functools.cache
+def _default_max_args_bytes() -> int:
+    return WorkerSettings().max_args_bytes
+
+
+def _text_option(name: str, value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
+        raise InvalidOption(f"{name} must be a string of 1 to {limit} characters without NUL")
+    return value
+
+
+def _int_option(name: str, value: int, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
+        raise InvalidOption(f"{name} must be an integer from {low} to {INT32_MAX}, got {value!r}")
+    return value
+
+
+def _encode_args(task: str, args: object, limit: int) -> str:
+    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+        raise InvalidArgs(f"args of {task!r} must be a JSON object (a dict with str keys)")
+    try:
+        encoded = json.dumps(args, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgs(f"args of {task!r} are not JSON: {exc}") from exc
+    if "\\u0000" in encoded:
+        raise InvalidArgs(f"args of {task!r} contain a NUL character, which jsonb cannot store")
+    size = len(encoded.encode())
+    if size > limit:
+        raise ArgsTooLarge(f"args of {task!r} are {size} bytes as JSON; the limit is {limit}")
+    return encoded
+
+
+def _row_params(job: NewJob, max_args_bytes: int) -> dict[str, Any]:
+    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
+    if not is_valid_name(job.task):
+        raise InvalidName(f"task name {job.task!r} must match {NAME_PATTERN}")
+    spec = Registry.find(job.task)
+    if spec is None:
+        raise UnknownTask(f"no registry in this process has a task named {job.task!r}")
+    queue = spec.queue if job.queue is None else job.queue
+    if not is_valid_name(queue):
+        raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
+    if job.run_at is not None and job.delay is not None:
+        raise InvalidOption("give delay or run_at, not both")
+    if job.run_at is not None and (
+        not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None
+    ):
+        raise InvalidOption("run_at must be a timezone-aware datetime")
+    delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay or 0.0
+    if (
+        isinstance(delay, bool)
+        or not isinstance(delay, int | float)
+        or not math.isfinite(delay)
+        or not 0 <= delay <= MAX_DELAY_SECONDS
+    ):
+        raise InvalidOption(f"delay must be from 0 to {MAX_DELAY_SECONDS:.0f} seconds")
+    return {
+        "queue": queue,
+        "task": job.task,
+        "args": _encode_args(job.task, job.args, max_args_bytes),
+        "priority": _int_option(
+            "priority", spec.priority if job.priority is None else job.priority, -INT32_MAX
+        ),
+        "max_attempts": _int_option(
+            "max_attempts", spec.max_attempts if job.max_attempts is None else job.max_attempts, 1
+        ),
+        "run_at": job.run_at,
+        "delay": float(delay),
+        "dedupe_key": _text_option("key", job.key, MAX_KEY_LENGTH),
+        "correlation_id": _text_option(
+            "correlation_id",
+            job.correlation_id or current_correlation_id.get(),
+            MAX_CORRELATION_ID_LENGTH,
+        ),
+    }
+
+
+async def enqueue(
+    session: Executor,
+    task: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    key: str | None = None,
+    queue: str | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+    delay: float | timedelta | None = None,
+    run_at: datetime | None = None,
+    correlation_id: str | None = None,
+    max_args_bytes: int | None = None,
+) -> Job:
+    """Add a job in the caller's transaction and return it; never commits.
+
+    With ``key``, a second enqueue of the same ``(task, key)`` writes nothing and returns the
+    existing job with ``duplicate=True``. Without ``correlation_id``, the current request's
+    (or job's) id is used.
+    """
+    params = _row_params(
+        NewJob(
+            task,
+            {} if args is None else args,
+            key,
+            queue,
+            priority,
+            max_attempts,
+            delay,
+            run_at,
+            correlation_id,
+        ),
+        max_args_bytes or _default_max_args_bytes(),
+    )
+    # A conflict makes the insert return nothing; the row it met is then read back. If that
+    # row is gone by then (pruned in between), inserting again is the right answer.
+    for _ in range(3):
+        row = (await session.execute(text(sql.JOB_INSERT), params)).mappings().first()
+        if row is not None:
+            return Job.from_row(row)
+        existing = (
+            (
+                await session.execute(
+                    text(sql.JOB_GET_BY_KEY), {"task": task, "dedupe_key": params["dedupe_key"]}
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if existing is not None:
+            return Job.from_row(existing, duplicate=True)
+    raise EnqueueError(f"job key {key!r} of {task!r} kept conflicting with a vanishing job")
+
+
+async def enqueue_many(
+    session: Executor,
+    jobs: Sequence[NewJob],
+    *,
+    max_args_bytes: int | None = None,
+) -> list[Job]:
+    """Add many jobs in one statement, in the caller's transaction; never commits.
+
+    Returns one Job per input, in input order. Keys dedupe as in :func:`enqueue`, also
+    between jobs of the same call: the first wins and the later ones come back as duplicates.
+    """
+    limit = max_args_bytes or _default_max_args_bytes()
+    rows = [_row_params(job, limit) for job in jobs]
+    if not rows:
+        return []
+    columns = {
+        "queues": "queue",
+        "tasks": "task",
+        "args": "args",
+        "priorities": "priority",
+        "max_attempts": "max_attempts",
+        "run_ats": "run_at",
+        "delays": "delay",
+        "dedupe_keys": "dedupe_key",
+        "correlation_ids": "correlation_id",
+    }
+    params = {array: [row[column] for row in rows] for array, column in columns.items()}
+    answer = (await session.execute(text(sql.JOB_INSERT_MANY), params)).mappings().all()
+    result: list[Job | None] = [None if r["id"] is None else Job.from_row(r) for r in answer]
+    missing = [i for i, job in enumerate(result) if job is None]
+    if missing:
+        found = (
+            (
+                await session.execute(
+                    text(sql.JOB_GET_BY_KEYS),
+                    {
+                        "tasks": [rows[i]["task"] for i in missing],
+                        "dedupe_keys": [rows[i]["dedupe_key"] for i in missing],
+                    },
+                )
+            )
+            .mappings()
+            .all()
+        )
+        by_key = {(r["task"], r["dedupe_key"]): r for r in found}
+        for i in missing:
+            existing = by_key.get((rows[i]["task"], rows[i]["dedupe_key"]))
+            if existing is None:
+                raise EnqueueError(
+                    f"job key {rows[i]['dedupe_key']!r} of {rows[i]['task']!r} conflicted with "
+                    "a job that is gone; nothing was lost, retry the transaction"
+                )
+            result[i] = Job.from_row(existing, duplicate=True)
+    return [job for job in result if job is not None]

@@ -1,0 +1,66 @@
+"""The library's one exception hierarchy.
+
+    OutboxError
+    ├── EnqueueError            nothing was written
+    │   ├── UnknownTask
+    │   ├── InvalidArgs
+    │   ├── InvalidName
+    │   ├── InvalidOption
+    │   └── ArgsTooLarge
+    ├── TaskDefinitionError     a registry was used wrongly at import time
+    ├── JobNotFound
+    ├── LeaseLost               this worker no longer owns the job it tried to write
+    └── ConfigError             bad settings, or a MODULE:registry that does not load
+
+Each class's docstring is its default message; a driver error that caused one is kept
+as ``__cause__`` by the one place that translates it.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """pgoutbox error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class EnqueueError(OutboxError):
+    """The job was not enqueued."""
+
+
+class UnknownTask(EnqueueError):
+    """No registry in this process knows that task."""
+
+
+class InvalidArgs(EnqueueError):
+    """Task arguments must be a JSON object."""
+
+
+class InvalidName(EnqueueError):
+    """Task and queue names must match ^[A-Za-z][A-Za-z0-9_.:-]{0,127}$."""
+
+
+class InvalidOption(EnqueueError):
+    """An enqueue option is out of range."""
+
+
+class ArgsTooLarge(EnqueueError):
+    """Task arguments are larger than OUTBOX_MAX_ARGS_BYTES."""
+
+
+class TaskDefinitionError(OutboxError):
+    """The task definition is invalid."""
+
+
+class JobNotFound(OutboxError):
+    """No job has that id."""
+
+
+class LeaseLost(OutboxError):
+    """This worker no longer holds the job's lease: another worker or an operator took it."""
+
+
+class ConfigError(OutboxError):
+    """The configuration is invalid."""

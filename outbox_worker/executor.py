@@ -1,0 +1,120 @@
+"""Run one attempt of one job and say what became of it. No SQL here but the handler's own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback
+from collections.abc import Callable
+
+import asyncpg
+import structlog
+
+from outbox_worker.context import JobContext, current_correlation_id, encode_result
+from outbox_worker.errors import LeaseLost
+from outbox_worker.outcomes import ClaimedJob, Failed, Outcome, Released, Settled, Succeeded
+from outbox_worker.registry import Registry
+
+MAX_ERROR_CHARS = 8000
+
+
+def describe_error(exc: BaseException) -> str:
+    """A last_error a person can read: the exception first, then the tail of the traceback."""
+    headline = f"{type(exc).__name__}: {exc}"
+    trace = "".join(traceback.format_exception(exc)[-12:])
+    text = f"{headline}\n\n{trace}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        worker_id: str,
+        pool: asyncpg.Pool,
+        retry_delay: Callable[[int], float],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._registry = registry
+        self._worker_id = worker_id
+        self._pool = pool
+        self._retry_delay = retry_delay
+        self._log = log
+
+    async def run(self, job: ClaimedJob) -> Outcome:
+        """Never raises but for cancellation outside a shutdown."""
+        structlog.contextvars.bind_contextvars(
+            job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
+        )
+        current_correlation_id.set(job.correlation_id)
+        log = self._log.bind(
+            job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
+        )
+        spec = self._registry.get(job.task)
+        if spec is None:
+            return self._give_up(
+                job,
+                log,
+                f"unknown task {job.task!r}: this worker's registry "
+                f"has {sorted(s.name for s in self._registry)}",
+            )
+        try:
+            args = json.loads(job.args)
+        except ValueError as exc:
+            return self._give_up(job, log, f"args are not valid JSON: {exc}")
+        if not isinstance(args, dict):
+            return self._give_up(job, log, f"args must be a JSON object, got {type(args).__name__}")
+        misfit = spec.check_args(args)
+        if misfit is not None:
+            return self._give_up(job, log, misfit)
+
+        ctx = JobContext(
+            job_id=job.id,
+            task=job.task,
+            queue=job.queue,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            correlation_id=job.correlation_id,
+            worker_id=self._worker_id,
+            pool=self._pool,
+            log=log,
+        )
+        log.debug("job_started")
+        deadline = asyncio.timeout(spec.timeout)
+        try:
+            async with deadline:
+                value = await spec.handler(ctx, **args)
+        except asyncio.CancelledError:
+            log.info("job_released", reason="worker shutting down")
+            return Released(job.id, job.attempt)
+        except LeaseLost as exc:
+            log.warning("job_lease_lost", error=str(exc))
+            return Settled(job.id, job.attempt)
+        except Exception as exc:
+            if ctx.completed_in_transaction:
+                log.warning("job_raised_after_commit", error=f"{type(exc).__name__}: {exc}")
+                return Settled(job.id, job.attempt)
+            if deadline.expired():
+                error = f"TimeoutError: {job.task} ran longer than its timeout of {spec.timeout}s"
+            else:
+                error = describe_error(exc)
+            delay = self._retry_delay(job.attempt)
+            log.warning(
+                "job_failed",
+                error=error.partition("\n")[0],
+                final=job.attempt >= job.max_attempts,
+                retry_in=None if job.attempt >= job.max_attempts else round(delay, 3),
+            )
+            return Failed(job.id, job.attempt, error, delay)
+        if ctx.completed_in_transaction:
+            log.debug("job_succeeded", in_transaction=True)
+            return Settled(job.id, job.attempt)
+        log.debug("job_succeeded")
+        return Succeeded(job.id, job.attempt, encode_result(value))
+
+    def _give_up(
+        self, job: ClaimedJob, log: structlog.typing.FilteringBoundLogger, reason: str
+    ) -> Failed:
+        log.error("job_dead_without_running", reason=reason)
+        return Failed(job.id, job.attempt, reason, 0.0, give_up=True)

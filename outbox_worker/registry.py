@@ -1,0 +1,124 @@
+"""Closed maps of task name → handler (PRINCIPLES rule 11: nothing is imported by name)."""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from outbox_worker.errors import TaskDefinitionError
+from outbox_worker.names import NAME_PATTERN, is_valid_name
+
+Handler = Callable[..., Awaitable[Any]]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    name: str
+    handler: Handler
+    queue: str
+    max_attempts: int
+    timeout: float | None
+    priority: int
+    signature: inspect.Signature
+
+    def check_args(self, args: dict[str, Any]) -> str | None:
+        """Why these args cannot call the handler, or None when they can."""
+        try:
+            self.signature.bind(None, **args)
+        except TypeError as exc:
+            return f"args do not fit {self.name}{self.signature}: {exc}"
+        return None
+
+
+class Registry:
+    """A set of tasks. Every live registry in the process contributes its names to enqueue."""
+
+    _live: ClassVar[weakref.WeakSet[Registry]] = weakref.WeakSet()
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskSpec] = {}
+        Registry._live.add(self)
+
+    def task(
+        self,
+        name: str | None = None,
+        *,
+        queue: str = "default",
+        max_attempts: int = 5,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> Callable[[H], H]:
+        """Register an ``async def handler(ctx: JobContext, **args)``; the name defaults to
+        the function's."""
+
+        def register(handler: H) -> H:
+            self.add(
+                handler,
+                name=name,
+                queue=queue,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                priority=priority,
+            )
+            return handler
+
+        return register
+
+    def add(
+        self,
+        handler: Handler,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int = 5,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> TaskSpec:
+        task_name = name or handler.__name__
+        if not is_valid_name(task_name):
+            raise TaskDefinitionError(f"task name {task_name!r} must match {NAME_PATTERN}")
+        if not is_valid_name(queue):
+            raise TaskDefinitionError(f"queue name {queue!r} must match {NAME_PATTERN}")
+        if task_name in self._tasks:
+            raise TaskDefinitionError(f"task {task_name!r} is already registered")
+        if not inspect.iscoroutinefunction(handler):
+            raise TaskDefinitionError(f"task {task_name!r} must be an async def function")
+        if max_attempts < 1:
+            raise TaskDefinitionError(f"task {task_name!r}: max_attempts must be at least 1")
+        if timeout is not None and timeout <= 0:
+            raise TaskDefinitionError(f"task {task_name!r}: timeout must be positive")
+        signature = inspect.signature(handler)
+        if not signature.parameters:
+            raise TaskDefinitionError(f"task {task_name!r} must take a JobContext first")
+        spec = TaskSpec(task_name, handler, queue, max_attempts, timeout, priority, signature)
+        self._tasks[task_name] = spec
+        return spec
+
+    def get(self, name: str) -> TaskSpec | None:
+        return self._tasks.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[TaskSpec]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def queues(self) -> list[str]:
+        """The queues a worker of this registry serves by default: its tasks' and ``default``."""
+        return sorted({"default", *(spec.queue for spec in self._tasks.values())})
+
+    @classmethod
+    def find(cls, name: str) -> TaskSpec | None:
+        """The task of that name in any live registry of this process."""
+        for registry in list(cls._live):
+            spec = registry.get(name)
+            if spec is not None:
+                return spec
+        return None

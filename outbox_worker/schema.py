@@ -1,0 +1,99 @@
+"""``outbox_jobs`` as SQLAlchemy Core metadata: the model Alembic's autogenerate compares against.
+
+No queries live here (they are in ``sql.py``); the DDL that SQLAlchemy cannot express
+(trigger, storage parameters) is in ``ddl.py``.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from outbox_worker.names import NAME_PATTERN
+
+metadata = MetaData()
+
+FINISHED_STATES = "('succeeded', 'dead', 'cancelled')"
+
+outbox_jobs = Table(
+    "outbox_jobs",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("queue", Text, nullable=False, server_default=text("'default'")),
+    Column("task", Text, nullable=False),
+    Column("args", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("state", Text, nullable=False, server_default=text("'queued'")),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("5")),
+    Column("run_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("dedupe_key", Text),
+    Column("correlation_id", Text),
+    Column("last_error", Text),
+    Column("result", JSONB),
+    Column("locked_by", Text),
+    Column("locked_until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("started_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
+        name="outbox_jobs_state_valid",
+    ),
+    CheckConstraint(f"task ~ '{NAME_PATTERN}'", name="outbox_jobs_task_name_valid"),
+    CheckConstraint(f"queue ~ '{NAME_PATTERN}'", name="outbox_jobs_queue_name_valid"),
+    CheckConstraint(
+        "attempts >= 0 AND max_attempts >= 1 AND attempts <= max_attempts",
+        name="outbox_jobs_attempts_valid",
+    ),
+    CheckConstraint(
+        "state <> 'queued' OR attempts < max_attempts",
+        name="outbox_jobs_queued_has_attempts_left",
+    ),
+    CheckConstraint(
+        "state <> 'running' OR (locked_by IS NOT NULL AND locked_until IS NOT NULL)",
+        name="outbox_jobs_running_is_locked",
+    ),
+    CheckConstraint(
+        "jsonb_typeof(args) = 'object'",
+        name="outbox_jobs_args_is_object",
+    ),
+    # Serves JOB_CLAIM exactly: due queued jobs in priority, then run_at, then id order.
+    Index(
+        "outbox_jobs_claim_idx",
+        text("priority DESC"),
+        "run_at",
+        "id",
+        postgresql_where=text("state = 'queued'"),
+    ),
+    # Serves JOB_RESCUE_EXPIRED: only running rows, a handful. It leaves locked_until out of
+    # every index so that a heartbeat (which changes only locked_until) is a HOT update.
+    Index("outbox_jobs_running_idx", "id", postgresql_where=text("state = 'running'")),
+    # Unique job keys (PRINCIPLES rule 7): JOB_INSERT's ON CONFLICT names this index's columns.
+    Index(
+        "outbox_jobs_dedupe_idx",
+        "task",
+        "dedupe_key",
+        unique=True,
+        postgresql_where=text("dedupe_key IS NOT NULL"),
+    ),
+    # Serves JOB_PRUNE_FINISHED: finished rows by state and age.
+    Index(
+        "outbox_jobs_finished_idx",
+        "state",
+        "finished_at",
+        postgresql_where=text(f"state IN {FINISHED_STATES}"),
+    ),
+)

@@ -1,0 +1,247 @@
+"""The worker: claims due jobs for its free slots and runs them, until told to stop.
+
+Services, each with one job, run side by side in one TaskGroup: the producer loop (here),
+the completer, the heartbeat, the rescuer, the pruner and the notifier. Stopping reverses
+the start: stop claiming, let in-flight jobs finish within the drain timeout, release the
+rest for an immediate retry elsewhere, write every outcome, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import asyncpg
+import structlog
+
+from outbox_worker import db, sql
+from outbox_worker.backoff import retry_delay
+from outbox_worker.completer import Completer
+from outbox_worker.executor import Executor
+from outbox_worker.heartbeat import Heartbeat, LoopWatchdog
+from outbox_worker.maintenance import Pruner, Rescuer
+from outbox_worker.notifier import Notifier
+from outbox_worker.outcomes import ClaimedJob, Outcome
+from outbox_worker.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Plain values for one worker; entry points build them from WorkerSettings."""
+
+    dsn: str
+    queues: tuple[str, ...] = ()
+    concurrency: int = 10
+    lease_seconds: float = 30.0
+    poll_interval: float = 1.0
+    drain_timeout: float = 30.0
+    listen: bool = True
+    listen_dsn: str | None = None
+    burst: bool = False
+    pool_size: int = 10
+    prepared_statements: bool = True
+    retry_base: float = 1.0
+    retry_cap: float = 3600.0
+    retention: dict[str, timedelta | None] = field(default_factory=dict)
+    prune_interval: float = 60.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    def __init__(
+        self, registry: Registry, options: WorkerOptions, *, worker_id: str | None = None
+    ) -> None:
+        self.registry = registry
+        self.options = options
+        self.worker_id = worker_id or new_worker_id()
+        self.queues = list(options.queues or registry.queues())
+        self.log = structlog.get_logger("outbox_worker").bind(worker_id=self.worker_id)
+        self.ready = asyncio.Event()
+        self.processed = 0
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        # Claimed rows whose outcome is not written yet, running or not: the slots in use.
+        self._held: dict[int, int] = {}
+        self._releasing = False
+
+    def stop(self) -> None:
+        """Stop claiming and drain; safe to call from a signal handler, more than once."""
+        if not self._stop.is_set():
+            self.log.info("worker_stopping", in_flight=len(self._held))
+        self._stop.set()
+        self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def in_flight(self) -> list[tuple[int, int]]:
+        return list(self._held.items())
+
+    async def run(self) -> None:
+        opts = self.options
+        pool = await db.create_pool(
+            opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
+        )
+        completer = Completer(
+            pool=pool, worker_id=self.worker_id, on_written=self._written, log=self.log
+        )
+        executor = Executor(
+            registry=self.registry,
+            worker_id=self.worker_id,
+            pool=pool,
+            retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
+            log=self.log,
+        )
+        heartbeat = Heartbeat(
+            pool=pool,
+            worker_id=self.worker_id,
+            lease_seconds=opts.lease_seconds,
+            in_flight=self.in_flight,
+            stop=self._stop,
+            log=self.log,
+        )
+        watchdog = LoopWatchdog(
+            loop=asyncio.get_running_loop(),
+            threshold=heartbeat.interval,
+            in_flight=self.in_flight,
+            log=self.log,
+        )
+        services: list[asyncio.Task[None]] = []
+        self.log.info(
+            "worker_starting", queues=self.queues, concurrency=opts.concurrency, burst=opts.burst
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                services.append(group.create_task(completer.run(), name="completer"))
+                services.append(group.create_task(heartbeat.run(), name="heartbeat"))
+                rescuer = Rescuer(
+                    pool=pool,
+                    interval=max(0.5, opts.lease_seconds / 2),
+                    stop=self._stop,
+                    log=self.log,
+                )
+                services.append(group.create_task(rescuer.run(), name="rescuer"))
+                if any(keep is not None for keep in opts.retention.values()):
+                    pruner = Pruner(
+                        pool=pool,
+                        retention=opts.retention,
+                        interval=opts.prune_interval,
+                        stop=self._stop,
+                        log=self.log,
+                    )
+                    services.append(group.create_task(pruner.run(), name="pruner"))
+                if opts.listen:
+                    notifier = Notifier(
+                        dsn=opts.listen_dsn or opts.dsn,
+                        wake=self.wake,
+                        stop=self._stop,
+                        keepalive_seconds=max(1.0, opts.poll_interval * 5),
+                        log=self.log,
+                    )
+                    services.append(group.create_task(notifier.run(), name="notifier"))
+                watchdog.start()
+                # Jobs a crashed predecessor left behind are due now, not after a poll.
+                await rescuer.rescue_once()
+                self.ready.set()
+                self.log.info("worker_ready")
+                await self._produce(pool, executor, completer)
+                completer.give_up_after = max(opts.drain_timeout, 1.0)
+                await self._drain()
+                self._stop.set()
+                for service in services:
+                    service.cancel()
+        finally:
+            watchdog.stop()
+            await pool.close()
+            self.log.info("worker_stopped", processed=self.processed)
+
+    async def _produce(self, pool: asyncpg.Pool, executor: Executor, completer: Completer) -> None:
+        opts = self.options
+        while not self._stop.is_set():
+            free = opts.concurrency - len(self._held)
+            if free > 0:
+                self._wake.clear()
+                try:
+                    claimed = await db.fetch(
+                        pool,
+                        "claim",
+                        sql.JOB_CLAIM,
+                        self.queues,
+                        free,
+                        self.worker_id,
+                        opts.lease_seconds,
+                        until=self._stop,
+                    )
+                except Exception:
+                    if self._stop.is_set():
+                        return
+                    raise
+                for row in claimed:
+                    self._start(
+                        ClaimedJob(
+                            id=row["id"],
+                            task=row["task"],
+                            queue=row["queue"],
+                            args=row["args"],
+                            attempt=row["attempts"],
+                            max_attempts=row["max_attempts"],
+                            correlation_id=row["correlation_id"],
+                        ),
+                        executor,
+                        completer,
+                    )
+                if len(claimed) == free:
+                    continue  # more may be due: claim again as soon as slots free up
+                if opts.burst and not claimed and not self._held:
+                    self.log.info("burst_done")
+                    return
+            if opts.burst and self._held:
+                await self._wake.wait()  # a finishing job may have enqueued more work
+            else:
+                await db.sleep_or_stop(self._wake, opts.poll_interval)
+            self._wake.clear()
+
+    def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
+        self._held[job.id] = job.attempt
+        task = asyncio.create_task(self._execute(job, executor, completer), name=f"job-{job.id}")
+        self._running[job.id] = task
+
+    async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
+        try:
+            outcome = await executor.run(job)
+        finally:
+            self._running.pop(job.id, None)
+        completer.put(outcome)
+
+    def _written(self, outcomes: list[Outcome]) -> None:
+        for outcome in outcomes:
+            if self._held.get(outcome.job_id) == outcome.attempt:
+                del self._held[outcome.job_id]
+        self.processed += len(outcomes)
+        self._wake.set()
+
+    async def _drain(self) -> None:
+        """Give in-flight jobs the drain timeout, release the rest, wait for every outcome."""
+        opts = self.options
+        running = list(self._running.values())
+        if running:
+            self.log.info("draining", jobs=len(running), timeout=opts.drain_timeout)
+            _, pending = await asyncio.wait(running, timeout=opts.drain_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        # The completer writes what is left (it gives up after the drain timeout when the
+        # database is gone: the leases then expire and another worker's rescuer takes over).
+        while self._held:
+            self._wake.clear()
+            await self._wake.wait()

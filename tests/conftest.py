@@ -1,0 +1,188 @@
+"""Fixtures for the whole suite: one PostgreSQL server per session, a migrated template
+database, and a fresh clone of it for every test (``CREATE DATABASE … TEMPLATE``)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from alembic import command
+from outbox_worker.config import sqlalchemy_url
+from outbox_worker.devdb import PostgresServer, start_postgres
+from tests.workload import EXECUTIONS_DDL
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = "outbox_template"
+_numbers = itertools.count()
+
+
+def alembic_config(url: str) -> Config:
+    config = Config(str(ROOT / "alembic.ini"))
+    config.attributes["database_url"] = url
+    config.attributes["configure_logging"] = False
+    return config
+
+
+async def _admin(server: PostgresServer, sql: str) -> None:
+    conn = await asyncpg.connect(server.url_for("postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server: PostgresServer) -> str:
+    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
+    asyncio.run(_admin(pg_server, f"CREATE DATABASE {TEMPLATE}"))
+    url = pg_server.url_for(TEMPLATE)
+    command.upgrade(alembic_config(url), "head")
+
+    async def add_test_tables() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(EXECUTIONS_DDL)
+        finally:
+            await conn.close()
+
+    asyncio.run(add_test_tables())
+    return url
+
+
+@pytest.fixture
+async def database_url(pg_server: PostgresServer, template_url: str) -> AsyncIterator[str]:
+    """A database of its own for this test, migrated, with no jobs in it."""
+    name = f"t_{os.getpid()}_{next(_numbers)}"
+    await _admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    try:
+        yield pg_server.url_for(name)
+    finally:
+        await _admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=8)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_async_engine(sqlalchemy_url(database_url), pool_size=10, max_overflow=40)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+class WorkerProcess:
+    """An ``outbox-worker run`` in a child process, its output kept in a file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "outbox_worker", "run", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"worker {self.pid} still running after {timeout}s:\n{self.output()}")
+
+    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.proc.poll() is not None:
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {text!r} in the worker's log after {timeout}s:\n{self.output()}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def spawn_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start worker processes on this test's database; all are killed at the end."""
+    started: list[WorkerProcess] = []
+
+    def spawn(
+        *args: str, env: dict[str, str] | None = None, target: str = "tests.workload:registry"
+    ) -> WorkerProcess:
+        full_env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "PYTHONPATH": str(ROOT),
+            "OUTBOX_LOG_FORMAT": "json",
+            "OUTBOX_LOG_LEVEL": "debug",
+            "OUTBOX_RETRY_BASE_SECONDS": "0.05",
+            "OUTBOX_RETRY_CAP_SECONDS": "1",
+            **(env or {}),
+        }
+        worker = WorkerProcess([target, *args], full_env, tmp_path / f"worker-{len(started)}.log")
+        started.append(worker)
+        return worker
+
+    yield spawn
+    for worker in started:
+        worker.kill()
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll an async predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+        await asyncio.sleep(interval)

@@ -1,0 +1,116 @@
+"""Tasks the tests run, in worker processes and in-process. Each execution is written down
+(``test_executions``) outside the job's own transaction, so repeats are visible."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import asyncpg
+
+from outbox_worker import JobContext, Registry
+
+registry = Registry()
+
+EXECUTIONS_DDL = """
+CREATE TABLE test_executions (
+    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id     bigint NOT NULL,
+    attempt    integer NOT NULL,
+    worker_id  text NOT NULL,
+    pid        integer NOT NULL,
+    event      text NOT NULL,
+    at         timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE TABLE test_effects (
+    job_id     bigint PRIMARY KEY,
+    note       text NOT NULL
+);
+"""
+
+_connections: dict[str, asyncpg.Pool] = {}
+
+
+async def _pool() -> asyncpg.Pool:
+    dsn = os.environ["DATABASE_URL"]
+    if dsn not in _connections:
+        _connections[dsn] = await asyncpg.create_pool(dsn, min_size=0, max_size=4)
+    return _connections[dsn]
+
+
+async def record(ctx: JobContext, event: str = "run") -> None:
+    pool = await _pool()
+    await pool.execute(
+        "INSERT INTO test_executions (job_id, attempt, worker_id, pid, event) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        ctx.job_id,
+        ctx.attempt,
+        ctx.worker_id,
+        os.getpid(),
+        event,
+    )
+
+
+@registry.task()
+async def noop(ctx: JobContext) -> None:
+    return None
+
+
+@registry.task()
+async def echo(ctx: JobContext, **kwargs: Any) -> dict[str, Any]:
+    await record(ctx)
+    return kwargs
+
+
+@registry.task(max_attempts=5)
+async def flaky(ctx: JobContext, failures: int) -> str:
+    """Fails its first ``failures`` attempts."""
+    await record(ctx)
+    if ctx.attempt <= failures:
+        raise RuntimeError(f"planned failure {ctx.attempt} of {failures}")
+    return "ok"
+
+
+@registry.task(max_attempts=3)
+async def always_fails(ctx: JobContext) -> None:
+    await record(ctx)
+    raise ValueError("this task always fails")
+
+
+@registry.task(queue="slow")
+async def sleepy(ctx: JobContext, seconds: float) -> str:
+    await record(ctx, "start")
+    await asyncio.sleep(seconds)
+    await record(ctx, "end")
+    return "slept"
+
+
+@registry.task(timeout=0.5, max_attempts=2)
+async def hangs(ctx: JobContext) -> None:
+    await record(ctx)
+    await asyncio.sleep(3600)
+
+
+@registry.task()
+async def blocks_loop(ctx: JobContext, seconds: float) -> None:
+    await record(ctx)
+    time.sleep(seconds)  # noqa: ASYNC251 -- blocking the event loop is the point
+
+
+@registry.task()
+async def write_once(ctx: JobContext, note: str, pause: float = 0.0) -> None:
+    """Effectively-once: its row and its completion commit together."""
+    await record(ctx)
+    async with ctx.transaction() as conn:
+        await conn.execute(
+            "INSERT INTO test_effects (job_id, note) VALUES ($1, $2)", ctx.job_id, note
+        )
+        await asyncio.sleep(pause)
+        ctx.result = {"note": note}
+
+
+@registry.task()
+async def takes_id(ctx: JobContext, user_id: int) -> int:
+    return user_id
