@@ -13,9 +13,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
-import click
 import typer
 from pydantic import ValidationError
+from typer.exceptions import TyperException
 
 from outbox_worker.config import WorkerSettings
 from outbox_worker.errors import ConfigError, OutboxError
@@ -87,6 +87,11 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, None]], use_uvloop: bool) 
             loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(main())
+
+
+@app.callback()
+def _group() -> None:
+    """Run pgoutbox workers and look after their queue."""
 
 
 @app.command()
@@ -164,14 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, exit 2 for usage, 1 for the rest."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="outbox-worker", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+        code = command.main(args=argv, prog_name="outbox-worker", standalone_mode=False)
+    except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except click.UsageError as exc:
-        print(f"outbox-worker: error: {exc.format_message()}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except click.Abort:
+    except typer.Abort:
         raise SystemExit(130) from None
+    except TyperException as exc:  # usage errors: bad flags, missing arguments
+        print(f"outbox-worker: error: {exc.format_message()}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
     except OutboxError as exc:
         print(f"outbox-worker: error: {exc}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)

@@ -165,6 +165,21 @@ WHERE j.id = r.id
 RETURNING j.id
 """
 
+# $1 worker id, $2 ids bigint[] of the jobs the worker knows it holds. After a claim whose
+# answer was lost with the connection, hands back rows claimed under this worker's name that
+# it never started; they never ran, so the attempt is not counted.
+# Index: outbox_jobs_running_idx (only running rows are read).
+JOB_RELEASE_ORPHANS = """
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    attempts = j.attempts - 1,
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+WHERE j.state = 'running' AND j.locked_by = $1 AND NOT (j.id = ANY($2::bigint[]))
+RETURNING j.id
+"""
+
 # $1 ids bigint[], $2 attempts int[], $3 worker id, $4 lease seconds. One statement per
 # heartbeat for every job in flight. SKIP LOCKED: a row held by a handler's own
 # effectively-once transaction must not stall the leases of all the others.

@@ -51,6 +51,10 @@ class WorkerOptions:
     prune_interval: float = 60.0
 
 
+# Claim, completer, heartbeat, rescuer and pruner: one connection each at most.
+SERVICE_POOL_SIZE = 5
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -71,7 +75,7 @@ class Worker:
         self._running: dict[int, asyncio.Task[None]] = {}
         # Claimed rows whose outcome is not written yet, running or not: the slots in use.
         self._held: dict[int, int] = {}
-        self._releasing = False
+        self._claim_interrupted = False
 
     def stop(self) -> None:
         """Stop claiming and drain; safe to call from a signal handler, more than once."""
@@ -88,7 +92,12 @@ class Worker:
 
     async def run(self) -> None:
         opts = self.options
+        # The worker's own statements get a pool of their own, so handlers holding
+        # connections in ctx.transaction() can never starve the heartbeat or the completer.
         pool = await db.create_pool(
+            opts.dsn, size=SERVICE_POOL_SIZE, prepared_statements=opts.prepared_statements
+        )
+        handler_pool = await db.create_pool(
             opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
         )
         completer = Completer(
@@ -97,7 +106,7 @@ class Worker:
         executor = Executor(
             registry=self.registry,
             worker_id=self.worker_id,
-            pool=pool,
+            pool=handler_pool,
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
             log=self.log,
         )
@@ -162,6 +171,7 @@ class Worker:
         finally:
             watchdog.stop()
             await pool.close()
+            await handler_pool.close()
             self.log.info("worker_stopped", processed=self.processed)
 
     async def _produce(self, pool: asyncpg.Pool, executor: Executor, completer: Completer) -> None:
@@ -171,15 +181,8 @@ class Worker:
             if free > 0:
                 self._wake.clear()
                 try:
-                    claimed = await db.fetch(
-                        pool,
-                        "claim",
-                        sql.JOB_CLAIM,
-                        self.queues,
-                        free,
-                        self.worker_id,
-                        opts.lease_seconds,
-                        until=self._stop,
+                    claimed = await db.retrying(
+                        "claim", functools.partial(self._claim, pool, free), until=self._stop
                     )
                 except Exception:
                     if self._stop.is_set():
@@ -209,6 +212,24 @@ class Worker:
             else:
                 await db.sleep_or_stop(self._wake, opts.poll_interval)
             self._wake.clear()
+
+    async def _claim(self, pool: asyncpg.Pool, free: int) -> list[asyncpg.Record]:
+        async with pool.acquire(timeout=30) as conn:
+            if self._claim_interrupted:
+                # The last claim may have committed without its answer reaching us: hand
+                # back any row we hold but never started, instead of stranding it a lease.
+                orphans = await conn.fetch(
+                    sql.JOB_RELEASE_ORPHANS, self.worker_id, list(self._held)
+                )
+                if orphans:
+                    self.log.warning("orphans_released", jobs=[row["id"] for row in orphans])
+                self._claim_interrupted = False
+            self._claim_interrupted = True
+            rows: list[asyncpg.Record] = await conn.fetch(
+                sql.JOB_CLAIM, self.queues, free, self.worker_id, self.options.lease_seconds
+            )
+            self._claim_interrupted = False
+            return rows
 
     def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         self._held[job.id] = job.attempt

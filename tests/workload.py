@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import asyncpg
+import structlog
 
 from outbox_worker import JobContext, Registry
 
@@ -114,3 +115,15 @@ async def write_once(ctx: JobContext, note: str, pause: float = 0.0) -> None:
 @registry.task()
 async def takes_id(ctx: JobContext, user_id: int) -> int:
     return user_id
+
+
+@registry.task()
+async def chatty(ctx: JobContext, child: bool = False) -> None:
+    """Logs through ctx.log and through a plain structlog logger, and may enqueue a child."""
+    ctx.log.info("chatty_ctx_log")
+    structlog.get_logger("user_code").info("chatty_plain_log")
+    if child:
+        pool = await _pool()
+        await pool.execute(
+            "INSERT INTO outbox_jobs (task, correlation_id) VALUES ('noop', $1)", ctx.correlation_id
+        )

@@ -1,0 +1,104 @@
+"""Drain throughput: N no-op jobs pre-filled, one worker process, from ready to queue empty.
+
+    python -m bench.drain [--jobs 20000] [--concurrency 100] [--repeat 3]
+
+Uses DATABASE_URL when set, else an embedded PostgreSQL in a temporary folder. The worker's
+start-up (import, connect, first rescue) is reported apart from the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+from alembic.config import Config
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+import bench.tasks  # noqa: F401  (registers the task enqueue checks against)
+from alembic import command
+from outbox_worker import NewJob, enqueue_many
+from outbox_worker.config import sqlalchemy_url
+from outbox_worker.devdb import PostgresServer, start_embedded
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def fill(url: str, jobs: int) -> None:
+    conn = await asyncpg.connect(url)
+    await conn.execute("TRUNCATE outbox_jobs")
+    await conn.close()
+    engine = create_async_engine(sqlalchemy_url(url))
+    async with AsyncSession(engine) as session, session.begin():
+        for start in range(0, jobs, 10_000):
+            await enqueue_many(session, [NewJob("noop")] * min(10_000, jobs - start))
+    await engine.dispose()
+    conn = await asyncpg.connect(url)
+    await conn.execute("VACUUM ANALYZE outbox_jobs")
+    await conn.close()
+
+
+def drain(url: str, concurrency: int) -> tuple[float, float]:
+    """Seconds of start-up and of draining, read from the worker's own log timestamps."""
+    env = {**os.environ, "DATABASE_URL": url, "OUTBOX_LOG_FORMAT": "json",
+           "PYTHONPATH": str(ROOT)}
+    began = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "outbox_worker", "run", "bench.tasks:registry", "--burst",
+         "--concurrency", str(concurrency)],
+        env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    ended = time.time()
+    ready = next(
+        json.loads(line) for line in proc.stderr.splitlines() if '"worker_ready"' in line
+    )
+    done = next(json.loads(line) for line in proc.stderr.splitlines() if '"burst_done"' in line)
+    from datetime import datetime
+
+    t_ready = datetime.fromisoformat(ready["timestamp"]).timestamp()
+    t_done = datetime.fromisoformat(done["timestamp"]).timestamp()
+    del ended
+    return t_ready - began, t_done - t_ready
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20_000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    opts = parser.parse_args()
+    server: PostgresServer | None = None
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        server = start_embedded()
+        url = server.url
+    try:
+        config = Config(str(ROOT / "alembic.ini"))
+        config.attributes["database_url"] = url
+        config.attributes["configure_logging"] = False
+        command.upgrade(config, "head")
+        rates = []
+        for i in range(opts.repeat):
+            asyncio.run(fill(url, opts.jobs))
+            startup, seconds = drain(url, opts.concurrency)
+            rates.append(opts.jobs / seconds)
+            print(f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in {seconds:.2f}s "
+                  f"= {opts.jobs / seconds:,.0f} jobs/s")
+        print(f"median {statistics.median(rates):,.0f} jobs/s "
+              f"(min {min(rates):,.0f}, max {max(rates):,.0f}), concurrency {opts.concurrency}")
+    finally:
+        if server is not None:
+            server.close()
+
+
+if __name__ == "__main__":
+    main()
