@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -38,6 +39,8 @@ INT32_MAX = 2**31 - 1
 MAX_DELAY_SECONDS = 10 * 366 * 86400.0
 MAX_KEY_LENGTH = 512
 MAX_CORRELATION_ID_LENGTH = 255
+# A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +81,15 @@ def _encode_args(task: str, args: object, limit: int) -> str:
     if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
         raise InvalidArgs(f"args of {task!r} must be a JSON object (a dict with str keys)")
     try:
-        encoded = json.dumps(args, allow_nan=False, separators=(",", ":"))
+        encoded = json.dumps(args, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        data = encoded.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidArgs(f"args of {task!r} hold text that is not valid Unicode: {exc}") from exc
     except (TypeError, ValueError) as exc:
         raise InvalidArgs(f"args of {task!r} are not JSON: {exc}") from exc
-    if "\\u0000" in encoded:
+    if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
         raise InvalidArgs(f"args of {task!r} contain a NUL character, which jsonb cannot store")
-    size = len(encoded.encode())
+    size = len(data)
     if size > limit:
         raise ArgsTooLarge(f"args of {task!r} are {size} bytes as JSON; the limit is {limit}")
     return encoded
@@ -105,7 +111,9 @@ def _row_params(job: NewJob, max_args_bytes: int) -> dict[str, Any]:
         not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None
     ):
         raise InvalidOption("run_at must be a timezone-aware datetime")
-    delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay or 0.0
+    delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay
+    if delay is None:
+        delay = 0.0
     if (
         isinstance(delay, bool)
         or not isinstance(delay, int | float)
@@ -128,7 +136,7 @@ def _row_params(job: NewJob, max_args_bytes: int) -> dict[str, Any]:
         "dedupe_key": _text_option("key", job.key, MAX_KEY_LENGTH),
         "correlation_id": _text_option(
             "correlation_id",
-            job.correlation_id or current_correlation_id.get(),
+            current_correlation_id.get() if job.correlation_id is None else job.correlation_id,
             MAX_CORRELATION_ID_LENGTH,
         ),
     }
@@ -166,7 +174,7 @@ async def enqueue(
             run_at,
             correlation_id,
         ),
-        max_args_bytes or _default_max_args_bytes(),
+        _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
     )
     # A conflict makes the insert return nothing; the row it met is then read back. If that
     # row is gone by then (pruned in between), inserting again is the right answer.
@@ -199,7 +207,7 @@ async def enqueue_many(
     Returns one Job per input, in input order. Keys dedupe as in :func:`enqueue`, also
     between jobs of the same call: the first wins and the later ones come back as duplicates.
     """
-    limit = max_args_bytes or _default_max_args_bytes()
+    limit = _default_max_args_bytes() if max_args_bytes is None else max_args_bytes
     rows = [_row_params(job, limit) for job in jobs]
     if not rows:
         return []

@@ -1,0 +1,197 @@
+"""The names of package ``outbox_worker`` that users import, and the shape of what they get."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+import outbox_worker
+from outbox_worker import errors
+from outbox_worker.jobs import Job, JobState
+from outbox_worker.names import NAME_PATTERN
+
+EXPECTED_ALL = [
+    "ArgsTooLarge",
+    "ConfigError",
+    "EnqueueError",
+    "InvalidArgs",
+    "InvalidName",
+    "InvalidOption",
+    "Job",
+    "JobContext",
+    "JobNotFound",
+    "JobState",
+    "LeaseLost",
+    "NewJob",
+    "OutboxError",
+    "Registry",
+    "TaskDefinitionError",
+    "UnknownTask",
+    "Worker",
+    "WorkerOptions",
+    "current_correlation_id",
+    "enqueue",
+    "enqueue_many",
+    "get_job",
+]
+
+EXPECTED_ERRORS = {
+    "OutboxError",
+    "EnqueueError",
+    "UnknownTask",
+    "InvalidArgs",
+    "InvalidName",
+    "InvalidOption",
+    "ArgsTooLarge",
+    "TaskDefinitionError",
+    "JobNotFound",
+    "LeaseLost",
+    "ConfigError",
+}
+
+ENQUEUE_ERRORS = {"UnknownTask", "InvalidArgs", "InvalidName", "InvalidOption", "ArgsTooLarge"}
+
+
+def error_classes() -> dict[str, type[BaseException]]:
+    """Every exception class defined in outbox_worker.errors."""
+    return {
+        name: value
+        for name, value in vars(errors).items()
+        if inspect.isclass(value)
+        and issubclass(value, BaseException)
+        and value.__module__ == errors.__name__
+    }
+
+
+def test_all_is_exactly_the_expected_sorted_names() -> None:
+    assert sorted(EXPECTED_ALL) == EXPECTED_ALL
+    assert outbox_worker.__all__ == EXPECTED_ALL
+    assert len(set(outbox_worker.__all__)) == len(outbox_worker.__all__)
+
+
+@pytest.mark.parametrize("name", EXPECTED_ALL)
+def test_every_public_name_is_importable(name: str) -> None:
+    module = importlib.import_module("outbox_worker")
+    assert getattr(module, name) is not None
+
+
+def test_star_import_gives_exactly_all() -> None:
+    namespace: dict[str, Any] = {}
+    exec("from outbox_worker import *", namespace)
+    namespace.pop("__builtins__", None)
+    assert sorted(namespace) == EXPECTED_ALL
+    for name, value in namespace.items():
+        assert value is getattr(outbox_worker, name)
+
+
+def test_the_error_module_holds_the_whole_hierarchy() -> None:
+    assert set(error_classes()) == EXPECTED_ERRORS
+    # The package exports the very same classes.
+    for name, cls in error_classes().items():
+        assert getattr(outbox_worker, name) is cls
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ERRORS))
+def test_every_error_subclasses_outbox_error(name: str) -> None:
+    cls = error_classes()[name]
+    assert issubclass(cls, errors.OutboxError)
+    assert issubclass(cls, Exception)
+    assert issubclass(cls, errors.EnqueueError) == (name in ENQUEUE_ERRORS | {"EnqueueError"})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ERRORS))
+def test_docstring_is_the_default_message(name: str) -> None:
+    cls = error_classes()[name]
+    doc = (cls.__doc__ or "").strip()
+    assert doc
+    assert str(cls()) == doc
+    assert str(cls(None)) == doc
+    assert cls().args == (doc,)
+    assert str(cls("something specific")) == "something specific"
+
+
+def test_invalid_name_default_message_shows_the_pattern() -> None:
+    assert NAME_PATTERN in str(errors.InvalidName())
+
+
+def _job() -> Job:
+    at = datetime(2030, 1, 1, tzinfo=UTC)
+    return Job(
+        id=1,
+        queue="default",
+        task="echo",
+        args={"a": 1},
+        state=JobState.QUEUED,
+        priority=0,
+        attempts=0,
+        max_attempts=5,
+        run_at=at,
+        dedupe_key=None,
+        correlation_id=None,
+        last_error=None,
+        result=None,
+        locked_by=None,
+        locked_until=None,
+        created_at=at,
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def test_job_is_a_frozen_dataclass() -> None:
+    assert dataclasses.is_dataclass(Job)
+    job = _job()
+    assert job.duplicate is False
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.state = JobState.RUNNING  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.id = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.duplicate = True  # type: ignore[misc]
+    with pytest.raises((dataclasses.FrozenInstanceError, AttributeError, TypeError)):
+        setattr(job, "not_a_field", 1)  # noqa: B010
+    assert (job.id, job.state, job.duplicate) == (1, JobState.QUEUED, False)
+
+
+def test_job_has_the_contract_fields() -> None:
+    fields = [f.name for f in dataclasses.fields(Job)]
+    assert fields == [
+        "id",
+        "queue",
+        "task",
+        "args",
+        "state",
+        "priority",
+        "attempts",
+        "max_attempts",
+        "run_at",
+        "dedupe_key",
+        "correlation_id",
+        "last_error",
+        "result",
+        "locked_by",
+        "locked_until",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duplicate",
+    ]
+
+
+def test_new_job_is_a_frozen_dataclass() -> None:
+    job = outbox_worker.NewJob("echo", {"a": 1}, key="k")
+    assert dataclasses.is_dataclass(job)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.key = "other"  # type: ignore[misc]
+    assert job.key == "k"
+
+
+def test_job_states_are_the_contract_states() -> None:
+    assert [s.value for s in JobState] == ["queued", "running", "succeeded", "dead", "cancelled"]
+    assert isinstance(JobState.QUEUED, str)
+    assert str(JobState.QUEUED) == "queued"
