@@ -47,20 +47,27 @@ async def fill(url: str, jobs: int) -> None:
 
 def drain(url: str, concurrency: int) -> tuple[float, float]:
     """Seconds of start-up and of draining, read from the worker's own log timestamps."""
-    env = {**os.environ, "DATABASE_URL": url, "OUTBOX_LOG_FORMAT": "json",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DATABASE_URL": url, "OUTBOX_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
     began = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "outbox_worker", "run", "bench.tasks:registry", "--burst",
-         "--concurrency", str(concurrency)],
-        env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "outbox_worker",
+            "run",
+            "bench.tasks:registry",
+            "--burst",
+            "--concurrency",
+            str(concurrency),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     ended = time.time()
-    ready = next(
-        json.loads(line) for line in proc.stderr.splitlines() if '"worker_ready"' in line
-    )
+    ready = next(json.loads(line) for line in proc.stderr.splitlines() if '"worker_ready"' in line)
     done = next(json.loads(line) for line in proc.stderr.splitlines() if '"burst_done"' in line)
     from datetime import datetime
 
@@ -91,10 +98,14 @@ def main() -> None:
             asyncio.run(fill(url, opts.jobs))
             startup, seconds = drain(url, opts.concurrency)
             rates.append(opts.jobs / seconds)
-            print(f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in {seconds:.2f}s "
-                  f"= {opts.jobs / seconds:,.0f} jobs/s")
-        print(f"median {statistics.median(rates):,.0f} jobs/s "
-              f"(min {min(rates):,.0f}, max {max(rates):,.0f}), concurrency {opts.concurrency}")
+            print(
+                f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in {seconds:.2f}s "
+                f"= {opts.jobs / seconds:,.0f} jobs/s"
+            )
+        print(
+            f"median {statistics.median(rates):,.0f} jobs/s "
+            f"(min {min(rates):,.0f}, max {max(rates):,.0f}), concurrency {opts.concurrency}"
+        )
     finally:
         if server is not None:
             server.close()

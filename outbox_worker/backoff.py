@@ -19,7 +19,8 @@ def retry_delay(
     ``b = min(cap, base * 2 ** (attempt - 1))``. The jitter spreads a burst of failures
     (a dependency that fell over) so they do not come back in lockstep, and keeping it in
     the upper half makes each gap at least as long as the one before, which is what an
-    operator reading ``run_at`` expects.
+    operator reading ``run_at`` expects. The exponent stops at 64: any sane cap is reached
+    long before, and the float stays finite.
     """
     if attempt < 1:
         raise ValueError("attempt is 1-based")

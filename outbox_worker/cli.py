@@ -43,7 +43,7 @@ def load_registry(target: str) -> Registry:
         sys.path.insert(0, "")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, TypeError, ValueError) as exc:  # relative or malformed names too
         raise ConfigError(f"cannot import {module_name!r}: {exc}") from exc
     registry = getattr(module, attribute, None)
     if registry is None:

@@ -63,8 +63,8 @@ class WorkerSettings(BaseSettings):
     concurrency: int = Field(default=10, ge=1, le=10_000)
     pool_size: int = Field(default=10, ge=2)
     prepared_statements: bool = True
-    retry_base_seconds: float = Field(default=1.0, gt=0)
-    retry_cap_seconds: float = Field(default=3600.0, gt=0)
+    retry_base_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    retry_cap_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
     retention_succeeded: Duration = timedelta(days=7)
     retention_cancelled: Duration = timedelta(days=7)
     retention_dead: Duration = timedelta(days=30)

@@ -19,7 +19,7 @@ from tenacity import (
     stop_after_delay,
     stop_never,
     stop_when_event_set,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 from tenacity.stop import stop_base
 
@@ -90,7 +90,7 @@ async def retrying(
         stop = stop | stop_when_event_set(until)  # type: ignore[arg-type]
     async for attempt in AsyncRetrying(
         retry=retry_if_exception(is_transient),
-        wait=wait_exponential_jitter(initial=0.05, max=2.0),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
         stop=stop,
         before_sleep=_log_retry(what),
         reraise=True,

@@ -110,12 +110,15 @@ class Worker:
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
             log=self.log,
         )
+        # The heartbeat outlives the stop request: jobs finishing during the drain still
+        # need their leases, or another worker would rescue and run them a second time.
+        drained = asyncio.Event()
         heartbeat = Heartbeat(
             pool=pool,
             worker_id=self.worker_id,
             lease_seconds=opts.lease_seconds,
             in_flight=self.in_flight,
-            stop=self._stop,
+            stop=drained,
             log=self.log,
         )
         watchdog = LoopWatchdog(
@@ -166,6 +169,7 @@ class Worker:
                 completer.give_up_after = max(opts.drain_timeout, 1.0)
                 await self._drain()
                 self._stop.set()
+                drained.set()
                 for service in services:
                     service.cancel()
         finally:

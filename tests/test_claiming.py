@@ -46,9 +46,7 @@ async def test_concurrent_claims_never_exceed_their_limit_nor_overlap(
     try:
         for round_number in range(10 * total):
             # One claim per connection per round, all at the same time.
-            asked = [
-                limits[(i + round_number) % len(limits)] for i in range(len(connections))
-            ]
+            asked = [limits[(i + round_number) % len(limits)] for i in range(len(connections))]
             results = await asyncio.gather(
                 *(
                     claim(conn, limit, f"claimer-{i}")
