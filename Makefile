@@ -28,3 +28,6 @@ test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+run: $(STAMP)
+	$(BIN)/python -m app.dev

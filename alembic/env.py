@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
+from app.models import Base
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.schema import metadata as outbox_metadata
 
@@ -18,7 +19,7 @@ config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
-target_metadata = [outbox_metadata]
+target_metadata = [Base.metadata, outbox_metadata]
 
 
 def _database_url() -> str:

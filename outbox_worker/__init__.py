@@ -1,5 +1,6 @@
 """pgoutbox: a durable job queue for FastAPI services that needs nothing but PostgreSQL."""
 
+from outbox_worker.admin import get_job
 from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.enqueue import NewJob, enqueue, enqueue_many
 from outbox_worker.errors import (
@@ -41,4 +42,5 @@ __all__ = [
     "current_correlation_id",
     "enqueue",
     "enqueue_many",
+    "get_job",
 ]

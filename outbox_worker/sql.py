@@ -246,3 +246,10 @@ MAINTENANCE_TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1::bigint)"
 
 # No parameters. The channel JOB_INSERT's trigger notifies; the notifier LISTENs on it.
 NOTIFY_CHANNEL = "outbox_jobs"
+
+# :id. Index: primary key.
+JOB_GET = f"""
+SELECT {JOB_SELECT_LIST}
+FROM outbox_jobs AS j
+WHERE j.id = :id
+"""

@@ -15,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from alembic.config import Config
+from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from alembic import command
+from app.core.config import Settings
+from app.main import create_app
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, start_postgres
 from tests.workload import EXECUTIONS_DDL
@@ -186,3 +190,19 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+async def app(database_url: str) -> AsyncIterator[FastAPI]:
+    """The sample service on this test's database, its lifespan running."""
+    application = create_app(Settings(database_url=database_url))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Real HTTP requests through the ASGI app (no network, no mocks)."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client

@@ -1,0 +1,69 @@
+"""The sample service's tables: users, comments, reports, sent_emails.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-25
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+UPGRADE = [
+    """
+    CREATE TABLE users (
+        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        email      text NOT NULL,
+        name       text,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT users_email_key UNIQUE (email)
+    )
+    """,
+    """
+    CREATE TABLE comments (
+        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        author     text NOT NULL,
+        body       text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+    """
+    CREATE TABLE reports (
+        id              uuid PRIMARY KEY,
+        status          text NOT NULL DEFAULT 'queued',
+        params          jsonb NOT NULL DEFAULT '{}'::jsonb,
+        result          jsonb,
+        idempotency_key text,
+        job_id          bigint,
+        created_at      timestamptz NOT NULL DEFAULT now(),
+        finished_at     timestamptz,
+        CONSTRAINT reports_idempotency_key_key UNIQUE (idempotency_key)
+    )
+    """,
+    """
+    CREATE TABLE sent_emails (
+        job_id     bigint PRIMARY KEY,
+        user_id    bigint NOT NULL REFERENCES users (id),
+        to_address text NOT NULL,
+        subject    text NOT NULL,
+        body       text NOT NULL,
+        sent_at    timestamptz NOT NULL DEFAULT now()
+    )
+    """,
+]
+
+
+def upgrade() -> None:
+    for statement in UPGRADE:
+        op.execute(statement)
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE IF EXISTS sent_emails, reports, comments, users")

@@ -1,0 +1,70 @@
+"""The sample service: ``uvicorn app.main:app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.api.main import api_router
+from app.core.config import Settings, get_settings
+from app.core.db import create_engine, create_sessionmaker
+from app.middleware import REQUEST_ID_HEADER, RequestIdMiddleware
+from app.services.comments import SubscriberNotifier
+from app.services.errors import DomainError
+from app.tasks import registry
+from outbox_worker import EnqueueError
+
+ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
+
+
+def schema_heads() -> frozenset[str]:
+    return frozenset(ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_heads())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config = settings or get_settings()
+        app.state.engine = create_engine(config)
+        app.state.sessionmaker = create_sessionmaker(app.state.engine)
+        app.state.notifier = SubscriberNotifier()
+        app.state.schema_heads = schema_heads()
+        # The routes enqueue these tasks; enqueue checks names against live registries.
+        app.state.registry = registry
+        try:
+            yield
+        finally:
+            await app.state.engine.dispose()
+
+    application = FastAPI(title="pgoutbox sample service", lifespan=lifespan)
+    application.add_middleware(RequestIdMiddleware)
+    application.include_router(api_router)
+
+    @application.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+    @application.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers unhandled errors outside every user middleware: add the id here.
+        request_id = getattr(request.state, "request_id", None)
+        return JSONResponse(
+            {"detail": "Internal Server Error"},
+            status_code=500,
+            headers={REQUEST_ID_HEADER: request_id} if request_id else None,
+        )
+
+    @application.exception_handler(EnqueueError)
+    async def enqueue_error(_: Request, exc: EnqueueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return application
+
+
+app = create_app()
