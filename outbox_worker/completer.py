@@ -53,50 +53,42 @@ class Completer:
             await self._write(batch)
 
     async def _write(self, batch: list[Outcome]) -> None:
-        succeeded = [o for o in batch if isinstance(o, Succeeded)]
-        failed = [o for o in batch if isinstance(o, Failed)]
-        released = [o for o in batch if isinstance(o, Released)]
+        # One fenced statement per kind; each takes (ids, attempts, *columns, worker id).
+        writes: list[
+            tuple[str, str, list[Succeeded] | list[Failed] | list[Released], tuple[str, ...]]
+        ] = [
+            (
+                "succeeded",
+                sql.JOB_COMPLETE_MANY,
+                [o for o in batch if isinstance(o, Succeeded)],
+                ("result",),
+            ),
+            (
+                "failed",
+                sql.JOB_FAIL_MANY,
+                [o for o in batch if isinstance(o, Failed)],
+                ("error", "delay", "give_up"),
+            ),
+            ("released", sql.JOB_RELEASE_MANY, [o for o in batch if isinstance(o, Released)], ()),
+        ]
         try:
-            if succeeded:
+            for what, statement, outcomes, columns in writes:
+                if not outcomes:
+                    continue
                 rows = await db.fetch(
                     self._pool,
-                    "complete",
-                    sql.JOB_COMPLETE_MANY,
-                    [o.job_id for o in succeeded],
-                    [o.attempt for o in succeeded],
-                    [o.result for o in succeeded],
+                    what,
+                    statement,
+                    [o.job_id for o in outcomes],
+                    [o.attempt for o in outcomes],
+                    *([getattr(o, column) for o in outcomes] for column in columns),
                     self._worker_id,
                     give_up_after=self.give_up_after,
                 )
-                self._report_fenced(succeeded, rows, "succeeded")
-            if failed:
-                rows = await db.fetch(
-                    self._pool,
-                    "fail",
-                    sql.JOB_FAIL_MANY,
-                    [o.job_id for o in failed],
-                    [o.attempt for o in failed],
-                    [o.error for o in failed],
-                    [o.delay for o in failed],
-                    [o.give_up for o in failed],
-                    self._worker_id,
-                    give_up_after=self.give_up_after,
-                )
-                self._report_fenced(failed, rows, "failed")
+                self._report_fenced(outcomes, rows, what)
                 for row in rows:
-                    if row["state"] == "dead":
+                    if what == "failed" and row["state"] == "dead":
                         self._log.error("job_dead", job_id=row["id"])
-            if released:
-                rows = await db.fetch(
-                    self._pool,
-                    "release",
-                    sql.JOB_RELEASE_MANY,
-                    [o.job_id for o in released],
-                    [o.attempt for o in released],
-                    self._worker_id,
-                    give_up_after=self.give_up_after,
-                )
-                self._report_fenced(released, rows, "released")
         except Exception:
             # Only reachable when give_up_after is set (shutdown with the database gone):
             # the leases will expire and the rescuer of another worker takes the jobs back.

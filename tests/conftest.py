@@ -19,14 +19,17 @@ import httpx
 import pytest
 from alembic.config import Config
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from alembic import command
 from app.core.config import Settings
 from app.main import create_app
+from outbox_worker import current_correlation_id
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, start_postgres
+from outbox_worker.enqueue import Executor, _default_max_args_bytes
 from tests.workload import EXECUTIONS_DDL
+from tests.workload import registry as workload_registry
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = "outbox_template"
@@ -206,3 +209,35 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
+
+
+@pytest.fixture(params=["session", "connection"])
+async def db(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncIterator[Executor]:
+    """The enqueuing caller's side: an AsyncSession or an AsyncConnection (each autobegins)."""
+    assert "echo" in workload_registry  # the workload's tasks are registered in this process
+    if request.param == "session":
+        async with AsyncSession(engine) as session:
+            yield session
+    else:
+        async with engine.connect() as conn:
+            yield conn
+
+
+@pytest.fixture
+def correlation(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A request id in current_correlation_id for the duration of the test."""
+    value = f"req-{request.node.name[-20:]}"
+    token = current_correlation_id.set(value)
+    try:
+        yield value
+    finally:
+        current_correlation_id.reset(token)
+
+
+@pytest.fixture
+def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """OUTBOX_MAX_ARGS_BYTES as the environment gives it, re-read for this test."""
+    monkeypatch.delenv("OUTBOX_MAX_ARGS_BYTES", raising=False)
+    _default_max_args_bytes.cache_clear()
+    yield monkeypatch
+    _default_max_args_bytes.cache_clear()

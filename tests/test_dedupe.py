@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -14,22 +13,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import JobState, NewJob, enqueue, enqueue_many
-from tests.workload import registry
 
 Executor = AsyncSession | AsyncConnection
-
-
-@pytest.fixture(params=["session", "connection"])
-async def db(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncIterator[Executor]:
-    """The caller's side: an AsyncSession or an AsyncConnection (each autobegins)."""
-    assert "echo" in registry
-    assert "noop" in registry
-    if request.param == "session":
-        async with AsyncSession(engine) as session:
-            yield session
-    else:
-        async with engine.connect() as conn:
-            yield conn
 
 
 async def rows_for(pool: asyncpg.Pool, task: str, key: str) -> list[asyncpg.Record]:

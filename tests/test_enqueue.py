@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -33,24 +32,11 @@ from outbox_worker import (
     enqueue,
     enqueue_many,
 )
-from outbox_worker.enqueue import _default_max_args_bytes
 from tests.workload import registry
 
 Executor = AsyncSession | AsyncConnection
 
 MIB = 1024 * 1024
-
-
-@pytest.fixture(params=["session", "connection"])
-async def db(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncIterator[Executor]:
-    """The caller's side: an AsyncSession or an AsyncConnection (each autobegins)."""
-    assert "echo" in registry  # the workload's tasks are registered in this process
-    if request.param == "session":
-        async with AsyncSession(engine) as session:
-            yield session
-    else:
-        async with engine.connect() as conn:
-            yield conn
 
 
 async def job_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
@@ -292,17 +278,6 @@ async def test_run_at_is_stored_as_given(
     assert job.run_at == run_at
     assert many.run_at == run_at
     assert [r["run_at"] for r in await job_rows(pool)] == [run_at, run_at]
-
-
-@pytest.fixture
-def correlation(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A request id in current_correlation_id for the duration of the test."""
-    value = f"req-{request.node.name[-20:]}"
-    token = current_correlation_id.set(value)
-    try:
-        yield value
-    finally:
-        current_correlation_id.reset(token)
 
 
 async def test_correlation_id_explicit(db: Executor, pool: asyncpg.Pool) -> None:
@@ -644,15 +619,6 @@ async def test_enqueue_many_with_one_bad_job_writes_none_of_them(
 # ---------------------------------------------------------------------------------------------
 # The size limit
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
-    """OUTBOX_MAX_ARGS_BYTES as the environment gives it, re-read for this test."""
-    monkeypatch.delenv("OUTBOX_MAX_ARGS_BYTES", raising=False)
-    _default_max_args_bytes.cache_clear()
-    yield monkeypatch
-    _default_max_args_bytes.cache_clear()
 
 
 def args_of_size(size: int) -> dict[str, str]:
