@@ -11,6 +11,7 @@ from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from app.api.deps import get_session
 from app.api.main import api_router
 from app.core.config import Settings, get_settings
 from app.core.db import create_engine, create_sessionmaker
@@ -18,7 +19,8 @@ from app.middleware import REQUEST_ID_HEADER, RequestIdMiddleware
 from app.services.comments import SubscriberNotifier
 from app.services.errors import DomainError
 from app.tasks import registry
-from outbox_worker import EnqueueError
+from outbox_worker import EnqueueError, QueueFull
+from outbox_worker.web import create_admin_router
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
@@ -31,6 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config = settings or get_settings()
+        app.state.settings = config
         app.state.engine = create_engine(config)
         app.state.sessionmaker = create_sessionmaker(app.state.engine)
         app.state.notifier = SubscriberNotifier()
@@ -45,6 +48,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     application = FastAPI(title="pgoutbox sample service", lifespan=lifespan)
     application.add_middleware(RequestIdMiddleware)
     application.include_router(api_router)
+    application.include_router(
+        create_admin_router(
+            get_session=get_session,
+            admin_token=lambda request: request.app.state.settings.admin_token,
+        )
+    )
 
     @application.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:
@@ -58,6 +67,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"detail": "Internal Server Error"},
             status_code=500,
             headers={REQUEST_ID_HEADER: request_id} if request_id else None,
+        )
+
+    @application.exception_handler(QueueFull)
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        # Backpressure: a failing or slow worker shows up at the edge, not as a huge table.
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)}
         )
 
     @application.exception_handler(EnqueueError)

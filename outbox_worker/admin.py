@@ -1,17 +1,230 @@
-"""Reading and repairing jobs from application code, on the caller's SQLAlchemy session.
-
-One implementation for every face (routes, CLI), so they never disagree.
+"""Reading and repairing jobs: one implementation behind every face (HTTP routes, dashboard,
+CLI), so they can never disagree. Everything runs on the caller's SQLAlchemy session or
+connection; the functions that change jobs never commit (the caller's transaction decides),
+except :func:`prune_finished`, which commits each batch on its own to stay vacuum-friendly.
 """
 
 from __future__ import annotations
 
-from sqlalchemy import text
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
-from outbox_worker import sql
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox_worker import metrics, sql
 from outbox_worker.enqueue import Executor
-from outbox_worker.jobs import Job
+from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict
+from outbox_worker.jobs import Job, JobState
+from outbox_worker.names import NAME_PATTERN, is_valid_name
+
+MAX_PAGE = 500
+FINISHED = (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    items: list[Job]
+    next_cursor: str | None
+
+
+@dataclass(slots=True)
+class QueueStats:
+    queue: str
+    depth: dict[str, int] = field(default_factory=dict)
+    due: int = 0
+    oldest_due_seconds: float = 0.0
+    finished_recently: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "depth": self.depth,
+            "due": self.due,
+            "oldest_due_seconds": round(self.oldest_due_seconds, 3),
+            "finished_recently": self.finished_recently,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    id: str
+    queues: list[str]
+    concurrency: int
+    in_flight: int
+    started_at: datetime
+    last_seen_at: datetime
+
+
+def _filter_name(kind: str, value: str | None) -> str | None:
+    if value is not None and not is_valid_name(value):
+        raise InvalidOption(f"{kind} {value!r} is not a valid name ({NAME_PATTERN})")
+    return value
+
+
+def parse_cursor(cursor: str | None) -> int | None:
+    """Cursors are opaque to clients; here they are the last id of the previous page."""
+    if cursor is None or cursor == "":
+        return None
+    if not cursor.isdigit() or len(cursor) > 19:
+        raise InvalidOption(f"cursor {cursor!r} is not one this API handed out")
+    return int(cursor)
 
 
 async def get_job(session: Executor, job_id: int) -> Job | None:
     row = (await session.execute(text(sql.JOB_GET), {"id": job_id})).mappings().first()
     return None if row is None else Job.from_row(row)
+
+
+async def require_job(session: Executor, job_id: int) -> Job:
+    job = await get_job(session, job_id)
+    if job is None:
+        raise JobNotFound(f"no job {job_id}")
+    return job
+
+
+async def list_jobs(
+    session: Executor,
+    *,
+    state: str | None = None,
+    queue: str | None = None,
+    task: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> JobPage:
+    """Newest first, keyset-paginated: pass ``next_cursor`` back for the next page."""
+    if state is not None and state not in set(JobState):
+        raise InvalidOption(f"state {state!r} is not one of {', '.join(JobState)}")
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidOption(f"limit must be from 1 to {MAX_PAGE}")
+    params = {
+        "state": state,
+        "queue": _filter_name("queue", queue),
+        "task": _filter_name("task", task),
+        "before_id": parse_cursor(cursor),
+        "limit": limit + 1,
+    }
+    rows = (await session.execute(text(sql.JOB_LIST), params)).mappings().all()
+    items = [Job.from_row(row) for row in rows[:limit]]
+    more = len(rows) > limit
+    return JobPage(items, str(items[-1].id) if more and items else None)
+
+
+async def retry_job(session: Executor, job_id: int) -> Job:
+    """Due now, with at least one more attempt. Refused for running and succeeded jobs."""
+    job = await _locked(session, job_id)
+    if job.state in (JobState.RUNNING, JobState.SUCCEEDED):
+        raise JobStateConflict(
+            f"job {job_id} is {job.state}; only queued, dead or cancelled jobs can be retried"
+        )
+    row = (
+        (await session.execute(text(sql.JOB_RETRY), {"id": job_id, "state": job.state.value}))
+        .mappings()
+        .one()
+    )
+    return Job.from_row(row)
+
+
+async def cancel_job(session: Executor, job_id: int) -> Job:
+    """A queued job is cancelled at once; a running one is asked to stop (its worker ends it
+    as cancelled at its next heartbeat). A finished job cannot be cancelled."""
+    job = await _locked(session, job_id)
+    if job.state in FINISHED:
+        raise JobStateConflict(f"job {job_id} is already {job.state}")
+    statement = sql.JOB_CANCEL_QUEUED if job.state == JobState.QUEUED else sql.JOB_REQUEST_CANCEL
+    row = (await session.execute(text(statement), {"id": job_id})).mappings().one()
+    return Job.from_row(row)
+
+
+async def retry_dead_jobs(
+    session: Executor,
+    *,
+    queue: str | None = None,
+    task: str | None = None,
+    batch: int = 1000,
+) -> list[int]:
+    """Every dead job matching the filters back to queued; returns their ids."""
+    params = {
+        "queue": _filter_name("queue", queue),
+        "task": _filter_name("task", task),
+        "batch": batch,
+    }
+    retried: list[int] = []
+    while True:
+        rows = (await session.execute(text(sql.JOB_RETRY_DEAD_MANY), params)).scalars().all()
+        retried.extend(rows)
+        if len(rows) < batch:
+            return retried
+
+
+async def queue_stats(session: Executor, *, window_seconds: float = 300.0) -> list[QueueStats]:
+    """Per queue: depth by state, due jobs, age of the oldest due job, and how many jobs
+    finished (by state) within the window."""
+    stats: dict[str, QueueStats] = {}
+    for row in (await session.execute(text(sql.QUEUE_ACTIVE_STATS))).mappings():
+        entry = stats.setdefault(row["queue"], QueueStats(row["queue"]))
+        entry.depth.update(queued=row["queued"], running=row["running"])
+        entry.due = row["due"]
+        entry.oldest_due_seconds = row["oldest_due_seconds"]
+    finished = await session.execute(text(sql.QUEUE_FINISHED_STATS), {"window": window_seconds})
+    for row in finished.mappings():
+        entry = stats.setdefault(row["queue"], QueueStats(row["queue"]))
+        entry.depth[row["state"]] = row["jobs"]
+        entry.finished_recently[row["state"]] = row["recent"]
+    for entry in stats.values():
+        for state in JobState:
+            entry.depth.setdefault(state.value, 0)
+        for state in FINISHED:
+            entry.finished_recently.setdefault(state.value, 0)
+    return sorted(stats.values(), key=lambda entry: entry.queue)
+
+
+async def workers_alive(session: Executor, *, within_seconds: float) -> list[WorkerInfo]:
+    rows = await session.execute(text(sql.WORKERS_ALIVE), {"seconds": within_seconds})
+    return [WorkerInfo(**dict(row)) for row in rows.mappings()]
+
+
+async def prune_finished(
+    engine: AsyncEngine,
+    *,
+    older_than: timedelta,
+    states: tuple[str, ...] = tuple(FINISHED),
+    batch: int = 1000,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete finished jobs older than ``older_than``, in batches of their own transaction."""
+    for state in states:
+        if state not in FINISHED:
+            raise InvalidOption(f"only finished jobs can be pruned, not {state!r}")
+    total = 0
+    for state in states:
+        while True:
+            async with engine.begin() as conn:
+                result = await conn.execute(
+                    text(sql.JOB_PRUNE_FINISHED),
+                    {"state": state, "older_than": older_than.total_seconds(), "batch": batch},
+                )
+            deleted = result.rowcount or 0
+            total += deleted
+            if progress is not None:
+                progress(deleted)
+            if deleted < batch:
+                break
+    return total
+
+
+async def _locked(session: Executor, job_id: int) -> Job:
+    row = (await session.execute(text(sql.JOB_GET_FOR_UPDATE), {"id": job_id})).mappings().first()
+    if row is None:
+        raise JobNotFound(f"no job {job_id}")
+    return Job.from_row(row)
+
+
+async def refresh_gauges(session: Executor, *, worker_seen_within: float) -> None:
+    """Queue depth, oldest due age and live workers, for a /metrics scrape: two cheap reads."""
+    rows = (await session.execute(text(sql.QUEUE_ACTIVE_STATS))).mappings().all()
+    metrics.refresh_queue_gauges(rows)
+    alive = await workers_alive(session, within_seconds=worker_seen_within)
+    metrics.WORKERS_ALIVE.set(len(alive))

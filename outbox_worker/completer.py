@@ -14,8 +14,15 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
-from outbox_worker import db, sql
-from outbox_worker.outcomes import Failed, Outcome, Released, Succeeded
+from outbox_worker import db, metrics, sql
+from outbox_worker.outcomes import (
+    Cancelled,
+    ClaimedJob,
+    Failed,
+    Outcome,
+    Released,
+    Succeeded,
+)
 
 
 class Completer:
@@ -25,11 +32,13 @@ class Completer:
         pool: asyncpg.Pool,
         worker_id: str,
         on_written: Callable[[list[Outcome]], None],
+        describe: Callable[[int], ClaimedJob | None],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
         self._on_written = on_written
+        self._describe = describe
         self._log = log
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
         self.give_up_after: float | None = None
@@ -55,7 +64,12 @@ class Completer:
     async def _write(self, batch: list[Outcome]) -> None:
         # One fenced statement per kind; each takes (ids, attempts, *columns, worker id).
         writes: list[
-            tuple[str, str, list[Succeeded] | list[Failed] | list[Released], tuple[str, ...]]
+            tuple[
+                str,
+                str,
+                list[Succeeded] | list[Failed] | list[Released] | list[Cancelled],
+                tuple[str, ...],
+            ]
         ] = [
             (
                 "succeeded",
@@ -70,6 +84,12 @@ class Completer:
                 ("error", "delay", "give_up"),
             ),
             ("released", sql.JOB_RELEASE_MANY, [o for o in batch if isinstance(o, Released)], ()),
+            (
+                "cancelled",
+                sql.JOB_CANCEL_MANY,
+                [o for o in batch if isinstance(o, Cancelled)],
+                (),
+            ),
         ]
         try:
             for what, statement, outcomes, columns in writes:
@@ -86,18 +106,30 @@ class Completer:
                     give_up_after=self.give_up_after,
                 )
                 self._report_fenced(outcomes, rows, what)
-                for row in rows:
-                    if what == "failed" and row["state"] == "dead":
-                        self._log.error("job_dead", job_id=row["id"])
+                self._count(what, rows)
         except Exception:
             # Only reachable when give_up_after is set (shutdown with the database gone):
             # the leases will expire and the rescuer of another worker takes the jobs back.
             self._log.exception("outcomes_not_written", jobs=[o.job_id for o in batch])
         self._on_written(batch)
 
+    def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
+        for row in rows:
+            job = self._describe(row["id"])
+            labels = (job.task, job.queue) if job is not None else ("unknown", "unknown")
+            if what == "succeeded":
+                metrics.SUCCEEDED.labels(*labels).inc()
+            elif what == "cancelled":
+                metrics.CANCELLED.labels(*labels).inc()
+            elif what == "failed" and row["state"] == "dead":
+                metrics.DEAD.labels(*labels).inc()
+                self._log.error("job_dead", job_id=row["id"])
+            elif what == "failed":
+                metrics.RETRIED.labels(*labels).inc()
+
     def _report_fenced(
         self,
-        outcomes: list[Succeeded] | list[Failed] | list[Released],
+        outcomes: list[Succeeded] | list[Failed] | list[Released] | list[Cancelled],
         rows: list[asyncpg.Record],
         what: str,
     ) -> None:

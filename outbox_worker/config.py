@@ -60,6 +60,9 @@ class WorkerSettings(BaseSettings):
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     listen: bool = True
     max_args_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Backpressure: queue name → most queued jobs; enqueue beyond raises QueueFull.
+    queue_depth_limits: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
+    queue_depth_cache_seconds: float = Field(default=1.0, ge=0)
     concurrency: int = Field(default=10, ge=1, le=10_000)
     pool_size: int = Field(default=10, ge=2)
     prepared_statements: bool = True

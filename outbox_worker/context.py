@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -49,6 +49,7 @@ class JobContext:
         worker_id: str,
         pool: asyncpg.Pool | None,
         log: structlog.typing.FilteringBoundLogger,
+        cancel_requested: Callable[[], bool] = lambda: False,
     ) -> None:
         self.job_id = job_id
         self.task = task
@@ -60,8 +61,16 @@ class JobContext:
         self.log = log
         self.result: Any = None
         self._pool = pool
+        self._cancel_requested = cancel_requested
         self._transaction_used = False
         self.completed_in_transaction = False
+
+    @property
+    def cancel_requested(self) -> bool:
+        """True once an operator asked to cancel this job. The worker then cancels the
+        handler's task (CancelledError at its next await); a handler that must clean up can
+        catch it, or poll this between steps of a long computation."""
+        return self._cancel_requested()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

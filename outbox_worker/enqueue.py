@@ -6,10 +6,12 @@ transaction untouched and usable.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -18,7 +20,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from outbox_worker import sql
+from outbox_worker import metrics, sql
 from outbox_worker.config import WorkerSettings
 from outbox_worker.context import current_correlation_id
 from outbox_worker.errors import (
@@ -27,6 +29,7 @@ from outbox_worker.errors import (
     InvalidArgs,
     InvalidName,
     InvalidOption,
+    QueueFull,
     UnknownTask,
 )
 from outbox_worker.jobs import Job
@@ -61,6 +64,51 @@ class NewJob:
 @functools.cache
 def _default_max_args_bytes() -> int:
     return WorkerSettings().max_args_bytes
+
+
+@functools.cache
+def _backpressure() -> Backpressure:
+    settings = WorkerSettings()
+    return Backpressure(settings.queue_depth_limits, settings.queue_depth_cache_seconds)
+
+
+class Backpressure:
+    """Per-queue depth limits (OUTBOX_QUEUE_DEPTH_LIMITS, JSON: {"reports": 10000}).
+
+    The depth is counted no further than the limit, and the answer is kept for
+    ``cache_seconds`` so that a busy API pays for one count a second per queue, not one per
+    request. It is backpressure, not a quota: a burst may pass the limit by a second's
+    worth of jobs before enqueue starts refusing.
+    """
+
+    def __init__(self, limits: Mapping[str, int], cache_seconds: float) -> None:
+        self.limits = dict(limits)
+        self.cache_seconds = cache_seconds
+        self._full_until: dict[str, float] = {}
+        self._fine_until: dict[str, float] = {}
+
+    async def check(self, session: Executor, queues: set[str]) -> None:
+        now = time.monotonic()
+        for queue in sorted(queues):
+            limit = self.limits.get(queue)
+            if limit is None or self._fine_until.get(queue, 0.0) > now:
+                continue
+            if self._full_until.get(queue, 0.0) <= now:
+                depth = (
+                    await session.execute(
+                        text(sql.QUEUE_DEPTH_UPTO), {"queue": queue, "limit": limit}
+                    )
+                ).scalar_one()
+                cache = now + self.cache_seconds
+                if depth < limit:
+                    self._fine_until[queue] = cache
+                    continue
+                self._full_until[queue] = cache
+            raise QueueFull(
+                f"queue {queue!r} holds {limit} or more queued jobs (its depth limit); "
+                "the workers are behind",
+                retry_after=max(1, math.ceil(self.cache_seconds)),
+            )
 
 
 def _text_option(name: str, value: str | None, limit: int) -> str | None:
@@ -176,11 +224,13 @@ async def enqueue(
         ),
         _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
     )
+    await _backpressure().check(session, {params["queue"]})
     # A conflict makes the insert return nothing; the row it met is then read back. If that
     # row is gone by then (pruned in between), inserting again is the right answer.
     for _ in range(3):
         row = (await session.execute(text(sql.JOB_INSERT), params)).mappings().first()
         if row is not None:
+            metrics.ENQUEUED.labels(row["task"], row["queue"]).inc()
             return Job.from_row(row)
         existing = (
             (
@@ -211,6 +261,7 @@ async def enqueue_many(
     rows = [_row_params(job, limit) for job in jobs]
     if not rows:
         return []
+    await _backpressure().check(session, {row["queue"] for row in rows})
     columns = {
         "queues": "queue",
         "tasks": "task",
@@ -225,6 +276,9 @@ async def enqueue_many(
     params = {array: [row[column] for row in rows] for array, column in columns.items()}
     answer = (await session.execute(text(sql.JOB_INSERT_MANY), params)).mappings().all()
     result: list[Job | None] = [None if r["id"] is None else Job.from_row(r) for r in answer]
+    written = collections.Counter((job.task, job.queue) for job in result if job is not None)
+    for (task, queue), count in written.items():
+        metrics.ENQUEUED.labels(task, queue).inc(count)
     missing = [i for i, job in enumerate(result) if job is None]
     if missing:
         found = (

@@ -6,10 +6,13 @@
     │   ├── InvalidArgs
     │   ├── InvalidName
     │   ├── InvalidOption
-    │   └── ArgsTooLarge
+    │   ├── ArgsTooLarge
+    │   └── QueueFull           the queue is over its depth limit (backpressure)
     ├── TaskDefinitionError     a registry was used wrongly at import time
     ├── JobNotFound
+    ├── JobStateConflict        the job's state does not allow that (retry a succeeded job…)
     ├── LeaseLost               this worker no longer owns the job it tried to write
+    ├── DatabaseUnavailable     the database cannot be reached (refused, unknown host, auth)
     └── ConfigError             bad settings, or a MODULE:registry that does not load
 
 Each class's docstring is its default message; a driver error that caused one is kept
@@ -50,6 +53,14 @@ class ArgsTooLarge(EnqueueError):
     """Task arguments are larger than OUTBOX_MAX_ARGS_BYTES."""
 
 
+class QueueFull(EnqueueError):
+    """The queue holds more queued jobs than its depth limit; try again later."""
+
+    def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class TaskDefinitionError(OutboxError):
     """The task definition is invalid."""
 
@@ -58,8 +69,16 @@ class JobNotFound(OutboxError):
     """No job has that id."""
 
 
+class JobStateConflict(OutboxError):
+    """The job's state does not allow that."""
+
+
 class LeaseLost(OutboxError):
     """This worker no longer holds the job's lease: another worker or an operator took it."""
+
+
+class DatabaseUnavailable(OutboxError):
+    """The database cannot be reached."""
 
 
 class ConfigError(OutboxError):

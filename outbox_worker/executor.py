@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import time
 import traceback
 from collections.abc import Callable
 
 import asyncpg
 import structlog
 
+from outbox_worker import metrics
 from outbox_worker.context import JobContext, current_correlation_id, encode_result
 from outbox_worker.errors import LeaseLost
-from outbox_worker.outcomes import ClaimedJob, Failed, Outcome, Released, Settled, Succeeded
+from outbox_worker.outcomes import (
+    Cancelled,
+    ClaimedJob,
+    Failed,
+    Outcome,
+    Released,
+    Settled,
+    Succeeded,
+)
 from outbox_worker.registry import Registry
 
 MAX_ERROR_CHARS = 8000
@@ -34,12 +45,14 @@ class Executor:
         worker_id: str,
         pool: asyncpg.Pool,
         retry_delay: Callable[[int], float],
+        is_cancelling: Callable[[int], bool],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._registry = registry
         self._worker_id = worker_id
         self._pool = pool
         self._retry_delay = retry_delay
+        self._is_cancelling = is_cancelling
         self._log = log
 
     async def run(self, job: ClaimedJob) -> Outcome:
@@ -79,13 +92,25 @@ class Executor:
             worker_id=self._worker_id,
             pool=self._pool,
             log=log,
+            cancel_requested=functools.partial(self._is_cancelling, job.id),
         )
         log.debug("job_started")
+        labels = (job.task, job.queue)
+        metrics.STARTED.labels(*labels).inc()
         deadline = asyncio.timeout(spec.timeout)
+        began = time.perf_counter()
         try:
             async with deadline:
-                value = await spec.handler(ctx, **args)
+                try:
+                    value = await spec.handler(ctx, **args)
+                finally:
+                    metrics.RUN_SECONDS.labels(*labels).observe(time.perf_counter() - began)
         except asyncio.CancelledError:
+            if ctx.completed_in_transaction:
+                return Settled(job.id, job.attempt)
+            if self._is_cancelling(job.id):
+                log.info("job_cancelled")
+                return Cancelled(job.id, job.attempt)
             log.info("job_released", reason="worker shutting down")
             return Released(job.id, job.attempt)
         except LeaseLost as exc:

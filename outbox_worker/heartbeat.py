@@ -21,20 +21,29 @@ from outbox_worker.db import sleep_or_stop
 
 
 class Heartbeat:
+    """Every third of a lease: extend every lease in one statement, say the worker is alive,
+    and pass on the cancel requests an operator made for jobs in flight."""
+
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         worker_id: str,
+        queues: list[str],
+        concurrency: int,
         lease_seconds: float,
         in_flight: Callable[[], list[tuple[int, int]]],
+        on_cancel_requested: Callable[[list[int]], None],
         stop: asyncio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
+        self._queues = queues
+        self._concurrency = concurrency
         self._lease = lease_seconds
         self._in_flight = in_flight
+        self._on_cancel_requested = on_cancel_requested
         self._stop = stop
         self._log = log
         self.interval = lease_seconds / 3
@@ -49,24 +58,36 @@ class Heartbeat:
                 self._log.warning("heartbeat_missed", error=f"{type(exc).__name__}: {exc}")
 
     async def beat(self) -> None:
+        # A beat that cannot get through within the lease is pointless: the next one will
+        # try again, and the fence protects every write meanwhile.
+        rows = await db.retrying("heartbeat", self._beat_once, give_up_after=self._lease)
+        cancel = [row["id"] for row in rows if row["cancel_requested"]]
+        if cancel:
+            self._on_cancel_requested(cancel)
+
+    async def _beat_once(self) -> list[asyncpg.Record]:
         jobs = self._in_flight()
-        if not jobs:
-            return
-        rows = await db.fetch(
-            self._pool,
-            "heartbeat",
-            sql.JOB_EXTEND_LEASES,
-            [job_id for job_id, _ in jobs],
-            [attempt for _, attempt in jobs],
-            self._worker_id,
-            self._lease,
-            # A beat that cannot get through within the lease is pointless: the next one
-            # will try again, and the fence protects every write meanwhile.
-            give_up_after=self._lease,
-        )
+        async with self._pool.acquire(timeout=self._lease) as conn:
+            await conn.execute(
+                sql.WORKER_HEARTBEAT, self._worker_id, self._queues, self._concurrency, len(jobs)
+            )
+            if not jobs:
+                return []
+            rows: list[asyncpg.Record] = await conn.fetch(
+                sql.JOB_EXTEND_LEASES,
+                [job_id for job_id, _ in jobs],
+                [attempt for _, attempt in jobs],
+                self._worker_id,
+                self._lease,
+            )
         if len(rows) < len(jobs):
             extended = {row["id"] for row in rows}
             self._log.debug("leases_not_extended", jobs=[j for j, _ in jobs if j not in extended])
+        return rows
+
+    async def goodbye(self) -> None:
+        """A clean stop removes the worker's row; a killed worker's row ages out."""
+        await db.fetch(self._pool, "goodbye", sql.WORKER_DELETE, self._worker_id, give_up_after=2.0)
 
 
 class LoopWatchdog:

@@ -37,6 +37,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "created_at",
     "started_at",
     "finished_at",
+    "cancel_requested_at",
 )
 
 
@@ -62,6 +63,7 @@ class Job:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    cancel_requested_at: datetime | None = None
     duplicate: bool = False
 
     @classmethod

@@ -100,6 +100,6 @@ class Pruner:
             if not await conn.fetchval(sql.MAINTENANCE_TRY_LOCK, PRUNE_LOCK_KEY):
                 return 0
             status: str = await conn.execute(
-                sql.JOB_PRUNE_FINISHED, state, keep.total_seconds(), PRUNE_BATCH
+                sql.JOB_PRUNE_FINISHED_PG, state, keep.total_seconds(), PRUNE_BATCH
             )
             return int(status.rsplit(" ", 1)[-1])

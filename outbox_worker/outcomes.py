@@ -46,6 +46,14 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """Stopped at an operator's request while running."""
+
+    job_id: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Settled:
     """Nothing left to write: the job completed inside its own transaction, or its lease was
     lost and the row belongs to someone else now."""
@@ -54,4 +62,4 @@ class Settled:
     attempt: int
 
 
-Outcome = Succeeded | Failed | Released | Settled
+Outcome = Succeeded | Failed | Released | Cancelled | Settled

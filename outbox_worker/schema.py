@@ -19,7 +19,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from outbox_worker.names import NAME_PATTERN
 
@@ -48,6 +48,7 @@ outbox_jobs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    Column("cancel_requested_at", DateTime(timezone=True)),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
@@ -89,11 +90,22 @@ outbox_jobs = Table(
         unique=True,
         postgresql_where=text("dedupe_key IS NOT NULL"),
     ),
-    # Serves JOB_PRUNE_FINISHED: finished rows by state and age.
+    # Serves JOB_PRUNE_FINISHED and the admin statements on dead jobs.
     Index(
         "outbox_jobs_finished_idx",
         "state",
         "finished_at",
         postgresql_where=text(f"state IN {FINISHED_STATES}"),
     ),
+)
+
+outbox_workers = Table(
+    "outbox_workers",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("queues", ARRAY(Text), nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("in_flight", Integer, nullable=False, server_default=text("0")),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )

@@ -9,12 +9,27 @@ statement relies on; ``tests/test_sql.py`` prepares every one against the migrat
 
 from __future__ import annotations
 
+import re
+
+
+def positional(statement: str, *names: str) -> str:
+    """An app-side statement in asyncpg's form: ``:name`` becomes ``$n`` in the order given.
+
+    For the few statements both sides run, so that each exists once.
+    """
+    for number, name in enumerate(names, start=1):
+        statement = re.sub(rf"(?<![:\w]):{name}\b", f"${number}", statement)
+    if re.search(r"(?<![:\w]):[a-z_]+\b", statement):
+        raise ValueError("a :name parameter was left unnumbered")
+    return statement
+
+
 # Columns of a Job, JSON columns as text so that every path decodes them the same way.
 JOB_SELECT_LIST = """
     j.id, j.queue, j.task, j.args::text AS args, j.state, j.priority, j.attempts,
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
-    j.finished_at
+    j.finished_at, j.cancel_requested_at
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +196,9 @@ RETURNING j.id
 """
 
 # $1 ids bigint[], $2 attempts int[], $3 worker id, $4 lease seconds. One statement per
-# heartbeat for every job in flight. SKIP LOCKED: a row held by a handler's own
-# effectively-once transaction must not stall the leases of all the others.
+# heartbeat for every job in flight; also tells which of them an operator asked to cancel.
+# SKIP LOCKED: a row held by a handler's own effectively-once transaction must not stall the
+# leases of all the others.
 # Index: primary key. Changes only locked_until, which no index covers: a HOT update.
 JOB_EXTEND_LEASES = """
 WITH owned AS MATERIALIZED (
@@ -197,7 +213,7 @@ UPDATE outbox_jobs AS j
 SET locked_until = now() + make_interval(secs => $4::float8)
 FROM owned
 WHERE j.id = owned.id
-RETURNING j.id
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 """
 
 # $1 how many at most. Jobs whose lease expired belong to a worker that died or stalled:
@@ -225,14 +241,17 @@ WHERE j.id = expired.id
 RETURNING j.id, j.task, j.state, j.attempts
 """
 
-# $1 state text, $2 retention seconds, $3 batch size. Index: outbox_jobs_finished_idx.
+# :state, :older_than (seconds), :batch. One batch of the oldest finished jobs of a state,
+# each batch its own short transaction. Used by the admin service (SQLAlchemy) and, as
+# JOB_PRUNE_FINISHED_PG, by the worker's pruner (asyncpg). Index: outbox_jobs_finished_idx.
 JOB_PRUNE_FINISHED = """
 WITH doomed AS MATERIALIZED (
     SELECT id
     FROM outbox_jobs
-    WHERE state = $1 AND finished_at < now() - make_interval(secs => $2::float8)
+    WHERE state = :state
+      AND finished_at < now() - make_interval(secs => CAST(:older_than AS float8))
     ORDER BY finished_at
-    LIMIT $3
+    LIMIT :batch
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM outbox_jobs AS j
@@ -252,4 +271,168 @@ JOB_GET = f"""
 SELECT {JOB_SELECT_LIST}
 FROM outbox_jobs AS j
 WHERE j.id = :id
+"""
+
+# $1 state, $2 older_than seconds, $3 batch: JOB_PRUNE_FINISHED for the worker's pruner.
+JOB_PRUNE_FINISHED_PG = positional(JOB_PRUNE_FINISHED, "state", "older_than", "batch")
+
+# ---------------------------------------------------------------------------------------------
+# Cancel, workers
+# ---------------------------------------------------------------------------------------------
+
+# $1 ids bigint[], $2 attempts int[], $3 worker id. A running job whose cancel was requested
+# and whose handler the worker stopped: cancelled, fenced like every outcome.
+# Index: primary key.
+JOB_CANCEL_MANY = """
+UPDATE outbox_jobs AS j
+SET state = 'cancelled',
+    finished_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest($1::bigint[], $2::integer[]) AS c(id, attempt)
+WHERE j.id = c.id
+  AND j.state = 'running' AND j.locked_by = $3 AND j.attempts = c.attempt
+RETURNING j.id
+"""
+
+# $1 worker id, $2 queues text[], $3 concurrency, $4 jobs in flight. Every heartbeat: says
+# this worker is alive. Index: primary key of outbox_workers.
+WORKER_HEARTBEAT = """
+INSERT INTO outbox_workers AS w (id, queues, concurrency, in_flight)
+VALUES ($1, $2::text[], $3, $4)
+ON CONFLICT (id) DO UPDATE
+SET last_seen_at = now(), in_flight = EXCLUDED.in_flight, queues = EXCLUDED.queues,
+    concurrency = EXCLUDED.concurrency
+"""
+
+# $1 worker id. A worker that stops cleanly says goodbye. Index: primary key.
+WORKER_DELETE = "DELETE FROM outbox_workers WHERE id = $1"
+
+# $1 seconds. Rows of workers not seen for that long (killed without goodbye).
+# Sequential scan: the table has one row per worker process.
+WORKER_PRUNE_GONE = """
+DELETE FROM outbox_workers WHERE last_seen_at < now() - make_interval(secs => $1::float8)
+"""
+
+# ---------------------------------------------------------------------------------------------
+# Admin (SQLAlchemy, on the caller's session; one implementation for the CLI and HTTP)
+# ---------------------------------------------------------------------------------------------
+
+# :state, :queue, :task (each NULL for any), :before_id (keyset cursor, NULL for the first
+# page), :limit. Newest first. Index: primary key, scanned backwards from :before_id.
+JOB_LIST = f"""
+SELECT {JOB_SELECT_LIST}
+FROM outbox_jobs AS j
+WHERE (CAST(:state AS text) IS NULL OR j.state = :state)
+  AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
+  AND (CAST(:task AS text) IS NULL OR j.task = :task)
+  AND (CAST(:before_id AS bigint) IS NULL OR j.id < :before_id)
+ORDER BY j.id DESC
+LIMIT :limit
+"""
+
+# :id. Locks the row so that the retry or cancel that follows decides on a state that
+# cannot change under it. Index: primary key.
+JOB_GET_FOR_UPDATE = f"""
+SELECT {JOB_SELECT_LIST}
+FROM outbox_jobs AS j
+WHERE j.id = :id
+FOR UPDATE
+"""
+
+# :id, :state (the state it was read in, under JOB_GET_FOR_UPDATE's lock). Back to queued and
+# due now, keeping its attempt history; it gets at least one more attempt.
+# Index: primary key.
+JOB_RETRY = f"""
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    run_at = now(),
+    finished_at = NULL,
+    cancel_requested_at = NULL,
+    max_attempts = GREATEST(j.max_attempts, j.attempts + 1)
+WHERE j.id = :id AND j.state = :state
+RETURNING {JOB_SELECT_LIST}
+"""
+
+# :id. A queued job is cancelled at once. Index: primary key.
+JOB_CANCEL_QUEUED = f"""
+UPDATE outbox_jobs AS j
+SET state = 'cancelled', finished_at = now()
+WHERE j.id = :id AND j.state = 'queued'
+RETURNING {JOB_SELECT_LIST}
+"""
+
+# :id. A running job is asked to stop: its worker sees the request at its next heartbeat,
+# stops the handler and writes JOB_CANCEL_MANY. Index: primary key.
+JOB_REQUEST_CANCEL = f"""
+UPDATE outbox_jobs AS j
+SET cancel_requested_at = coalesce(j.cancel_requested_at, now())
+WHERE j.id = :id AND j.state = 'running'
+RETURNING {JOB_SELECT_LIST}
+"""
+
+# :queue, :task (each NULL for any), :batch. Dead jobs back to queued, one batch per call.
+# Index: outbox_jobs_finished_idx (state = 'dead').
+JOB_RETRY_DEAD_MANY = """
+WITH chosen AS MATERIALIZED (
+    SELECT id
+    FROM outbox_jobs
+    WHERE state = 'dead'
+      AND (CAST(:queue AS text) IS NULL OR queue = :queue)
+      AND (CAST(:task AS text) IS NULL OR task = :task)
+    ORDER BY finished_at
+    LIMIT :batch
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    run_at = now(),
+    finished_at = NULL,
+    max_attempts = GREATEST(j.max_attempts, j.attempts + 1)
+FROM chosen
+WHERE j.id = chosen.id
+RETURNING j.id
+"""
+
+# No parameters. Cheap enough for every metrics scrape: reads only queued and running rows
+# (outbox_jobs_claim_idx, outbox_jobs_running_idx), one row per queue.
+QUEUE_ACTIVE_STATS = """
+SELECT queue,
+       count(*) FILTER (WHERE state = 'queued') AS queued,
+       count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS due,
+       count(*) FILTER (WHERE state = 'running') AS running,
+       coalesce(extract(epoch FROM now() - min(run_at)
+                FILTER (WHERE state = 'queued' AND run_at <= now())), 0)::float8
+           AS oldest_due_seconds
+FROM outbox_jobs
+WHERE state IN ('queued', 'running')
+GROUP BY queue
+"""
+
+# :window (seconds). Finished jobs per queue and state, and how many finished within the
+# window (throughput). Index: outbox_jobs_finished_idx.
+QUEUE_FINISHED_STATS = """
+SELECT queue, state, count(*) AS jobs,
+       count(*) FILTER (
+           WHERE finished_at > now() - make_interval(secs => CAST(:window AS float8))
+       ) AS recent
+FROM outbox_jobs
+WHERE state IN ('succeeded', 'dead', 'cancelled')
+GROUP BY queue, state
+"""
+
+# :queue, :limit. How deep a queue is, counted no further than the limit (backpressure
+# needs only "over or not"). Index: outbox_jobs_claim_idx.
+QUEUE_DEPTH_UPTO = """
+SELECT count(*) FROM (
+    SELECT 1 FROM outbox_jobs WHERE state = 'queued' AND queue = :queue LIMIT :limit
+) AS capped
+"""
+
+# :seconds. Workers whose heartbeat was seen within that many seconds.
+WORKERS_ALIVE = """
+SELECT id, queues, concurrency, in_flight, started_at, last_seen_at
+FROM outbox_workers
+WHERE last_seen_at > now() - make_interval(secs => CAST(:seconds AS float8))
+ORDER BY id
 """

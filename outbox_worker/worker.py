@@ -19,7 +19,7 @@ from datetime import timedelta
 import asyncpg
 import structlog
 
-from outbox_worker import db, sql
+from outbox_worker import db, metrics, sql
 from outbox_worker.backoff import retry_delay
 from outbox_worker.completer import Completer
 from outbox_worker.executor import Executor
@@ -49,6 +49,7 @@ class WorkerOptions:
     retry_cap: float = 3600.0
     retention: dict[str, timedelta | None] = field(default_factory=dict)
     prune_interval: float = 60.0
+    metrics_interval: float = 15.0
 
 
 # Claim, completer, heartbeat, rescuer and pruner: one connection each at most.
@@ -74,7 +75,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         # Claimed rows whose outcome is not written yet, running or not: the slots in use.
-        self._held: dict[int, int] = {}
+        self._held: dict[int, ClaimedJob] = {}
+        # Jobs an operator asked to cancel while they ran (seen by the heartbeat).
+        self._cancelling: set[int] = set()
         self._claim_interrupted = False
 
     def stop(self) -> None:
@@ -88,7 +91,22 @@ class Worker:
         self._wake.set()
 
     def in_flight(self) -> list[tuple[int, int]]:
-        return list(self._held.items())
+        return [(job.id, job.attempt) for job in list(self._held.values())]
+
+    def held(self, job_id: int) -> ClaimedJob | None:
+        return self._held.get(job_id)
+
+    def is_cancelling(self, job_id: int) -> bool:
+        return job_id in self._cancelling
+
+    def cancel_requested(self, job_ids: list[int]) -> None:
+        """Stop the handlers of these jobs; each ends as cancelled (see Executor.run)."""
+        for job_id in job_ids:
+            task = self._running.get(job_id)
+            if task is not None and job_id not in self._cancelling:
+                self._cancelling.add(job_id)
+                self.log.info("job_cancel_requested", job_id=job_id)
+                task.cancel()
 
     async def run(self) -> None:
         opts = self.options
@@ -101,13 +119,18 @@ class Worker:
             opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
         )
         completer = Completer(
-            pool=pool, worker_id=self.worker_id, on_written=self._written, log=self.log
+            pool=pool,
+            worker_id=self.worker_id,
+            on_written=self._written,
+            describe=self.held,
+            log=self.log,
         )
         executor = Executor(
             registry=self.registry,
             worker_id=self.worker_id,
             pool=handler_pool,
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
+            is_cancelling=self.is_cancelling,
             log=self.log,
         )
         # The heartbeat outlives the stop request: jobs finishing during the drain still
@@ -116,8 +139,11 @@ class Worker:
         heartbeat = Heartbeat(
             pool=pool,
             worker_id=self.worker_id,
+            queues=self.queues,
+            concurrency=opts.concurrency,
             lease_seconds=opts.lease_seconds,
             in_flight=self.in_flight,
+            on_cancel_requested=self.cancel_requested,
             stop=drained,
             log=self.log,
         )
@@ -160,9 +186,12 @@ class Worker:
                         log=self.log,
                     )
                     services.append(group.create_task(notifier.run(), name="notifier"))
+                services.append(group.create_task(self._gauges(pool), name="gauges"))
                 watchdog.start()
+                metrics.SLOTS_TOTAL.set(opts.concurrency)
                 # Jobs a crashed predecessor left behind are due now, not after a poll.
                 await rescuer.rescue_once()
+                await heartbeat.beat()
                 self.ready.set()
                 self.log.info("worker_ready")
                 await self._produce(pool, executor, completer)
@@ -172,6 +201,7 @@ class Worker:
                 drained.set()
                 for service in services:
                     service.cancel()
+                await heartbeat.goodbye()
         finally:
             watchdog.stop()
             await pool.close()
@@ -236,7 +266,7 @@ class Worker:
             return rows
 
     def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
-        self._held[job.id] = job.attempt
+        self._held[job.id] = job
         task = asyncio.create_task(self._execute(job, executor, completer), name=f"job-{job.id}")
         self._running[job.id] = task
 
@@ -249,8 +279,11 @@ class Worker:
 
     def _written(self, outcomes: list[Outcome]) -> None:
         for outcome in outcomes:
-            if self._held.get(outcome.job_id) == outcome.attempt:
+            job = self._held.get(outcome.job_id)
+            if job is not None and job.attempt == outcome.attempt:
                 del self._held[outcome.job_id]
+                self._cancelling.discard(outcome.job_id)
+        metrics.SLOTS_IN_USE.set(len(self._held))
         self.processed += len(outcomes)
         self._wake.set()
 
@@ -270,3 +303,15 @@ class Worker:
         while self._held:
             self._wake.clear()
             await self._wake.wait()
+
+    async def _gauges(self, pool: asyncpg.Pool) -> None:
+        """Queue depth and oldest-due gauges for --metrics-port, from one cheap query."""
+        while True:
+            try:
+                rows = await db.fetch(pool, "gauges", sql.QUEUE_ACTIVE_STATS, give_up_after=5.0)
+                metrics.refresh_queue_gauges(rows)
+            except Exception as exc:
+                if not db.is_transient(exc):
+                    raise
+            metrics.SLOTS_IN_USE.set(len(self._held))
+            await asyncio.sleep(self.options.metrics_interval)

@@ -732,7 +732,14 @@ async def test_healthz(client: httpx.AsyncClient) -> None:
 async def test_readyz_is_200_when_migrated(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
     assert response.status_code == 200, response.text
-    assert response.json() == {"status": "ready", "checks": {"database": "ok", "schema": "ok"}}
+    assert response.json() == {
+        "status": "ready",
+        "checks": {
+            "database": "ok",
+            "schema": "ok",
+            "workers": {"alive": 0, "seen_within_seconds": 60.0},
+        },
+    }
 
 
 async def test_readyz_is_503_when_the_schema_is_behind(

@@ -18,6 +18,7 @@ from outbox_worker.names import NAME_PATTERN
 EXPECTED_ALL = [
     "ArgsTooLarge",
     "ConfigError",
+    "DatabaseUnavailable",
     "EnqueueError",
     "InvalidArgs",
     "InvalidName",
@@ -26,9 +27,11 @@ EXPECTED_ALL = [
     "JobContext",
     "JobNotFound",
     "JobState",
+    "JobStateConflict",
     "LeaseLost",
     "NewJob",
     "OutboxError",
+    "QueueFull",
     "Registry",
     "TaskDefinitionError",
     "UnknownTask",
@@ -50,11 +53,21 @@ EXPECTED_ERRORS = {
     "ArgsTooLarge",
     "TaskDefinitionError",
     "JobNotFound",
+    "JobStateConflict",
     "LeaseLost",
     "ConfigError",
+    "DatabaseUnavailable",
+    "QueueFull",
 }
 
-ENQUEUE_ERRORS = {"UnknownTask", "InvalidArgs", "InvalidName", "InvalidOption", "ArgsTooLarge"}
+ENQUEUE_ERRORS = {
+    "UnknownTask",
+    "InvalidArgs",
+    "InvalidName",
+    "InvalidOption",
+    "ArgsTooLarge",
+    "QueueFull",
+}
 
 
 def error_classes() -> dict[str, type[BaseException]]:
@@ -179,6 +192,7 @@ def test_job_has_the_contract_fields() -> None:
         "created_at",
         "started_at",
         "finished_at",
+        "cancel_requested_at",
         "duplicate",
     ]
 

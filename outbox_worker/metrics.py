@@ -1,0 +1,58 @@
+"""Prometheus metrics of the queue, in prometheus-client's default registry.
+
+Counters and the run-time histogram are updated where things happen (enqueue, executor,
+completer); the queue gauges are refreshed from one cheap query (sql.QUEUE_ACTIVE_STATS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ENQUEUED = Counter(
+    "outbox_jobs_enqueued",
+    "Jobs enqueued by this process (duplicates not counted)",
+    ["task", "queue"],
+)
+STARTED = Counter("outbox_jobs_started", "Job attempts started", ["task", "queue"])
+SUCCEEDED = Counter("outbox_jobs_succeeded", "Jobs that succeeded", ["task", "queue"])
+RETRIED = Counter("outbox_jobs_retried", "Failed attempts queued for a retry", ["task", "queue"])
+DEAD = Counter("outbox_jobs_dead", "Jobs that went dead", ["task", "queue"])
+CANCELLED = Counter("outbox_jobs_cancelled", "Running jobs stopped by a cancel", ["task", "queue"])
+RUN_SECONDS = Histogram(
+    "outbox_job_run_seconds",
+    "How long an attempt's handler ran",
+    ["task", "queue"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
+)
+QUEUE_DEPTH = Gauge(
+    "outbox_queue_depth", "Jobs per queue and state (queued, due, running)", ["queue", "state"]
+)
+QUEUE_OLDEST_DUE = Gauge(
+    "outbox_queue_oldest_due_seconds",
+    "Age of the oldest due job per queue (0 when none is due)",
+    ["queue"],
+)
+SLOTS_IN_USE = Gauge("outbox_worker_slots_in_use", "Claimed jobs this worker holds")
+SLOTS_TOTAL = Gauge("outbox_worker_slots", "This worker's concurrency")
+WORKERS_ALIVE = Gauge("outbox_workers_alive", "Workers whose heartbeat was seen recently")
+
+_seen_queues: set[str] = set()
+
+
+def refresh_queue_gauges(rows: Iterable[Mapping[Any, Any]]) -> None:
+    """Set the gauges from QUEUE_ACTIVE_STATS rows; a queue that emptied reads 0, not stale."""
+    current: set[str] = set()
+    for row in rows:
+        queue = row["queue"]
+        current.add(queue)
+        for state in ("queued", "due", "running"):
+            QUEUE_DEPTH.labels(queue, state).set(row[state])
+        QUEUE_OLDEST_DUE.labels(queue).set(row["oldest_due_seconds"])
+    for queue in _seen_queues - current:
+        for state in ("queued", "due", "running"):
+            QUEUE_DEPTH.labels(queue, state).set(0)
+        QUEUE_OLDEST_DUE.labels(queue).set(0)
+    _seen_queues.update(current)

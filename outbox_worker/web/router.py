@@ -1,0 +1,161 @@
+"""The admin routes of CONTRACT §5 (and the dashboard), as one router any FastAPI app mounts.
+
+Every route goes through :mod:`outbox_worker.admin`, as the CLI does, and runs in the
+transaction of the session dependency the app provides.
+"""
+
+# No `from __future__ import annotations` here: the routes' annotations name a dependency
+# built inside create_admin_router, which FastAPI can only see if they are evaluated eagerly.
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, status
+from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from outbox_worker import admin
+from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict, OutboxError
+from outbox_worker.jobs import Job, JobState
+from outbox_worker.web.auth import AdminAuth, TokenSource
+
+SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
+
+
+class JobOut(BaseModel):
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    state: JobState
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    dedupe_key: str | None
+    correlation_id: str | None
+    last_error: str | None
+    result: Any
+    locked_by: str | None
+    locked_until: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        fields = dataclasses.asdict(job)
+        fields.pop("duplicate")
+        return cls(**fields)
+
+
+class JobPageOut(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class QueueOut(BaseModel):
+    queue: str
+    depth: dict[str, int]
+    due: int
+    oldest_due_seconds: float
+    finished_recently: dict[str, int]
+
+
+class QueuesOut(BaseModel):
+    queues: list[QueueOut]
+    window_seconds: float
+
+
+class RetriedOut(BaseModel):
+    retried: list[int]
+
+
+def http_error(exc: OutboxError) -> HTTPException:
+    """The library's errors as the client's 4xx: one translation, here."""
+    if isinstance(exc, JobNotFound):
+        return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
+    if isinstance(exc, JobStateConflict):
+        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, InvalidOption):
+        return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
+    return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
+
+
+async def guarded(call: Awaitable[Any]) -> Any:
+    try:
+        return await call
+    except OutboxError as exc:
+        raise http_error(exc) from exc
+
+
+def create_admin_router(
+    *,
+    get_session: SessionProvider,
+    admin_token: TokenSource,
+    include_dashboard: bool = True,
+) -> APIRouter:
+    """``get_session`` is the app's dependency that yields a session inside a transaction;
+    ``admin_token`` the token, or a function of the request that returns it."""
+    auth = AdminAuth(admin_token)
+    session_dep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+    router = APIRouter(tags=["admin"])
+    protected = APIRouter(dependencies=[Depends(auth)])
+
+    @protected.get("/jobs")
+    async def list_jobs(
+        session: session_dep,
+        state: Annotated[str | None, Query(description="queued, running, succeeded, …")] = None,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 50,
+        cursor: str | None = None,
+    ) -> JobPageOut:
+        page = await guarded(
+            admin.list_jobs(
+                session, state=state, queue=queue, task=task, limit=limit, cursor=cursor
+            )
+        )
+        return JobPageOut(
+            items=[JobOut.of(job) for job in page.items], next_cursor=page.next_cursor
+        )
+
+    @protected.get("/jobs/{job_id}")
+    async def show_job(job_id: int, session: session_dep) -> JobOut:
+        return JobOut.of(await guarded(admin.require_job(session, job_id)))
+
+    @protected.post("/jobs/retry-dead")
+    async def retry_dead(
+        session: session_dep, queue: str | None = None, task: str | None = None
+    ) -> RetriedOut:
+        """Every dead job matching the filters back to queued."""
+        retried = await guarded(admin.retry_dead_jobs(session, queue=queue, task=task))
+        return RetriedOut(retried=retried)
+
+    @protected.post("/jobs/{job_id}/retry")
+    async def retry_job(job_id: int, session: session_dep) -> JobOut:
+        return JobOut.of(await guarded(admin.retry_job(session, job_id)))
+
+    @protected.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: int, session: session_dep) -> JobOut:
+        return JobOut.of(await guarded(admin.cancel_job(session, job_id)))
+
+    @protected.get("/queues")
+    async def queues(
+        session: session_dep,
+        window_seconds: Annotated[float, Query(gt=0, le=86400)] = 300.0,
+    ) -> QueuesOut:
+        stats = await admin.queue_stats(session, window_seconds=window_seconds)
+        return QueuesOut(
+            queues=[QueueOut(**entry.as_dict()) for entry in stats],
+            window_seconds=window_seconds,
+        )
+
+    router.include_router(protected)
+    if include_dashboard:
+        from outbox_worker.web.dashboard import create_dashboard_router
+
+        router.include_router(create_dashboard_router(get_session=get_session, auth=auth))
+    return router

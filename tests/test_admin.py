@@ -1,0 +1,312 @@
+"""The admin service through its HTTP face (CONTRACT §5), cancel of a running job, backpressure,
+metrics and readiness."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from outbox_worker import QueueFull, enqueue
+from outbox_worker.enqueue import _backpressure
+from tests.conftest import WorkerProcess, wait_until
+
+TOKEN = "s3cret-admin-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def admin_app(app: FastAPI) -> FastAPI:
+    app.state.settings.admin_token = TOKEN
+    return app
+
+
+async def insert_job(pool: asyncpg.Pool, task: str = "echo", **columns: object) -> int:
+    names = ["task", *columns]
+    values = [task, *columns.values()]
+    placeholders = ", ".join(f"${i}" for i in range(1, len(values) + 1))
+    job_id: int = await pool.fetchval(
+        f"INSERT INTO outbox_jobs ({', '.join(names)}) VALUES ({placeholders}) RETURNING id",
+        *values,
+    )
+    return job_id
+
+
+async def test_admin_routes_are_refused_without_a_configured_token(
+    client: httpx.AsyncClient,
+) -> None:
+    for method, path in [
+        ("GET", "/jobs"),
+        ("GET", "/jobs/1"),
+        ("POST", "/jobs/1/retry"),
+        ("POST", "/jobs/1/cancel"),
+        ("GET", "/queues"),
+    ]:
+        response = await client.request(method, path, headers=AUTH)
+        assert response.status_code == 403, (path, response.text)
+        assert "OUTBOX_ADMIN_TOKEN" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token-of-some-length"},
+        {"Authorization": TOKEN},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+    ],
+)
+async def test_a_missing_or_wrong_token_is_401(
+    admin_app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    response = await client.get("/jobs", headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "token" in response.json()["detail"]
+
+
+async def test_list_filters_and_keyset_pagination(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    ids = [await insert_job(pool, "echo") for _ in range(7)]
+    dead = await insert_job(
+        pool, "echo", state="dead", attempts=5, last_error="boom", finished_at=None
+    )
+    other = await insert_job(pool, "noop", queue="other")
+    seen: list[int] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"task": "echo", "state": "queued", "limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        body = (await client.get("/jobs", params=params, headers=AUTH)).json()
+        seen += [item["id"] for item in body["items"]]
+        pages += 1
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == sorted(ids, reverse=True)
+    body = (await client.get("/jobs", params={"state": "dead"}, headers=AUTH)).json()
+    assert [item["id"] for item in body["items"]] == [dead]
+    assert body["items"][0]["last_error"] == "boom"
+    body = (await client.get("/jobs", params={"queue": "other"}, headers=AUTH)).json()
+    assert [item["id"] for item in body["items"]] == [other]
+    shown = (await client.get(f"/jobs/{other}", headers=AUTH)).json()
+    assert (shown["task"], shown["queue"], shown["state"]) == ("noop", "other", "queued")
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"state": "bogus"}, "state"),
+        ({"queue": "no such; queue"}, "queue"),
+        ({"task": "'; DROP TABLE x"}, "task"),
+        ({"cursor": "abc"}, "cursor"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 501}, "limit"),
+    ],
+)
+async def test_bad_filters_are_422(
+    admin_app: FastAPI, client: httpx.AsyncClient, params: dict[str, object], fragment: str
+) -> None:
+    response = await client.get("/jobs", params=params, headers=AUTH)  # type: ignore[arg-type]
+    assert response.status_code == 422
+    assert fragment in json.dumps(response.json()["detail"])
+
+
+async def test_unknown_job_is_404(admin_app: FastAPI, client: httpx.AsyncClient) -> None:
+    for method, path in [
+        ("GET", "/jobs/999"),
+        ("POST", "/jobs/999/retry"),
+        ("POST", "/jobs/999/cancel"),
+    ]:
+        response = await client.request(method, path, headers=AUTH)
+        assert response.status_code == 404
+        assert response.json()["detail"] == "no job 999"
+
+
+async def test_retry_and_cancel_follow_the_state_machine(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    dead = await insert_job(
+        pool, "echo", state="dead", attempts=5, max_attempts=5, last_error="boom"
+    )
+    done = await insert_job(pool, "echo", state="succeeded", attempts=1)
+    queued = await insert_job(pool, "echo")
+
+    retried = (await client.post(f"/jobs/{dead}/retry", headers=AUTH)).json()
+    assert (retried["state"], retried["attempts"], retried["max_attempts"]) == ("queued", 5, 6)
+    assert retried["last_error"] == "boom"  # history is kept
+    refused = await client.post(f"/jobs/{done}/retry", headers=AUTH)
+    assert refused.status_code == 409
+    assert "succeeded" in refused.json()["detail"]
+
+    cancelled = (await client.post(f"/jobs/{queued}/cancel", headers=AUTH)).json()
+    assert cancelled["state"] == "cancelled"
+    assert cancelled["finished_at"] is not None
+    again = await client.post(f"/jobs/{queued}/cancel", headers=AUTH)
+    assert again.status_code == 409
+    finished = await client.post(f"/jobs/{done}/cancel", headers=AUTH)
+    assert finished.status_code == 409
+    # A cancelled job may be retried.
+    assert (await client.post(f"/jobs/{queued}/retry", headers=AUTH)).json()["state"] == "queued"
+    rows = {r["id"]: r["state"] for r in await pool.fetch("SELECT id, state FROM outbox_jobs")}
+    assert rows == {dead: "queued", done: "succeeded", queued: "queued"}
+
+
+async def test_bulk_retry_of_dead_jobs_by_filter(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    echo_dead = [
+        await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1) for _ in range(3)
+    ]
+    noop_dead = await insert_job(pool, "noop", state="dead", attempts=1, max_attempts=1)
+    response = await client.post("/jobs/retry-dead", params={"task": "echo"}, headers=AUTH)
+    assert sorted(response.json()["retried"]) == echo_dead
+    states = {r["id"]: r["state"] for r in await pool.fetch("SELECT id, state FROM outbox_jobs")}
+    assert states == {**dict.fromkeys(echo_dead, "queued"), noop_dead: "dead"}
+
+
+async def test_queue_stats(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    await insert_job(pool, "echo")
+    await pool.execute("UPDATE outbox_jobs SET run_at = now() - interval '90 seconds'")
+    await insert_job(pool, "echo")
+    await pool.execute(
+        "INSERT INTO outbox_jobs (task, run_at) VALUES ('echo', now() + interval '1 hour')"
+    )
+    await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
+    await pool.execute("UPDATE outbox_jobs SET finished_at = now() WHERE state = 'dead'")
+    body = (await client.get("/queues", headers=AUTH)).json()
+    [default] = [q for q in body["queues"] if q["queue"] == "default"]
+    assert default["depth"] == {
+        "queued": 3,
+        "running": 0,
+        "succeeded": 0,
+        "dead": 1,
+        "cancelled": 0,
+    }
+    assert default["due"] == 2
+    assert 89 <= default["oldest_due_seconds"] < 600
+    assert default["finished_recently"]["dead"] == 1
+
+
+async def test_cancel_of_a_running_job_stops_its_handler(
+    admin_app: FastAPI,
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    spawn_worker: Callable[..., WorkerProcess],
+) -> None:
+    job_id = await insert_job(pool, "sleepy", queue="slow", args=json.dumps({"seconds": 60}))
+    worker = spawn_worker("--lease-seconds", "1.5")
+    await wait_until(
+        lambda: pool.fetchval(
+            "SELECT count(*) FROM test_executions WHERE job_id = $1 AND event = 'start'", job_id
+        ),
+        what="the job to start",
+    )
+    asked = (await client.post(f"/jobs/{job_id}/cancel", headers=AUTH)).json()
+    assert asked["state"] == "running"
+    assert asked["cancel_requested_at"] is not None
+    await wait_until(
+        lambda: pool.fetchval("SELECT state = 'cancelled' FROM outbox_jobs WHERE id = $1", job_id),
+        what="the worker to cancel the job",
+    )
+    row = await pool.fetchrow(
+        "SELECT locked_by, finished_at FROM outbox_jobs WHERE id = $1", job_id
+    )
+    assert row["locked_by"] is None
+    assert row["finished_at"] is not None
+    events = [
+        r["event"]
+        for r in await pool.fetch(
+            "SELECT event FROM test_executions WHERE job_id = $1 ORDER BY seq", job_id
+        )
+    ]
+    assert events == ["start"]  # stopped, never reached its end
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    assert '"job_cancelled"' in worker.output()
+
+
+@pytest.fixture
+def depth_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_LIMITS", json.dumps({"reports": 3}))
+    monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_CACHE_SECONDS", "0")
+    _backpressure.cache_clear()
+    yield
+    _backpressure.cache_clear()
+
+
+async def test_backpressure_is_503_with_retry_after(
+    depth_limit: None, client: httpx.AsyncClient, pool: asyncpg.Pool, engine: AsyncEngine
+) -> None:
+    for _ in range(3):
+        assert (await client.post("/reports", json={})).status_code == 202
+    full = await client.post("/reports", json={})
+    assert full.status_code == 503
+    assert full.headers["retry-after"] == "1"
+    assert "depth limit" in full.json()["detail"]
+    assert await pool.fetchval("SELECT count(*) FROM reports") == 3  # rolled back with it
+    assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == 3
+    # Other queues are not limited; the library raises the typed error itself.
+    async with engine.begin() as conn:
+        await enqueue(conn, "echo")
+        with pytest.raises(QueueFull) as raised:
+            await enqueue(conn, "generate_report", {"report_id": "x"}, key="x")
+    assert raised.value.retry_after == 1
+    # Once the workers catch up, enqueue is accepted again.
+    await pool.execute(
+        "UPDATE outbox_jobs SET state = 'cancelled', finished_at = now() WHERE queue = 'reports'"
+    )
+    assert (await client.post("/reports", json={})).status_code == 202
+
+
+async def test_metrics_expose_counters_and_queue_gauges(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    assert (await client.post("/reports", json={})).status_code == 202
+    text = (await client.get("/metrics")).text
+    assert re.search(
+        r'outbox_jobs_enqueued_total\{queue="reports",task="generate_report"\} '
+        r"[1-9]",
+        text,
+    )
+    assert 'outbox_queue_depth{queue="reports",state="queued"} 1.0' in text
+    assert 'outbox_queue_depth{queue="reports",state="due"} 1.0' in text
+    assert "outbox_workers_alive 0.0" in text
+    await pool.execute("UPDATE outbox_jobs SET state = 'cancelled', finished_at = now()")
+    worker = spawn_worker()
+    await worker.wait_for_log("worker_ready")
+    text = (await client.get("/metrics")).text
+    assert 'outbox_queue_depth{queue="reports",state="queued"} 0.0' in text
+    assert "outbox_workers_alive 1.0" in text
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+
+
+async def test_readyz_reports_live_workers(
+    client: httpx.AsyncClient, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    body = (await client.get("/readyz")).json()
+    assert body["checks"]["workers"]["alive"] == 0
+    worker = spawn_worker()
+    await worker.wait_for_log("worker_ready")
+    body = (await client.get("/readyz")).json()
+    assert body["status"] == "ready"
+    assert body["checks"]["workers"]["alive"] == 1
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    # A clean stop says goodbye.
+    assert (await client.get("/readyz")).json()["checks"]["workers"]["alive"] == 0
