@@ -9,10 +9,12 @@ says the job is no longer ours.
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 
 import asyncpg
 import structlog
+from prometheus_client import Counter
 
 from outbox_worker import db, metrics, sql
 from outbox_worker.outcomes import (
@@ -23,6 +25,12 @@ from outbox_worker.outcomes import (
     Released,
     Succeeded,
 )
+
+_COUNTERS = {
+    "succeeded": metrics.SUCCEEDED,
+    "failed": metrics.RETRIED,
+    "cancelled": metrics.CANCELLED,
+}
 
 
 class Completer:
@@ -114,18 +122,18 @@ class Completer:
         self._on_written(batch)
 
     def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
+        """Outcome counters, added up per (task, queue) before touching prometheus."""
+        counts: collections.Counter[tuple[Counter, str, str]] = collections.Counter()
         for row in rows:
             job = self._describe(row["id"])
-            labels = (job.task, job.queue) if job is not None else ("unknown", "unknown")
-            if what == "succeeded":
-                metrics.SUCCEEDED.labels(*labels).inc()
-            elif what == "cancelled":
-                metrics.CANCELLED.labels(*labels).inc()
-            elif what == "failed" and row["state"] == "dead":
-                metrics.DEAD.labels(*labels).inc()
+            task, queue = (job.task, job.queue) if job is not None else ("unknown", "unknown")
+            if what == "failed" and row["state"] == "dead":
                 self._log.error("job_dead", job_id=row["id"])
-            elif what == "failed":
-                metrics.RETRIED.labels(*labels).inc()
+                counts[metrics.DEAD, task, queue] += 1
+            elif what in _COUNTERS:
+                counts[_COUNTERS[what], task, queue] += 1
+        for (counter, task, queue), count in counts.items():
+            counter.labels(task, queue).inc(count)
 
     def _report_fenced(
         self,

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import asyncpg
 import structlog
+from prometheus_client import Counter, Histogram
 
 from outbox_worker import metrics
 from outbox_worker.context import JobContext, current_correlation_id, encode_result
@@ -54,6 +55,7 @@ class Executor:
         self._retry_delay = retry_delay
         self._is_cancelling = is_cancelling
         self._log = log
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     async def run(self, job: ClaimedJob) -> Outcome:
         """Never raises but for cancellation outside a shutdown."""
@@ -95,16 +97,19 @@ class Executor:
             cancel_requested=functools.partial(self._is_cancelling, job.id),
         )
         log.debug("job_started")
-        labels = (job.task, job.queue)
-        metrics.STARTED.labels(*labels).inc()
+        started, run_seconds = self._metrics(job.task, job.queue)
+        started.inc()
         deadline = asyncio.timeout(spec.timeout)
         began = time.perf_counter()
         try:
-            async with deadline:
-                try:
+            try:
+                if spec.timeout is None:
                     value = await spec.handler(ctx, **args)
-                finally:
-                    metrics.RUN_SECONDS.labels(*labels).observe(time.perf_counter() - began)
+                else:
+                    async with deadline:
+                        value = await spec.handler(ctx, **args)
+            finally:
+                run_seconds.observe(time.perf_counter() - began)
         except asyncio.CancelledError:
             if ctx.completed_in_transaction:
                 return Settled(job.id, job.attempt)
@@ -137,6 +142,18 @@ class Executor:
             return Settled(job.id, job.attempt)
         log.debug("job_succeeded")
         return Succeeded(job.id, job.attempt, encode_result(value))
+
+    def _metrics(self, task: str, queue: str) -> tuple[Counter, Histogram]:
+        """The labelled children, looked up once per (task, queue) rather than per job."""
+        key = (task, queue)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                metrics.STARTED.labels(task, queue),
+                metrics.RUN_SECONDS.labels(task, queue),
+            )
+            self._children[key] = children
+        return children
 
     def _give_up(
         self, job: ClaimedJob, log: structlog.typing.FilteringBoundLogger, reason: str

@@ -24,9 +24,44 @@ class TaskSpec:
     timeout: float | None
     priority: int
     signature: inspect.Signature
+    # What keyword arguments the handler takes, precomputed so that the per-job check is a
+    # couple of set operations (Signature.bind costs microseconds on the hot path).
+    accepts: frozenset[str] | None  # None: it takes **kwargs
+    requires: frozenset[str]
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        handler: Handler,
+        queue: str,
+        max_attempts: int,
+        timeout: float | None,
+        priority: int,
+    ) -> TaskSpec:
+        signature = inspect.signature(handler)
+        keyword = [
+            p
+            for p in list(signature.parameters.values())[1:]
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ]
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        return cls(
+            name,
+            handler,
+            queue,
+            max_attempts,
+            timeout,
+            priority,
+            signature,
+            None if takes_any else frozenset(p.name for p in keyword),
+            frozenset(p.name for p in keyword if p.default is p.empty),
+        )
 
     def check_args(self, args: dict[str, Any]) -> str | None:
         """Why these args cannot call the handler, or None when they can."""
+        if self.requires <= args.keys() and (self.accepts is None or self.accepts >= args.keys()):
+            return None
         try:
             self.signature.bind(None, **args)
         except TypeError as exc:
@@ -91,10 +126,19 @@ class Registry:
             raise TaskDefinitionError(f"task {task_name!r}: max_attempts must be at least 1")
         if timeout is not None and timeout <= 0:
             raise TaskDefinitionError(f"task {task_name!r}: timeout must be positive")
-        signature = inspect.signature(handler)
-        if not signature.parameters:
+        parameters = list(inspect.signature(handler).parameters.values())
+        if not parameters or parameters[0].kind not in (
+            inspect.Parameter.POSITIONAL_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
             raise TaskDefinitionError(f"task {task_name!r} must take a JobContext first")
-        spec = TaskSpec(task_name, handler, queue, max_attempts, timeout, priority, signature)
+        if any(p.kind == p.VAR_POSITIONAL for p in parameters[1:]) or any(
+            p.kind == p.POSITIONAL_ONLY for p in parameters[1:]
+        ):
+            raise TaskDefinitionError(
+                f"task {task_name!r}: arguments after the context must be keyword arguments"
+            )
+        spec = TaskSpec.of(task_name, handler, queue, max_attempts, timeout, priority)
         self._tasks[task_name] = spec
         return spec
 

@@ -267,7 +267,7 @@ class Worker:
 
     def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         self._held[job.id] = job
-        task = asyncio.create_task(self._execute(job, executor, completer), name=f"job-{job.id}")
+        task = asyncio.create_task(self._execute(job, executor, completer))
         self._running[job.id] = task
 
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
