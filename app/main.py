@@ -52,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         create_admin_router(
             get_session=get_session,
             admin_token=lambda request: request.app.state.settings.admin_token,
+            worker_seen_within_seconds=lambda request: (
+                request.app.state.settings.worker_seen_within_seconds
+            ),
         )
     )
 

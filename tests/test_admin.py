@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox_worker import QueueFull, enqueue
 from outbox_worker.enqueue import _backpressure
+from outbox_worker.web.auth import COOKIE, cookie_value
 from tests.conftest import WorkerProcess, wait_until
 
 TOKEN = "s3cret-admin-token-for-tests"
@@ -310,3 +311,13 @@ async def test_readyz_reports_live_workers(
     assert worker.wait() == 0
     # A clean stop says goodbye.
     assert (await client.get("/readyz")).json()["checks"]["workers"]["alive"] == 0
+
+
+async def test_json_routes_take_the_bearer_token_not_the_dashboard_cookie(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    job_id = await insert_job(pool, "echo")
+    client.cookies.set(COOKIE, cookie_value(TOKEN))
+    response = await client.post(f"/jobs/{job_id}/cancel")
+    assert response.status_code == 401
+    assert await pool.fetchval("SELECT state FROM outbox_jobs WHERE id = $1", job_id) == "queued"

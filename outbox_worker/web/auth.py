@@ -25,13 +25,16 @@ TokenSource = str | None | Callable[[Request], str | None]
 
 
 class AdminAuth:
-    """A FastAPI dependency: a bearer token, or the dashboard's cookie.
+    """A FastAPI dependency: a bearer token, or (for the dashboard) its cookie.
 
     The token is a string, or a function of the request (an app that builds its settings
     in its lifespan reads it from there)."""
 
-    def __init__(self, token: TokenSource) -> None:
+    def __init__(self, token: TokenSource, *, accept_cookie: bool = False) -> None:
         self._token = token
+        # Only the dashboard, which checks Origin on its own forms, takes the cookie: the
+        # JSON routes want the bearer token, so no page can drive them with a browser cookie.
+        self._accept_cookie = accept_cookie
 
     def token(self, request: Request) -> str | None:
         token = self._token(request) if callable(self._token) else self._token
@@ -48,7 +51,7 @@ class AdminAuth:
         scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and given and token_matches(token, given.strip()):
             return
-        cookie = request.cookies.get(COOKIE)
+        cookie = request.cookies.get(COOKIE) if self._accept_cookie else None
         if cookie and token_matches(cookie_value(token), cookie):
             return
         raise HTTPException(

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -96,6 +96,7 @@ def create_admin_router(
     get_session: SessionProvider,
     admin_token: TokenSource,
     include_dashboard: bool = True,
+    worker_seen_within_seconds: float | Callable[[Request], float] = 60.0,
 ) -> APIRouter:
     """``get_session`` is the app's dependency that yields a session inside a transaction;
     ``admin_token`` the token, or a function of the request that returns it."""
@@ -157,5 +158,11 @@ def create_admin_router(
     if include_dashboard:
         from outbox_worker.web.dashboard import create_dashboard_router
 
-        router.include_router(create_dashboard_router(get_session=get_session, auth=auth))
+        router.include_router(
+            create_dashboard_router(
+                get_session=get_session,
+                auth=AdminAuth(admin_token, accept_cookie=True),
+                worker_seen_within_seconds=worker_seen_within_seconds,
+            )
+        )
     return router
