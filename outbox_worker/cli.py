@@ -1,28 +1,62 @@
-"""``outbox-worker``: the worker and (later) the operator's commands.
+"""``outbox-worker``: the worker and the operator's commands.
 
 The environment becomes settings here and only here; everything below gets plain values.
 Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
+
+The operator's commands (``jobs``, ``queues``, ``prune``, ``health``) go through
+:mod:`outbox_worker.admin`, the one implementation the HTTP routes use too, each in a
+transaction of its own on an engine made from ``DATABASE_URL``. ``--json`` prints what the
+HTTP routes answer, to stdout, and nothing else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
+import json
 import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
+import asyncpg
+import structlog
 import typer
 from pydantic import ValidationError
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from typer.exceptions import TyperException
 
-from outbox_worker.config import WorkerSettings
-from outbox_worker.errors import ConfigError, OutboxError
+from outbox_worker import admin
+from outbox_worker.config import WorkerSettings, parse_duration, sqlalchemy_url
+from outbox_worker.errors import ConfigError, DatabaseUnavailable, OutboxError
+from outbox_worker.jobs import Job, JobState
 from outbox_worker.logs import configure_logging
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import Registry
 from outbox_worker.worker import Worker, WorkerOptions
+
+T = TypeVar("T")
+
+# How long the operator's commands wait for a connection before saying the database is away.
+CONNECT_TIMEOUT_SECONDS = 10.0
+MAX_JOB_ID = 2**63 - 1
+STATE_STYLES = {
+    JobState.QUEUED: "cyan",
+    JobState.RUNNING: "yellow",
+    JobState.SUCCEEDED: "green",
+    JobState.DEAD: "bold red",
+    JobState.CANCELLED: "dim",
+}
 
 app = typer.Typer(
     name="outbox-worker",
@@ -32,6 +66,26 @@ app = typer.Typer(
     rich_markup_mode=None,
     no_args_is_help=True,
 )
+jobs_app = typer.Typer(
+    name="jobs",
+    help="List, show, retry and cancel jobs.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+)
+app.add_typer(jobs_app, name="jobs")
+
+DatabaseUrl = Annotated[str | None, typer.Option(help="Default: $DATABASE_URL")]
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Print JSON to stdout (and nothing else) for scripts.")
+]
+JobId = Annotated[int, typer.Argument(metavar="JOB_ID", min=1, max=MAX_JOB_ID, help="Job id.")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared plumbing
+# ---------------------------------------------------------------------------------------------
 
 
 def load_registry(target: str) -> Registry:
@@ -65,6 +119,19 @@ def _queues(value: str | None) -> tuple[str, ...]:
     return names
 
 
+def _duration(value: str, flag: str, *, positive: bool = False) -> timedelta:
+    """``--older-than 7d`` and friends; a bad value is a usage error naming the flag."""
+    try:
+        parsed = parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=flag) from None
+    if not isinstance(parsed, timedelta):
+        raise typer.BadParameter("give a duration like 30s, 15m, 12h or 7d", param_hint=flag)
+    if positive and parsed <= timedelta(0):
+        raise typer.BadParameter(f"{value!r} must be longer than zero", param_hint=flag)
+    return parsed
+
+
 def _settings(**overrides: Any) -> WorkerSettings:
     try:
         settings = WorkerSettings()
@@ -89,9 +156,210 @@ def _run_async(main: Callable[[], Coroutine[Any, Any, None]], use_uvloop: bool) 
         runner.run(main())
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _where(dsn: str) -> str:
+    """host:port/database of a URL, for messages (never the password)."""
+    try:
+        url = make_url(sqlalchemy_url(dsn))
+    except Exception:
+        return "DATABASE_URL"
+    host = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    port = f":{url.port}" if url.port else ""
+    return f"{host}{port}/{url.database or ''}"
+
+
+# Failures that mean "no usable connection": refused, unknown host, timeout, bad password,
+# no such database, server starting or shutting down, too many clients.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, what it wraps (SQLAlchemy's ``orig``) and its causes, outermost first."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        todo.extend([getattr(current, "orig", None), current.__cause__])
+    return chain
+
+
+def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
+    """A driver error as the library's error, when it is one the operator can act on."""
+    for cause in _causes(exc):
+        if isinstance(cause, _UNREACHABLE):
+            reason = _one_line(cause) or (
+                f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
+                if isinstance(cause, TimeoutError)
+                else type(cause).__name__
+            )
+            return DatabaseUnavailable(f"cannot reach the database at {_where(dsn)}: {reason}")
+        if isinstance(cause, asyncpg.exceptions.UndefinedTableError):
+            return ConfigError(
+                f"the database at {_where(dsn)} has no pgoutbox schema ({_one_line(cause)}): "
+                "run `alembic upgrade head`"
+            )
+    return None
+
+
+def _engine(dsn: str) -> AsyncEngine:
+    # NullPool: a command makes one or a few short transactions and exits; nothing to keep.
+    return create_async_engine(
+        sqlalchemy_url(dsn),
+        poolclass=NullPool,
+        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+    )
+
+
+def _database_url(database_url: str | None) -> str:
+    return _settings(database_url=database_url).require_database_url()
+
+
+def _with_engine(dsn: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """Run ``work`` on a fresh engine; connection failures become one-line errors."""
+
+    async def go() -> T:
+        engine = _engine(dsn)
+        try:
+            return await work(engine)
+        except OutboxError:
+            raise
+        except Exception as exc:
+            error = database_error(exc, dsn)
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def _in_transaction(dsn: str, call: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """One admin call inside ``engine.begin()``: it commits when the call returns."""
+
+    async def work(engine: AsyncEngine) -> T:
+        async with engine.begin() as conn:
+            return await call(conn)
+
+    return _with_engine(dsn, work)
+
+
+def _stdout() -> Console:
+    # markup off: job errors and arguments are shown as written ("[Errno 111]" included).
+    return Console(markup=False, highlight=False, soft_wrap=False)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _print_json(data: object) -> None:
+    sys.stdout.write(json.dumps(data, default=_json_default, indent=2, ensure_ascii=False))
+    sys.stdout.write("\n")
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    """A job as the HTTP routes answer it: every column, ``state`` as its name."""
+    data = dataclasses.asdict(job)
+    data.pop("duplicate", None)
+    data["state"] = job.state.value
+    return data
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short_when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone(UTC).strftime("%m-%d %H:%M:%S")
+
+
+def _job_when(job: Job) -> datetime | None:
+    """The time that matters for the job's state: due, started or finished."""
+    if job.state == JobState.QUEUED:
+        return job.run_at
+    if job.state == JobState.RUNNING:
+        return job.started_at
+    return job.finished_at
+
+
+def _age(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{seconds:.1f}s"
+
+
+def _state(state: JobState) -> Text:
+    return Text(state.value, style=STATE_STYLES.get(state, ""))
+
+
+def _first_line(text: str | None, width: int = 60) -> str:
+    if not text:
+        return ""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+
 @app.callback()
 def _group() -> None:
     """Run pgoutbox workers and look after their queue."""
+
+
+def start_metrics_server(port: int, host: str) -> Callable[[], None]:
+    """Serve prometheus-client's default registry over HTTP; returns the function that
+    stops it."""
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=host)
+    except OSError as exc:
+        reason = exc.strerror or _one_line(exc) or type(exc).__name__
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {reason}") from exc
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+    return stop
 
 
 @app.command()
@@ -118,7 +386,23 @@ def run(
     drain_timeout_seconds: Annotated[float | None, typer.Option(min=0)] = None,
     listen: Annotated[bool | None, typer.Option("--listen/--no-listen")] = None,
     listen_database_url: Annotated[str | None, typer.Option()] = None,
-    database_url: Annotated[str | None, typer.Option(help="Default: $DATABASE_URL")] = None,
+    database_url: DatabaseUrl = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            envvar="OUTBOX_METRICS_PORT",
+            help="Serve Prometheus metrics on this port (off by default).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str,
+        typer.Option(
+            envvar="OUTBOX_METRICS_HOST",
+            help="Address the metrics server binds (0.0.0.0 for every interface).",
+        ),
+    ] = "127.0.0.1",
 ) -> None:
     """Claim and run jobs until SIGTERM/SIGINT (drains in-flight jobs, then exits 0)."""
     queue_names = _queues(queues)
@@ -154,6 +438,13 @@ def run(
             "dead": settings.retention_dead,
         },
     )
+    stop_metrics: Callable[[], None] | None = None
+    if metrics_port is not None:
+        # Before the worker starts, so a scrape sees the worker from its first claim on.
+        stop_metrics = start_metrics_server(metrics_port, metrics_host)
+        structlog.get_logger("outbox_worker").info(
+            "metrics_serving", host=metrics_host, port=metrics_port, path="/metrics"
+        )
 
     async def main() -> None:
         worker = Worker(registry, options)
@@ -162,22 +453,490 @@ def run(
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
 
-    _run_async(main, settings.uvloop)
+    try:
+        _run_async(main, settings.uvloop)
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()
 
 
-def main(argv: list[str] | None = None) -> None:
+# ---------------------------------------------------------------------------------------------
+# jobs
+# ---------------------------------------------------------------------------------------------
+
+
+@jobs_app.command("list")
+def jobs_list(
+    state: Annotated[
+        str | None, typer.Option(help=f"Only jobs in this state ({', '.join(JobState)}).")
+    ] = None,
+    queue: Annotated[str | None, typer.Option(help="Only jobs of this queue.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only jobs of this task.")] = None,
+    limit: Annotated[int, typer.Option(help=f"Jobs per page (1 to {admin.MAX_PAGE}).")] = 50,
+    cursor: Annotated[
+        str | None, typer.Option(help="Where the previous page ended (its next cursor).")
+    ] = None,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Jobs, newest first, a page at a time (pass the printed next cursor for the next page).
+
+    WHEN is when a queued job is due, a running one started, a finished one finished."""
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> admin.JobPage:
+        return await admin.list_jobs(
+            conn, state=state, queue=queue, task=task, limit=limit, cursor=cursor
+        )
+
+    page = _in_transaction(dsn, call)
+    if as_json:
+        _print_json(
+            {"items": [job_dict(job) for job in page.items], "next_cursor": page.next_cursor}
+        )
+        return
+    console = _stdout()
+    if not page.items:
+        console.print("no jobs match" if cursor is None else "no more jobs")
+        return
+    table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("ID", justify="right", no_wrap=True)
+    table.add_column("QUEUE", no_wrap=True)
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("TRIES", justify="right", no_wrap=True)
+    table.add_column("WHEN (UTC)", no_wrap=True)
+    table.add_column("LAST ERROR", overflow="fold")
+    for job in page.items:
+        table.add_row(
+            str(job.id),
+            job.queue,
+            job.task,
+            _state(job.state),
+            f"{job.attempts}/{job.max_attempts}",
+            _short_when(_job_when(job)),
+            _first_line(job.last_error, width=40),
+        )
+    console.print(table)
+    if page.next_cursor is not None:
+        console.print(f"next cursor: {page.next_cursor}  (--cursor {page.next_cursor})")
+    else:
+        console.print("next cursor: none (last page)")
+
+
+def _print_job(job: Job) -> None:
+    console = _stdout()
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("id", str(job.id))
+    table.add_row("task", job.task)
+    table.add_row("queue", job.queue)
+    table.add_row("state", _state(job.state))
+    table.add_row("attempts", f"{job.attempts} of {job.max_attempts}")
+    table.add_row("priority", str(job.priority))
+    table.add_row("args", json.dumps(job.args, indent=2, ensure_ascii=False))
+    if job.result is not None:
+        table.add_row("result", json.dumps(job.result, indent=2, ensure_ascii=False))
+    table.add_row("last error", job.last_error or "-")
+    table.add_row("dedupe key", job.dedupe_key or "-")
+    table.add_row("correlation id", job.correlation_id or "-")
+    table.add_row("locked by", job.locked_by or "-")
+    table.add_row("locked until", _when(job.locked_until))
+    table.add_row("run at", _when(job.run_at))
+    table.add_row("created at", _when(job.created_at))
+    table.add_row("started at", _when(job.started_at))
+    table.add_row("finished at", _when(job.finished_at))
+    if job.cancel_requested_at is not None:
+        table.add_row("cancel requested", _when(job.cancel_requested_at))
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: JobId, as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """One job: its arguments, attempts, last error and result. Times are UTC."""
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> Job:
+        return await admin.require_job(conn, job_id)
+
+    job = _in_transaction(dsn, call)
+    if as_json:
+        _print_json(job_dict(job))
+    else:
+        _print_job(job)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: JobId, as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """Queue a dead, cancelled or queued job to run now, with at least one more attempt."""
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> Job:
+        return await admin.retry_job(conn, job_id)
+
+    job = _in_transaction(dsn, call)
+    if as_json:
+        _print_json(job_dict(job))
+        return
+    _stdout().print(
+        f"job {job.id} ({job.task}) is {job.state.value}: due now, "
+        f"attempt {job.attempts + 1} of {job.max_attempts} next"
+    )
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: JobId, as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """Cancel a queued job at once, or ask a running job's worker to stop it."""
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> Job:
+        return await admin.cancel_job(conn, job_id)
+
+    job = _in_transaction(dsn, call)
+    if as_json:
+        _print_json(job_dict(job))
+        return
+    if job.state == JobState.RUNNING:
+        _stdout().print(
+            f"job {job.id} ({job.task}) is running on {job.locked_by}: cancel requested; "
+            "its worker stops it at its next heartbeat and it ends cancelled"
+        )
+    else:
+        _stdout().print(f"job {job.id} ({job.task}) is {job.state.value}")
+
+
+@jobs_app.command("retry-dead")
+def jobs_retry_dead(
+    queue: Annotated[str | None, typer.Option(help="Only dead jobs of this queue.")] = None,
+    task: Annotated[str | None, typer.Option(help="Only dead jobs of this task.")] = None,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Every dead job (of a queue, of a task) back to queued, due now."""
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> list[int]:
+        return await admin.retry_dead_jobs(conn, queue=queue, task=task)
+
+    retried = _in_transaction(dsn, call)
+    if as_json:
+        _print_json({"retried": retried})
+        return
+    what = " ".join(
+        part
+        for part in (
+            f"of queue {queue}" if queue else "",
+            f"of task {task}" if task else "",
+        )
+        if part
+    )
+    noun = "job" if len(retried) == 1 else "jobs"
+    _stdout().print(f"retried {len(retried)} dead {noun}{' ' + what if what else ''}")
+    if retried:
+        _stdout().print("ids: " + ", ".join(str(job_id) for job_id in retried))
+
+
+# ---------------------------------------------------------------------------------------------
+# queues, prune
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def queues(
+    window: Annotated[
+        str, typer.Option(help="Count jobs finished within this long (e.g. 5m, 1h).")
+    ] = "5m",
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Per queue: jobs by state, due now, age of the oldest due job, finished recently."""
+    window_seconds = _duration(window, "--window", positive=True).total_seconds()
+    dsn = _database_url(database_url)
+
+    async def call(conn: AsyncConnection) -> list[admin.QueueStats]:
+        return await admin.queue_stats(conn, window_seconds=window_seconds)
+
+    stats = _in_transaction(dsn, call)
+    if as_json:
+        _print_json(
+            {"queues": [entry.as_dict() for entry in stats], "window_seconds": window_seconds}
+        )
+        return
+    console = _stdout()
+    if not stats:
+        console.print("no jobs in any queue")
+        return
+    table = Table(
+        header_style="bold",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        caption=f"(+N): finished within the last {window}",
+        caption_justify="left",
+    )
+    for column in ("QUEUE", "QUEUED", "DUE", "RUNNING", "OLDEST DUE", *admin.FINISHED):
+        table.add_column(column.upper(), justify="left" if column == "QUEUE" else "right")
+    for entry in stats:
+        table.add_row(
+            entry.queue,
+            str(entry.depth.get(JobState.QUEUED, 0)),
+            str(entry.due),
+            str(entry.depth.get(JobState.RUNNING, 0)),
+            _age(entry.oldest_due_seconds),
+            *(
+                f"{entry.depth.get(state, 0)} (+{entry.finished_recently.get(state, 0)})"
+                for state in admin.FINISHED
+            ),
+        )
+    console.print(table)
+
+
+def _finished_states(value: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not names:
+        raise typer.BadParameter("give at least one state", param_hint="--state")
+    for name in names:
+        if name not in admin.FINISHED:
+            raise typer.BadParameter(
+                f"only finished jobs can be pruned ({', '.join(admin.FINISHED)}), not {name!r}",
+                param_hint="--state",
+            )
+    return names
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str,
+        typer.Option(help="Delete jobs that finished longer ago than this (e.g. 7d, 12h, 30m)."),
+    ],
+    state: Annotated[
+        str, typer.Option(help="Comma-separated finished states to prune.")
+    ] = "succeeded,dead,cancelled",
+    batch: Annotated[int, typer.Option(min=1, max=100_000, help="Rows per transaction.")] = 1000,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Delete finished jobs older than a duration, a batch per transaction."""
+    age = _duration(older_than, "--older-than")
+    states = _finished_states(state)
+    dsn = _database_url(database_url)
+
+    if as_json:
+
+        async def quiet(engine: AsyncEngine) -> int:
+            return await admin.prune_finished(
+                engine, older_than=age, states=states, batch=batch, progress=None
+            )
+
+        deleted = _with_engine(dsn, quiet)
+        _print_json(
+            {
+                "deleted": deleted,
+                "older_than_seconds": age.total_seconds(),
+                "states": list(states),
+            }
+        )
+        return
+
+    # The bar goes to stderr, so stdout keeps only the summary.
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("pruning {task.fields[states]}"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} deleted"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True, markup=False, highlight=False),
+        transient=False,
+    )
+
+    async def with_bar(engine: AsyncEngine) -> int:
+        # Connect before drawing the bar: an unreachable database is then one error line.
+        async with engine.connect():
+            pass
+        with progress:
+            bar = progress.add_task("prune", total=None, states=",".join(states))
+
+            def advance(deleted: int) -> None:
+                progress.advance(bar, deleted)
+
+            total = await admin.prune_finished(
+                engine, older_than=age, states=states, batch=batch, progress=advance
+            )
+            progress.update(bar, total=max(total, 1), completed=max(total, 1))
+            return total
+
+    deleted = _with_engine(dsn, with_bar)
+    noun = "job" if deleted == 1 else "jobs"
+    _stdout().print(
+        f"deleted {deleted} finished {noun} ({', '.join(states)}) older than {older_than}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# health
+# ---------------------------------------------------------------------------------------------
+
+
+def expected_heads(ini: Path) -> list[str] | None:
+    """The migration heads of the Alembic scripts that ``ini`` names; None without the file."""
+    if not ini.is_file():
+        return None
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    try:
+        return sorted(ScriptDirectory.from_config(Config(str(ini))).get_heads())
+    except Exception as exc:
+        raise ConfigError(f"cannot read the migrations of {ini}: {_one_line(exc)}") from exc
+
+
+def _current_heads(sync_conn: Connection) -> list[str]:
+    from alembic.runtime.migration import MigrationContext
+
+    return sorted(MigrationContext.configure(sync_conn).get_current_heads())
+
+
+async def _health(
+    engine: AsyncEngine, dsn: str, *, within: float, heads: list[str] | None, ini: Path
+) -> dict[str, Any]:
+    database: dict[str, Any] = {"status": "ok", "at": _where(dsn)}
+    schema: dict[str, Any] = {"status": "unknown", "current": None, "expected": heads}
+    workers: dict[str, Any] = {"status": "unknown", "alive": 0, "within_seconds": within}
+    try:
+        async with engine.connect() as conn:
+            current = await conn.run_sync(_current_heads)
+            schema["current"] = current
+            if heads is None:
+                schema["detail"] = f"no {ini} to compare with"
+            elif current == heads:
+                schema["status"] = "ok"
+            else:
+                schema["status"] = "failing"
+                schema["detail"] = f"database at {current or 'no revision'}, scripts at {heads}"
+            try:
+                alive = await admin.workers_alive(conn, within_seconds=within)
+            except Exception as exc:
+                if not isinstance(database_error(exc, dsn), ConfigError):
+                    raise
+                workers["detail"] = "no outbox_workers table: run `alembic upgrade head`"
+                workers["status"] = "failing"
+            else:
+                workers["alive"] = len(alive)
+                workers["workers"] = [
+                    {"id": w.id, "queues": w.queues, "last_seen_at": w.last_seen_at} for w in alive
+                ]
+                workers["status"] = "ok" if alive else "failing"
+                if not alive:
+                    workers["detail"] = f"no worker heartbeat within {within:g}s"
+    except Exception as exc:
+        error = database_error(exc, dsn)
+        if not isinstance(error, DatabaseUnavailable):
+            raise
+        database = {"status": "failing", "at": _where(dsn), "detail": str(error)}
+    healthy = (
+        database["status"] == "ok" and schema["status"] != "failing" and workers["status"] == "ok"
+    )
+    return {
+        "status": "healthy" if healthy else "unhealthy",
+        "checks": {"database": database, "schema": schema, "workers": workers},
+    }
+
+
+@app.command()
+def health(
+    within: Annotated[
+        str, typer.Option(help="A worker counts as alive if its heartbeat is this recent.")
+    ] = "60s",
+    alembic_ini: Annotated[
+        Path,
+        typer.Option(
+            help="The project's alembic.ini, to compare the schema with its migration heads "
+            "(schema is 'unknown' when the file is not there)."
+        ),
+    ] = Path("alembic.ini"),
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Database reachable, schema at the migration head, a worker heartbeat seen recently.
+    Exits 0 when healthy, 1 when not."""
+    within_seconds = _duration(within, "--within", positive=True).total_seconds()
+    heads = expected_heads(alembic_ini)
+    dsn = _database_url(database_url)
+
+    async def work(engine: AsyncEngine) -> dict[str, Any]:
+        return await _health(engine, dsn, within=within_seconds, heads=heads, ini=alembic_ini)
+
+    report = _with_engine(dsn, work)
+    if as_json:
+        _print_json(report)
+    else:
+        _print_health(report)
+    if report["status"] != "healthy":
+        raise typer.Exit(1)
+
+
+def _print_health(report: dict[str, Any]) -> None:
+    console = _stdout()
+    checks = report["checks"]
+    styles = {"ok": "green", "failing": "bold red", "unknown": "yellow"}
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    database = checks["database"]
+    table.add_row(
+        "database",
+        Text(database["status"], style=styles[database["status"]]),
+        database.get("detail", database["at"]),
+    )
+    schema = checks["schema"]
+    if schema["status"] == "ok":
+        schema_detail = f"at {', '.join(schema['current'])}"
+    else:
+        schema_detail = schema.get("detail", "")
+        if schema["current"] is not None and schema["status"] == "unknown":
+            schema_detail += f" (database at {', '.join(schema['current']) or 'no revision'})"
+    table.add_row("schema", Text(schema["status"], style=styles[schema["status"]]), schema_detail)
+    workers = checks["workers"]
+    if workers["status"] == "ok":
+        ids = ", ".join(worker["id"] for worker in workers["workers"])
+        workers_detail = f"{workers['alive']} alive within {workers['within_seconds']:g}s: {ids}"
+    else:
+        workers_detail = workers.get("detail", "not checked")
+    table.add_row(
+        "workers", Text(workers["status"], style=styles[workers["status"]]), workers_detail
+    )
+    console.print(table)
+    status = report["status"]
+    console.print(Text(status, style="bold green" if status == "healthy" else "bold red"))
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: one-line errors, exit 2 for usage, 1 for the rest."""
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="outbox-worker", standalone_mode=False)
+        code = command.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="outbox-worker",
+            standalone_mode=False,
+        )
     except typer.Exit as exc:
         raise SystemExit(exc.exit_code) from None
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         raise SystemExit(130) from None
     except TyperException as exc:  # usage errors: bad flags, missing arguments
-        print(f"outbox-worker: error: {exc.format_message()}", file=sys.stderr)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, unprefixed
+            print(exc.format_message(), file=sys.stderr)
+        else:
+            print(f"outbox-worker: error: {_one_line(exc.format_message())}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except OutboxError as exc:
-        print(f"outbox-worker: error: {exc}", file=sys.stderr)
+        print(f"outbox-worker: error: {_one_line(exc)}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
     raise SystemExit(code if isinstance(code, int) else 0)

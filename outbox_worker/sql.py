@@ -145,15 +145,20 @@ RETURNING j.id
 
 # $1 ids bigint[], $2 attempts int[], $3 errors text[], $4 retry delays float8[] (seconds),
 # $5 give up now bool[] (unknown task, poison args), $6 worker id.
-# Fenced like JOB_COMPLETE_MANY. Out of attempts (by the row's own max_attempts, which an
-# operator may have changed) or giving up: dead; otherwise queued again after the delay.
+# Fenced like JOB_COMPLETE_MANY. A job an operator asked to cancel ends cancelled (the failure
+# beat the worker's next heartbeat). Out of attempts (by the row's own max_attempts, which
+# an operator may have changed) or giving up: dead; otherwise queued again after the delay.
 # Index: primary key.
 JOB_FAIL_MANY = """
 UPDATE outbox_jobs AS j
-SET state = CASE WHEN f.give_up OR j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
-    run_at = CASE WHEN f.give_up OR j.attempts >= j.max_attempts THEN j.run_at
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN f.give_up OR j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
+    run_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                    OR f.give_up OR j.attempts >= j.max_attempts THEN j.run_at
                   ELSE now() + make_interval(secs => f.delay) END,
-    finished_at = CASE WHEN f.give_up OR j.attempts >= j.max_attempts THEN now() END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR f.give_up OR j.attempts >= j.max_attempts THEN now() END,
     last_error = f.error,
     locked_by = NULL,
     locked_until = NULL
@@ -165,13 +170,16 @@ RETURNING j.id, j.state
 """
 
 # $1 ids bigint[], $2 attempts int[], $3 worker id. On shutdown, hands unfinished jobs back
-# for an immediate retry elsewhere; the interrupted attempt is not counted. Fenced.
+# for an immediate retry elsewhere; the interrupted attempt is not counted. A job whose
+# cancel was requested ends cancelled instead. Fenced.
 # Index: primary key.
 JOB_RELEASE_MANY = """
 UPDATE outbox_jobs AS j
-SET state = 'queued',
-    attempts = j.attempts - 1,
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'queued' END,
+    attempts = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.attempts
+                    ELSE j.attempts - 1 END,
     run_at = now(),
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() END,
     locked_by = NULL,
     locked_until = NULL
 FROM unnest($1::bigint[], $2::integer[]) AS r(id, attempt)
@@ -217,7 +225,8 @@ RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 """
 
 # $1 how many at most. Jobs whose lease expired belong to a worker that died or stalled:
-# back to queued at once, or dead when that was their last attempt (rule 1). Safe to run
+# back to queued at once, or dead when that was their last attempt (rule 1), or cancelled
+# when an operator asked for that meanwhile. Safe to run
 # from every worker at once (SKIP LOCKED). Index: outbox_jobs_running_idx.
 JOB_RESCUE_EXPIRED = """
 WITH expired AS MATERIALIZED (
@@ -229,9 +238,12 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE outbox_jobs AS j
-SET state = CASE WHEN j.attempts >= j.max_attempts THEN 'dead' ELSE 'queued' END,
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
     run_at = now(),
-    finished_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.attempts >= j.max_attempts THEN now() END,
     last_error = format('lease expired: worker %s stopped renewing it (attempt %s of %s)',
                         j.locked_by, j.attempts, j.max_attempts),
     locked_by = NULL,
@@ -388,6 +400,7 @@ UPDATE outbox_jobs AS j
 SET state = 'queued',
     run_at = now(),
     finished_at = NULL,
+    cancel_requested_at = NULL,
     max_attempts = GREATEST(j.max_attempts, j.attempts + 1)
 FROM chosen
 WHERE j.id = chosen.id
@@ -436,3 +449,6 @@ FROM outbox_workers
 WHERE last_seen_at > now() - make_interval(secs => CAST(:seconds AS float8))
 ORDER BY id
 """
+
+# $1 seconds: WORKERS_ALIVE for the worker's own gauges (asyncpg).
+WORKERS_ALIVE_PG = positional(WORKERS_ALIVE, "seconds")

@@ -310,6 +310,14 @@ class Worker:
             try:
                 rows = await db.fetch(pool, "gauges", sql.QUEUE_ACTIVE_STATS, give_up_after=5.0)
                 metrics.refresh_queue_gauges(rows)
+                alive = await db.fetch(
+                    pool,
+                    "gauges",
+                    sql.WORKERS_ALIVE_PG,
+                    self.options.lease_seconds * 2,
+                    give_up_after=5.0,
+                )
+                metrics.WORKERS_ALIVE.set(len(alive))
             except Exception as exc:
                 if not db.is_transient(exc):
                     raise

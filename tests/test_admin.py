@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox_worker import QueueFull, enqueue
+from outbox_worker import QueueFull, enqueue, sql
 from outbox_worker.enqueue import _backpressure
 from outbox_worker.web.auth import COOKIE, cookie_value
 from tests.conftest import WorkerProcess, wait_until
@@ -321,3 +321,33 @@ async def test_json_routes_take_the_bearer_token_not_the_dashboard_cookie(
     response = await client.post(f"/jobs/{job_id}/cancel")
     assert response.status_code == 401
     assert await pool.fetchval("SELECT state FROM outbox_jobs WHERE id = $1", job_id) == "queued"
+
+
+@pytest.mark.parametrize("leaves_by", ["fail", "release", "rescue"])
+async def test_a_requested_cancel_wins_however_the_attempt_ends(
+    pool: asyncpg.Pool, leaves_by: str
+) -> None:
+    job_id = await insert_job(pool, "echo")
+    [claimed] = await pool.fetch(sql.JOB_CLAIM, ["default"], 1, "w1", 30.0)
+    await pool.execute("UPDATE outbox_jobs SET cancel_requested_at = now() WHERE id = $1", job_id)
+    if leaves_by == "fail":
+        await pool.fetch(sql.JOB_FAIL_MANY, [job_id], [1], ["boom"], [0.0], [False], "w1")
+    elif leaves_by == "release":
+        await pool.fetch(sql.JOB_RELEASE_MANY, [job_id], [1], "w1")
+    else:
+        await pool.execute("UPDATE outbox_jobs SET locked_until = now() - interval '1 second'")
+        await pool.fetch(sql.JOB_RESCUE_EXPIRED, 10)
+    row = await pool.fetchrow("SELECT state, finished_at, locked_by FROM outbox_jobs")
+    assert claimed["id"] == job_id
+    assert row["state"] == "cancelled"
+    assert row["finished_at"] is not None
+    assert row["locked_by"] is None
+
+
+async def test_retry_of_dead_jobs_forgets_an_old_cancel_request(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    job_id = await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
+    await pool.execute("UPDATE outbox_jobs SET cancel_requested_at = now()")
+    assert (await client.post("/jobs/retry-dead", headers=AUTH)).json()["retried"] == [job_id]
+    assert await pool.fetchval("SELECT cancel_requested_at FROM outbox_jobs") is None
