@@ -21,8 +21,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two pytest processes, each with its own PostgreSQL: most of the suite waits on processes
+# and the database, so this halves the wall time on two cores.
 pytest: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2
 
 test: lint typecheck pytest
 
@@ -31,3 +33,20 @@ clean:
 
 run: $(STAMP)
 	$(BIN)/python -m app.dev
+
+# The benchmark suite against pgqueuer, procrastinate and a raw-SQL baseline (bench/README.md):
+# `make bench` (full) or `make bench BENCH_ARGS=--quick` (about 2 minutes).
+.PHONY: bench
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The soak (issue 5): steady enqueueing through HTTP, Python and SQL while workers are
+# killed and stopped, PostgreSQL restarted and connections killed; then every invariant is
+# checked and a table printed. Not part of `make test`. A few minutes by default:
+# `make soak SOAK_ARGS="--minutes 20 --rate 110"` for the long run.
+.PHONY: soak
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)

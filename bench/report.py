@@ -1,0 +1,262 @@
+"""The table: medians with their spread, ratios to the best peer and to the raw baseline,
+and every target of issue 6 with its ratio, met or missed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench.context import Context
+from bench.measure import Sample
+
+PGOUTBOX = "pgoutbox"
+RAW = "raw SQL"
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    title: str
+    higher_is_better: bool
+    compare: bool = True  # has a figure for the peers too
+
+
+ROWS = (
+    Row("processing_1", "processing, 1 worker process (jobs/s)", True),
+    Row("processing_2", "processing, 2 worker processes (jobs/s)", True),
+    Row("startup_1", "worker start-up, spawn to ready (s)", False),
+    Row("lat_p50", "idle latency p50 (ms)", False),
+    Row("lat_p95", "idle latency p95 (ms)", False),
+    Row("lat_p99", "idle latency p99 (ms)", False),
+    Row("lat_max", "idle latency max (ms)", False),
+    Row("enqueue_single", "enqueue, one transaction per job (jobs/s)", True),
+    Row("enqueue_batch", "enqueue, batch API, 1,000 per call (jobs/s)", True),
+    Row("rss", "worker peak RSS while processing, 1 worker (MB)", False),
+    Row("processing_4", "processing, 4 worker processes (jobs/s)", True, compare=False),
+    Row("growth_empty", "cost growth: 1 worker, empty table (jobs/s)", True, compare=False),
+    Row("growth_big", "cost growth: 1 worker, table with history (jobs/s)", True, compare=False),
+    Row("http_job_rps", "POST /reports with its job (requests/s)", True, compare=False),
+    Row("http_job_p99", "POST /reports with its job, p99 (ms)", False, compare=False),
+    Row("http_nojob_rps", "insert-only route, no job (requests/s)", True, compare=False),
+    Row("http_nojob_p99", "insert-only route, no job, p99 (ms)", False, compare=False),
+)
+
+
+def number(value: float) -> str:
+    if math.isnan(value):
+        return "—"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def cell(sample: Sample | None) -> str:
+    if not sample:
+        return ""
+    if len(sample.values) == 1:
+        return number(sample.median)
+    return f"{number(sample.median)} [{number(sample.low)}–{number(sample.high)}]"
+
+
+@dataclass(frozen=True)
+class Target:
+    row: str
+    text: str
+    # (ratio, limit, "at least"/"at most") from the results, or None when not measured.
+    ratio: Callable[[Context], float | None]
+    limit: float
+    at_least: bool
+
+
+def median(ctx: Context, row: str, column: str) -> float | None:
+    sample = ctx.results.get((row, column))
+    return sample.median if sample else None
+
+
+def peers(ctx: Context) -> list[str]:
+    return [v.label for v in ctx.variants if v.label not in (PGOUTBOX, RAW)]
+
+
+def best_peer(ctx: Context, row: str, higher: bool, among: list[str] | None = None) -> float | None:
+    values = [median(ctx, row, p) for p in (among if among is not None else peers(ctx))]
+    found = [v for v in values if v is not None and not math.isnan(v)]
+    if not found:
+        return None
+    return max(found) if higher else min(found)
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def pgqueuer_labels(ctx: Context) -> list[str]:
+    return [v.label for v in ctx.variants if v.system == "pgqueuer"]
+
+
+TARGETS = (
+    Target(
+        "processing_1",
+        "≥ 1.5× pgqueuer's best setting",
+        lambda c: ratio(
+            median(c, "processing_1", PGOUTBOX),
+            best_peer(c, "processing_1", True, pgqueuer_labels(c)),
+        ),
+        1.5,
+        True,
+    ),
+    Target(
+        "processing_1",
+        "≥ 0.4× raw",
+        lambda c: ratio(median(c, "processing_1", PGOUTBOX), median(c, "processing_1", RAW)),
+        0.4,
+        True,
+    ),
+    Target(
+        "lat_p50",
+        "p50 ≤ pgqueuer's p50",
+        lambda c: ratio(
+            median(c, "lat_p50", PGOUTBOX), best_peer(c, "lat_p50", False, pgqueuer_labels(c))
+        ),
+        1.0,
+        False,
+    ),
+    Target(
+        "lat_p50",
+        "p50 ≤ 1.5× raw's p50",
+        lambda c: ratio(median(c, "lat_p50", PGOUTBOX), median(c, "lat_p50", RAW)),
+        1.5,
+        False,
+    ),
+    Target(
+        "lat_p99",
+        "p99 ≤ 2× its own p50",
+        lambda c: ratio(median(c, "lat_p99", PGOUTBOX), median(c, "lat_p50", PGOUTBOX)),
+        2.0,
+        False,
+    ),
+    Target(
+        "enqueue_single",
+        "≥ 1.0× pgqueuer",
+        lambda c: ratio(
+            median(c, "enqueue_single", PGOUTBOX),
+            best_peer(c, "enqueue_single", True, pgqueuer_labels(c)),
+        ),
+        1.0,
+        True,
+    ),
+    Target(
+        "enqueue_batch",
+        "≥ 1.0× pgqueuer's batch",
+        lambda c: ratio(
+            median(c, "enqueue_batch", PGOUTBOX),
+            best_peer(c, "enqueue_batch", True, pgqueuer_labels(c)),
+        ),
+        1.0,
+        True,
+    ),
+    Target(
+        "growth_big",
+        "≥ 0.9× the empty table",
+        lambda c: ratio(median(c, "growth_big", PGOUTBOX), median(c, "growth_empty", PGOUTBOX)),
+        0.9,
+        True,
+    ),
+    Target(
+        "http_job_rps",
+        "≥ 0.8× the no-job route",
+        lambda c: ratio(median(c, "http_job_rps", PGOUTBOX), median(c, "http_nojob_rps", PGOUTBOX)),
+        0.8,
+        True,
+    ),
+    Target(
+        "rss",
+        "≤ 100 MB at concurrency 100",
+        lambda c: median(c, "rss", PGOUTBOX),
+        100.0,
+        False,
+    ),
+)
+
+
+def verdict(ctx: Context, target: Target) -> tuple[float | None, str]:
+    value = target.ratio(ctx)
+    if value is None:
+        return None, "not measured"
+    met = value >= target.limit if target.at_least else value <= target.limit
+    return value, "met" if met else "MISSED"
+
+
+def target_cells(ctx: Context, row: str) -> str:
+    parts = []
+    for target in TARGETS:
+        if target.row != row:
+            continue
+        value, word = verdict(ctx, target)
+        unit = " MB" if target.row == "rss" else "×"
+        shown = "—" if value is None else f"{value:.2f}{unit}"
+        parts.append(f"{target.text}: {shown} {word}")
+    return "; ".join(parts)
+
+
+def table(ctx: Context) -> str:
+    columns = [v.label for v in ctx.variants]
+    head = ["measurement", *columns, "pgoutbox / best peer", "pgoutbox / raw", "target"]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + " |",
+    ]
+    for row in ROWS:
+        if not any(key[0] == row.key for key in ctx.results):
+            continue
+        cells = [cell(ctx.results.get((row.key, c))) for c in columns]
+        own = median(ctx, row.key, PGOUTBOX)
+        vs_peer = ratio(own, best_peer(ctx, row.key, row.higher_is_better)) if row.compare else None
+        vs_raw = ratio(own, median(ctx, row.key, RAW)) if row.compare else None
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.title,
+                    *cells,
+                    "" if vs_peer is None else f"{vs_peer:.2f}×",
+                    "" if vs_raw is None else f"{vs_raw:.2f}×",
+                    target_cells(ctx, row.key),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def summary(ctx: Context) -> str:
+    lines = []
+    for target in TARGETS:
+        value, word = verdict(ctx, target)
+        unit = " MB" if target.row == "rss" else "×"
+        shown = "not measured" if value is None else f"{value:.2f}{unit}"
+        lines.append(f"- {target.row}: {target.text} — {shown}: {word}")
+    return "\n".join(lines)
+
+
+def render(ctx: Context, header: str) -> str:
+    parts = [
+        header,
+        "",
+        "Medians of the repetitions, [min–max] across them; ratios are of medians. "
+        "For latency, RSS and p99 rows lower is better, so a ratio below 1 is pgoutbox ahead.",
+        "",
+        table(ctx),
+        "",
+        "Targets (issue 6):",
+        summary(ctx),
+    ]
+    if ctx.notes:
+        parts += ["", "Notes:", *(f"- {note}" for note in ctx.notes)]
+    return "\n".join(parts)

@@ -1,0 +1,90 @@
+"""The outbox's cost on the request path: ``POST /reports`` (report row + its job, one
+transaction) against ``POST /reports-no-job`` (the report row only), each under the same
+closed-loop load on loopback, against a fresh uvicorn process on a fresh database."""
+
+from __future__ import annotations
+
+import socket
+
+from bench.context import Context
+from bench.measure import BenchError
+from bench.systems import load
+
+ROUTES = (("job", "/reports"), ("nojob", "/reports-no-job"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def run_once(ctx: Context, which: str, path: str) -> None:
+    cfg = ctx.config
+    template = await ctx.template(load("pgoutbox"))
+    async with ctx.fresh(template) as url:
+        port = free_port()
+        server = ctx.child(
+            [
+                "-m",
+                "uvicorn",
+                "bench.webapp:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-access-log",
+            ],
+            {"DATABASE_URL": url},
+            tag=f"uvicorn-{which}",
+        )
+        server.start()
+        try:
+            await server.wait_for(
+                lambda c: "Application startup complete" in c.output(), 60, "uvicorn ready"
+            )
+            client = ctx.child(
+                [
+                    "-m",
+                    "bench.loadgen",
+                    "--port",
+                    str(port),
+                    "--path",
+                    path,
+                    "--concurrency",
+                    str(cfg.http_concurrency),
+                    "--seconds",
+                    str(cfg.http_seconds),
+                    "--warmup",
+                    str(cfg.http_warmup),
+                ],
+                tag=f"loadgen-{which}",
+            )
+            client.start()
+            await client.wait_ok(60 + cfg.http_seconds + cfg.http_warmup)
+        finally:
+            server.terminate()
+            try:
+                await server.wait(30)
+            except BenchError:
+                server.kill()
+    answers = [e for e in client.events() if e.get("event") == "load"]
+    if not answers:
+        raise BenchError(f"no result from the load generator:\n{client.output()[-2000:]}")
+    result = answers[0]
+    if result["errors"] or not result["requests"]:
+        raise BenchError(
+            f"{path}: {result['errors']} failed requests (first: {result['first_error']})"
+        )
+    ctx.record(f"http_{which}_rps", "pgoutbox", float(result["rps"]))
+    ctx.record(f"http_{which}_p99", "pgoutbox", float(result["p99_ms"]))
+    ctx.say(f"requests   {path:<20} {result['rps']:,.0f} requests/s, p99 {result['p99_ms']:.1f} ms")
+
+
+async def run(ctx: Context) -> None:
+    if not any(v.system == "pgoutbox" for v in ctx.variants):
+        return
+    for turn in range(ctx.config.repeat):
+        for which, path in ROUTES if turn % 2 == 0 else ROUTES[::-1]:
+            await run_once(ctx, which, path)

@@ -1,0 +1,41 @@
+"""A tiny run of the benchmark suite (pgoutbox and the raw baseline, 200 jobs, one repetition):
+the bench code works end to end. No timing is asserted; figures on a shared machine mean
+nothing at this size. Peers are not needed: they are imported only when measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.config import SECTIONS, configure
+from bench.report import TARGETS, render
+from bench.run import run_suite
+from outbox_worker.devdb import PostgresServer
+
+
+def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) -> None:
+    config = configure("smoke", ("pgoutbox", "raw"), SECTIONS)
+    assert config.jobs == 200
+    assert config.repeat == 1
+
+    ctx = run_suite(config, tmp_path, server=pg_server, verbose=False)
+
+    # Every drain checks that all its jobs finished and none is left; a failure lands here.
+    assert ctx.failures == []
+    assert [v.label for v in ctx.variants] == ["pgoutbox", "raw SQL"]
+    measured = {key for key, sample in ctx.results.items() if sample.values}
+    for row in ("processing_1", "processing_2", "startup_1", "rss", "enqueue_single"):
+        for column in ("pgoutbox", "raw SQL"):
+            assert (row, column) in measured, (row, column)
+    for row in ("lat_p50", "lat_p99", "enqueue_batch"):
+        assert (row, "pgoutbox") in measured
+        assert (row, "raw SQL") in measured
+    for row in ("growth_empty", "growth_big", "http_job_rps", "http_nojob_rps"):
+        assert (row, "pgoutbox") in measured, row
+    for (row, column), sample in ctx.results.items():
+        assert all(value > 0 for value in sample.values), (row, column, sample.values)
+    assert ctx.results[("processing_1", "pgoutbox")].values[0] > 0
+
+    text = render(ctx, "smoke")
+    assert "| processing, 1 worker process (jobs/s) |" in text
+    assert "| POST /reports with its job (requests/s) |" in text
+    assert text.count("\n- ") >= len(TARGETS)
