@@ -34,7 +34,7 @@ from outbox_worker.errors import (
 )
 from outbox_worker.jobs import Job
 from outbox_worker.names import NAME_PATTERN, is_valid_name
-from outbox_worker.registry import Registry
+from outbox_worker.registry import Registry, TaskSpec
 
 Executor = AsyncSession | AsyncConnection
 
@@ -44,6 +44,14 @@ MAX_KEY_LENGTH = 512
 MAX_CORRELATION_ID_LENGTH = 255
 # A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+# Built once: text() parses its bind parameters on construction.
+_JOB_INSERT = text(sql.JOB_INSERT)
+_JOB_INSERT_MANY = text(sql.JOB_INSERT_MANY)
+_JOB_GET_BY_KEY = text(sql.JOB_GET_BY_KEY)
+_JOB_GET_BY_KEYS = text(sql.JOB_GET_BY_KEYS)
+_QUEUE_DEPTH_UPTO = text(sql.QUEUE_DEPTH_UPTO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +103,7 @@ class Backpressure:
                 continue
             if self._full_until.get(queue, 0.0) <= now:
                 depth = (
-                    await session.execute(
-                        text(sql.QUEUE_DEPTH_UPTO), {"queue": queue, "limit": limit}
-                    )
+                    await session.execute(_QUEUE_DEPTH_UPTO, {"queue": queue, "limit": limit})
                 ).scalar_one()
                 cache = now + self.cache_seconds
                 if depth < limit:
@@ -143,13 +149,17 @@ def _encode_args(task: str, args: object, limit: int) -> str:
     return encoded
 
 
-def _row_params(job: NewJob, max_args_bytes: int) -> dict[str, Any]:
-    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
-    if not is_valid_name(job.task):
-        raise InvalidName(f"task name {job.task!r} must match {NAME_PATTERN}")
-    spec = Registry.find(job.task)
+def _find_task(task: str) -> TaskSpec:
+    if not is_valid_name(task):
+        raise InvalidName(f"task name {task!r} must match {NAME_PATTERN}")
+    spec = Registry.find(task)
     if spec is None:
-        raise UnknownTask(f"no registry in this process has a task named {job.task!r}")
+        raise UnknownTask(f"no registry in this process has a task named {task!r}")
+    return spec
+
+
+def _row_params(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> dict[str, Any]:
+    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
     queue = spec.queue if job.queue is None else job.queue
     if not is_valid_name(queue):
         raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
@@ -210,32 +220,34 @@ async def enqueue(
     existing job with ``duplicate=True``. Without ``correlation_id``, the current request's
     (or job's) id is used.
     """
+    job = NewJob(
+        task,
+        {} if args is None else args,
+        key,
+        queue,
+        priority,
+        max_attempts,
+        delay,
+        run_at,
+        correlation_id,
+    )
     params = _row_params(
-        NewJob(
-            task,
-            {} if args is None else args,
-            key,
-            queue,
-            priority,
-            max_attempts,
-            delay,
-            run_at,
-            correlation_id,
-        ),
+        job,
         _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
+        _find_task(task),
     )
     await _backpressure().check(session, {params["queue"]})
     # A conflict makes the insert return nothing; the row it met is then read back. If that
     # row is gone by then (pruned in between), inserting again is the right answer.
     for _ in range(3):
-        row = (await session.execute(text(sql.JOB_INSERT), params)).mappings().first()
+        row = (await session.execute(_JOB_INSERT, params)).mappings().first()
         if row is not None:
             metrics.ENQUEUED.labels(row["task"], row["queue"]).inc()
             return Job.from_row(row)
         existing = (
             (
                 await session.execute(
-                    text(sql.JOB_GET_BY_KEY), {"task": task, "dedupe_key": params["dedupe_key"]}
+                    _JOB_GET_BY_KEY, {"task": task, "dedupe_key": params["dedupe_key"]}
                 )
             )
             .mappings()
@@ -258,7 +270,11 @@ async def enqueue_many(
     between jobs of the same call: the first wins and the later ones come back as duplicates.
     """
     limit = _default_max_args_bytes() if max_args_bytes is None else max_args_bytes
-    rows = [_row_params(job, limit) for job in jobs]
+    specs: dict[str, TaskSpec] = {}
+    for job in jobs:
+        if job.task not in specs:
+            specs[job.task] = _find_task(job.task)
+    rows = [_row_params(job, limit, specs[job.task]) for job in jobs]
     if not rows:
         return []
     await _backpressure().check(session, {row["queue"] for row in rows})
@@ -274,8 +290,11 @@ async def enqueue_many(
         "correlation_ids": "correlation_id",
     }
     params = {array: [row[column] for row in rows] for array, column in columns.items()}
-    answer = (await session.execute(text(sql.JOB_INSERT_MANY), params)).mappings().all()
-    result: list[Job | None] = [None if r["id"] is None else Job.from_row(r) for r in answer]
+    answer = (await session.execute(_JOB_INSERT_MANY, params)).mappings().all()
+    result: list[Job | None] = [
+        None if r["id"] is None else Job.from_row(r, args=dict(job.args))
+        for r, job in zip(answer, jobs, strict=True)
+    ]
     written = collections.Counter((job.task, job.queue) for job in result if job is not None)
     for (task, queue), count in written.items():
         metrics.ENQUEUED.labels(task, queue).inc(count)
@@ -284,7 +303,7 @@ async def enqueue_many(
         found = (
             (
                 await session.execute(
-                    text(sql.JOB_GET_BY_KEYS),
+                    _JOB_GET_BY_KEYS,
                     {
                         "tasks": [rows[i]["task"] for i in missing],
                         "dedupe_keys": [rows[i]["dedupe_key"] for i in missing],

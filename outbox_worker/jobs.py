@@ -67,10 +67,17 @@ class Job:
     duplicate: bool = False
 
     @classmethod
-    def from_row(cls, row: Mapping[Any, Any], *, duplicate: bool = False) -> Job:
+    def from_row(
+        cls,
+        row: Mapping[Any, Any],
+        *,
+        duplicate: bool = False,
+        args: dict[str, Any] | None = None,
+    ) -> Job:
+        """``args``: the args the caller just wrote, to skip decoding them again."""
         values = {name: row[name] for name in JOB_COLUMNS}
         values["state"] = JobState(values["state"])
         # sql.JOB_SELECT_LIST hands JSON columns over as text so every driver path agrees.
-        values["args"] = json.loads(values["args"])
+        values["args"] = json.loads(values["args"]) if args is None else args
         values["result"] = None if values["result"] is None else json.loads(values["result"])
         return cls(**values, duplicate=duplicate)
