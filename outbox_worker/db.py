@@ -32,6 +32,9 @@ _TRANSIENT = (
     asyncpg.exceptions.OperatorInterventionError,  # 57P0x: shutdown, restart, terminated
     asyncpg.exceptions.TransactionRollbackError,  # 40001 serialisation, 40P01 deadlock
     asyncpg.exceptions.TooManyConnectionsError,
+    # A connection broken mid-operation (terminated backend, server restart) can fail its
+    # reset on release with this; the pool has dropped it, and the next try gets a new one.
+    asyncpg.exceptions.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,
