@@ -15,8 +15,10 @@ import asyncio
 import dataclasses
 import importlib
 import json
+import os
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -141,6 +143,24 @@ def _settings(**overrides: Any) -> WorkerSettings:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         raise ConfigError(f"invalid {where}: {first['msg']}") from exc
+
+
+def _abandon_stuck_threads(worker: Worker) -> None:
+    """Exit now if handlers left threads running (asyncio.to_thread past a timeout).
+
+    Every job's outcome is already written; the interpreter would otherwise wait for those
+    threads at exit, and a SIGTERM'd worker must not outlive its drain timeout by minutes.
+    """
+    stuck = [
+        thread
+        for thread in threading.enumerate()
+        if thread is not threading.current_thread() and not thread.daemon and thread.is_alive()
+    ]
+    if stuck:
+        worker.log.warning("handler_threads_abandoned", threads=[t.name for t in stuck])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _run_async(main: Callable[[], Coroutine[Any, Any, None]], use_uvloop: bool) -> None:
@@ -452,6 +472,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
+        _abandon_stuck_threads(worker)
 
     try:
         _run_async(main, settings.uvloop)

@@ -26,8 +26,8 @@ def encode_result(value: Any) -> str | None:
     if value is None:
         return None
     try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
         return None
 
 

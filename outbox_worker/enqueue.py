@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
@@ -122,7 +122,32 @@ def _text_option(name: str, value: str | None, limit: int) -> str | None:
         return None
     if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
         raise InvalidOption(f"{name} must be a string of 1 to {limit} characters without NUL")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidOption(f"{name} is not valid Unicode text: {exc}") from exc
     return value
+
+
+def _has_non_str_key(value: object) -> bool:
+    """json.dumps turns nested non-string keys into strings (and merges colliding ones)
+    without a word; refuse them instead. Iterative, so depth cannot overflow the stack."""
+    stack = [value]
+    seen: set[int] = set()  # a circular structure is json.dumps' to refuse, not a hang here
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    return True
+                if isinstance(child, dict | list | tuple):
+                    stack.append(child)
+        elif isinstance(item, list | tuple):
+            stack.extend(child for child in item if isinstance(child, dict | list | tuple))
+    return False
 
 
 def _int_option(name: str, value: int, low: int) -> int:
@@ -132,13 +157,15 @@ def _int_option(name: str, value: int, low: int) -> int:
 
 
 def _encode_args(task: str, args: object, limit: int) -> str:
-    if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
-        raise InvalidArgs(f"args of {task!r} must be a JSON object (a dict with str keys)")
+    if not isinstance(args, Mapping) or _has_non_str_key(dict(args)):
+        raise InvalidArgs(f"args of {task!r} must be a JSON object (dicts with str keys)")
     try:
         encoded = json.dumps(args, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
         data = encoded.encode()
     except UnicodeEncodeError as exc:
         raise InvalidArgs(f"args of {task!r} hold text that is not valid Unicode: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidArgs(f"args of {task!r} are nested too deeply") from exc
     except (TypeError, ValueError) as exc:
         raise InvalidArgs(f"args of {task!r} are not JSON: {exc}") from exc
     if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
@@ -165,18 +192,20 @@ def _row_params(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> dict[str, A
         raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
     if job.run_at is not None and job.delay is not None:
         raise InvalidOption("give delay or run_at, not both")
-    if job.run_at is not None and (
-        not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None
-    ):
-        raise InvalidOption("run_at must be a timezone-aware datetime")
+    if job.run_at is not None:
+        if not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None:
+            raise InvalidOption("run_at must be a timezone-aware datetime")
+        try:
+            job.run_at.astimezone(UTC)
+        except OverflowError as exc:
+            raise InvalidOption("run_at is out of range once converted to UTC") from exc
     delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay
     if delay is None:
         delay = 0.0
     if (
         isinstance(delay, bool)
         or not isinstance(delay, int | float)
-        or not math.isfinite(delay)
-        or not 0 <= delay <= MAX_DELAY_SECONDS
+        or not 0 <= delay <= MAX_DELAY_SECONDS  # also False for NaN; exact for huge ints
     ):
         raise InvalidOption(f"delay must be from 0 to {MAX_DELAY_SECONDS:.0f} seconds")
     return {

@@ -78,6 +78,8 @@ class Executor:
             args = json.loads(job.args)
         except ValueError as exc:
             return self._give_up(job, log, f"args are not valid JSON: {exc}")
+        except RecursionError:
+            return self._give_up(job, log, "args are nested too deeply to decode")
         if not isinstance(args, dict):
             return self._give_up(job, log, f"args must be a JSON object, got {type(args).__name__}")
         misfit = spec.check_args(args)

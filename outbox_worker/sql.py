@@ -75,7 +75,9 @@ j AS (
     SELECT id, queue, task, args::jsonb, priority, max_attempts,
            COALESCE(run_at, now() + make_interval(secs => delay)), dedupe_key, correlation_id
     FROM input
-    ORDER BY ord
+    -- Keyed rows in key order, so that two calls with the same keys in different orders
+    -- lock them in the same order and cannot deadlock.
+    ORDER BY task, dedupe_key, ord
     ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
     RETURNING *
 )

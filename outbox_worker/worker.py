@@ -22,11 +22,11 @@ import structlog
 from outbox_worker import db, metrics, sql
 from outbox_worker.backoff import retry_delay
 from outbox_worker.completer import Completer
-from outbox_worker.executor import Executor
+from outbox_worker.executor import Executor, describe_error
 from outbox_worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker.maintenance import Pruner, Rescuer
 from outbox_worker.notifier import Notifier
-from outbox_worker.outcomes import ClaimedJob, Outcome
+from outbox_worker.outcomes import ClaimedJob, Failed, Outcome
 from outbox_worker.registry import Registry
 
 
@@ -272,7 +272,15 @@ class Worker:
 
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         try:
-            outcome = await executor.run(job)
+            outcome: Outcome = await executor.run(job)
+        except Exception as exc:
+            # Executor.run catches what handlers raise; this is the worker's own failure on
+            # this job, which must still end in an outcome or the slot and lease are held
+            # forever.
+            self.log.exception("job_not_run", job_id=job.id)
+            outcome = Failed(
+                job.id, job.attempt, f"worker error: {describe_error(exc)}", self.options.retry_base
+            )
         finally:
             self._running.pop(job.id, None)
         completer.put(outcome)

@@ -127,3 +127,35 @@ async def chatty(ctx: JobContext, child: bool = False) -> None:
         await pool.execute(
             "INSERT INTO outbox_jobs (task, correlation_id) VALUES ('noop', $1)", ctx.correlation_id
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks of the fault-injection suite (tests/faults/) and of tests/test_hostile.py
+# ---------------------------------------------------------------------------------------------
+
+
+@registry.task()
+async def blocks_loop_once(ctx: JobContext, seconds: float) -> str:
+    """Blocks the event loop on its first attempt only, between a start and an end record."""
+    await record(ctx, "start")
+    if ctx.attempt == 1:
+        time.sleep(seconds)  # noqa: ASYNC251 -- blocking the event loop is the point
+    await record(ctx, "end")
+    return "unblocked"
+
+
+@registry.task(timeout=0.5, max_attempts=2)
+async def hangs_in_thread(ctx: JobContext, seconds: float) -> None:
+    """Hangs in a thread: the timeout cancels the await, the thread runs on regardless."""
+    await record(ctx)
+    await asyncio.to_thread(time.sleep, seconds)
+
+
+@registry.task()
+async def deep_result(ctx: JobContext, depth: int) -> list[Any]:
+    """Returns lists nested ``depth`` deep: too deep for json.dumps past ~1000."""
+    await record(ctx)
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value

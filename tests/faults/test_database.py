@@ -1,0 +1,166 @@
+"""Faults of the database side: PostgreSQL restarted in the middle of running jobs (fast and
+immediate shutdown), and the workers' connections, pooled and listening, killed again and
+again. Every committed job must still end, and the invariants must hold."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Literal
+
+import asyncpg
+import pytest
+
+from outbox_worker.devdb import PostgresServer
+from tests.conftest import WorkerProcess, wait_until
+from tests.faults.harness import (
+    busy_pids,
+    ensure_server_up,
+    fetch_retrying,
+    insert_jobs,
+    insert_sleepy,
+    settle,
+    stop_workers,
+    through_restarts,
+    with_application_name,
+)
+from tests.faults.invariants import check_invariants, log_events
+
+# Idempotent (dedupe keys), so that a batch retried after a commit whose answer was lost
+# cannot add rows: the enqueuer must know exactly which jobs were committed.
+ENQUEUE_BATCH = """
+INSERT INTO outbox_jobs (queue, task, args, dedupe_key)
+SELECT CASE WHEN g % 2 = 0 THEN 'slow' ELSE 'default' END,
+       CASE WHEN g % 2 = 0 THEN 'sleepy' ELSE 'echo' END,
+       CASE WHEN g % 2 = 0 THEN '{"seconds": 0.4}'::jsonb ELSE jsonb_build_object('n', g) END,
+       $1 || '-' || g
+FROM generate_series($2::int, $3::int) g
+ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+"""
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+async def test_postgres_restarted_twice_mid_run(
+    pg_server: PostgresServer,
+    database_url: str,
+    pool: asyncpg.Pool,
+    spawn_worker: Callable[..., WorkerProcess],
+    mode: Literal["fast", "immediate"],
+) -> None:
+    if not pg_server.can_restart:
+        pytest.skip("this PostgreSQL was given by URL and cannot be restarted from here")
+    # Down for longer than the lease in immediate mode: leases expire while it is away.
+    down = 0.3 if mode == "fast" else 2.0
+    flags = ("--lease-seconds", "1.5", "--poll-interval-seconds", "0.2", "--concurrency", "4")
+    workers = [spawn_worker(*flags) for _ in range(2)]
+    for worker in workers:
+        await worker.wait_for_log("worker_ready")
+    total, batch = 80, 5
+    enqueued = 0
+
+    async def enqueue_over_time() -> None:
+        nonlocal enqueued
+        for first in range(1, total + 1, batch):
+            await fetch_retrying(database_url, ENQUEUE_BATCH, mode, first, first + batch - 1)
+            enqueued = first + batch - 1
+            await asyncio.sleep(0.15)
+
+    async def mid_run() -> bool:
+        return bool(await through_restarts(pool, functools.partial(busy_pids, pool, "sleepy")))
+
+    enqueuer = asyncio.create_task(enqueue_over_time())
+    try:
+        for _ in range(2):
+            await wait_until(mid_run, timeout=30, what="handlers running")
+            await asyncio.to_thread(pg_server.restart, mode, down)
+        await asyncio.wait_for(enqueuer, timeout=60)
+    finally:
+        enqueuer.cancel()
+        with contextlib.suppress(BaseException):
+            await enqueuer
+        await ensure_server_up(pg_server)
+
+    assert enqueued == total
+    await through_restarts(pool, functools.partial(settle, pool, 60))
+    rows = await pool.fetch("SELECT id FROM outbox_jobs WHERE dedupe_key LIKE $1", f"{mode}-%")
+    assert len(rows) == total  # every batch committed exactly once: nothing lost, no extras
+    for worker in workers:
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert log_events(worker, "database_retry") or log_events(worker, "heartbeat_missed")
+        assert log_events(worker, "listener_lost")
+    await stop_workers(workers)
+    report = await check_invariants(pool, workers=workers, expected_ids=[r["id"] for r in rows])
+    assert report.states["succeeded"] + report.states["dead"] == total
+    # A job dies only of running out of attempts, with the cause written down.
+    for row in await pool.fetch(
+        "SELECT last_error, attempts FROM outbox_jobs WHERE state = 'dead'"
+    ):
+        assert row["attempts"] == 5, dict(row)
+
+
+async def _terminate(pool: asyncpg.Pool, names: list[str]) -> int:
+    killed: int = await pool.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = ANY($1::text[])",
+        names,
+    )
+    return killed
+
+
+async def _started_after(pool: asyncpg.Pool, job_id: int) -> timedelta | None:
+    value: timedelta | None = await pool.fetchval(
+        "SELECT min(e.at) - j.created_at FROM outbox_jobs j "
+        "JOIN test_executions e ON e.job_id = j.id WHERE j.id = $1 GROUP BY j.created_at",
+        job_id,
+    )
+    return value
+
+
+async def test_worker_and_listener_connections_killed_again_and_again(
+    database_url: str, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    env = {
+        "DATABASE_URL": with_application_name(database_url, "fault-pool"),
+        "OUTBOX_LISTEN_DATABASE_URL": with_application_name(database_url, "fault-listen"),
+    }
+    # Slow polling: wake-ups after the last kill can only come from a re-armed LISTEN.
+    flags = ("--lease-seconds", "1", "--poll-interval-seconds", "2", "--concurrency", "4")
+    workers = [spawn_worker(*flags, env=env) for _ in range(2)]
+    for worker in workers:
+        await worker.wait_for_log('"listening"')
+    expected: list[int] = []
+    targets = [["fault-listen"], ["fault-pool"], ["fault-pool", "fault-listen"]] * 2
+    for names in targets:
+        expected += await insert_sleepy(pool, 3, 0.3)
+        expected += await insert_jobs(pool, "echo", 3)
+        await asyncio.sleep(0.4)
+        assert await _terminate(pool, names) >= 1, names
+    await asyncio.sleep(0.5)
+
+    for worker in workers:
+
+        async def relistening(worker: WorkerProcess = worker) -> bool:
+            return len(log_events(worker, "listening")) >= 4  # re-armed after kills
+
+        await wait_until(relistening, timeout=20, what=f"worker {worker.pid} to listen again")
+    await settle(pool, timeout=60)
+    # Listening again: an idle worker is woken by NOTIFY, not by its 2 s poll.
+    for _ in range(3):
+        await asyncio.sleep(0.3)
+        [job_id] = await insert_jobs(pool, "echo", 1)
+        expected.append(job_id)
+        latency = await wait_until(
+            functools.partial(_started_after, pool, job_id), timeout=15, what="a fresh job"
+        )
+        assert latency < timedelta(seconds=0.5), f"job {job_id} started {latency} after insert"
+
+    for worker in workers:
+        assert worker.proc.poll() is None, worker.output()[-3000:]
+        assert log_events(worker, "listener_lost")
+    await stop_workers(workers)
+    report = await check_invariants(pool, workers=workers, expected_ids=expected)
+    assert report.states["succeeded"] + report.states["dead"] == len(expected)
+    assert set(report.repeats) <= {"failed", "lease_expired"}, report.repeats
