@@ -87,18 +87,28 @@ class JobContext:
         if self._transaction_used:
             raise OutboxError("ctx.transaction() completes the job, so it can be used only once")
         self._transaction_used = True
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield conn
-            done = await conn.fetch(
-                sql.JOB_COMPLETE_MANY,
-                [self.job_id],
-                [self.attempt],
-                [encode_result(self.result)],
-                self.worker_id,
-            )
-            if not done:
-                raise LeaseLost(
-                    f"job {self.job_id} attempt {self.attempt} is no longer held by "
-                    f"{self.worker_id}; its writes were rolled back"
+        conn = await self._pool.acquire()
+        try:
+            async with conn.transaction():
+                yield conn
+                done = await conn.fetch(
+                    sql.JOB_COMPLETE_MANY,
+                    [self.job_id],
+                    [self.attempt],
+                    [encode_result(self.result)],
+                    self.worker_id,
                 )
-        self.completed_in_transaction = True
+                if not done:
+                    raise LeaseLost(
+                        f"job {self.job_id} attempt {self.attempt} is no longer held by "
+                        f"{self.worker_id}; its writes were rolled back"
+                    )
+            # Committed: the job is done whatever happens to the connection from here on.
+            self.completed_in_transaction = True
+        finally:
+            try:
+                await self._pool.release(conn)
+            except Exception as exc:
+                if not self.completed_in_transaction:
+                    raise
+                self.log.warning("connection_release_failed_after_commit", error=str(exc))

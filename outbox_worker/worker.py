@@ -13,6 +13,7 @@ import functools
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -259,10 +260,23 @@ class Worker:
                     self.log.warning("orphans_released", jobs=[row["id"] for row in orphans])
                 self._claim_interrupted = False
             self._claim_interrupted = True
+            sent = time.monotonic()
             rows: list[asyncpg.Record] = await conn.fetch(
                 sql.JOB_CLAIM, self.queues, free, self.worker_id, self.options.lease_seconds
             )
             self._claim_interrupted = False
+            if rows and time.monotonic() - sent > self.options.lease_seconds / 2:
+                # The answer took longer than half a lease (a stalled process, a
+                # paused VM): the leases may have lapsed and the jobs run elsewhere by now.
+                # Hand them back unstarted; the fence makes that a no-op where it is so.
+                await conn.fetch(
+                    sql.JOB_RELEASE_MANY,
+                    [row["id"] for row in rows],
+                    [row["attempts"] for row in rows],
+                    self.worker_id,
+                )
+                self.log.warning("claim_too_late", jobs=[row["id"] for row in rows])
+                return []
             return rows
 
     def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
