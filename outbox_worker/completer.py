@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import structlog
@@ -41,12 +42,14 @@ class Completer:
         worker_id: str,
         on_written: Callable[[list[Outcome]], None],
         describe: Callable[[int], ClaimedJob | None],
+        complete: Callable[[Sequence[Succeeded]], Awaitable[list[asyncpg.Record]]],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
         self._on_written = on_written
         self._describe = describe
+        self._complete = complete
         self._log = log
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
         self.give_up_after: float | None = None
@@ -71,20 +74,11 @@ class Completer:
 
     async def _write(self, batch: list[Outcome]) -> None:
         # One fenced statement per kind; each takes (ids, attempts, *columns, worker id).
+        # Successes go last, so that the claim riding on their statement (see Claimer) finds
+        # every slot of this batch free.
         writes: list[
-            tuple[
-                str,
-                str,
-                list[Succeeded] | list[Failed] | list[Released] | list[Cancelled],
-                tuple[str, ...],
-            ]
+            tuple[str, str, list[Failed] | list[Released] | list[Cancelled], tuple[str, ...]]
         ] = [
-            (
-                "succeeded",
-                sql.JOB_COMPLETE_MANY,
-                [o for o in batch if isinstance(o, Succeeded)],
-                ("result",),
-            ),
             (
                 "failed",
                 sql.JOB_FAIL_MANY,
@@ -99,6 +93,7 @@ class Completer:
                 (),
             ),
         ]
+        succeeded = [o for o in batch if isinstance(o, Succeeded)]
         try:
             for what, statement, outcomes, columns in writes:
                 if not outcomes:
@@ -115,6 +110,14 @@ class Completer:
                 )
                 self._report_fenced(outcomes, rows, what)
                 self._count(what, rows)
+            if succeeded:
+                rows = await db.retrying(
+                    "succeeded",
+                    functools.partial(self._complete, succeeded),
+                    give_up_after=self.give_up_after,
+                )
+                self._report_fenced(succeeded, rows, "succeeded")
+                self._count("succeeded", rows)
         except Exception:
             # Only reachable when give_up_after is set (shutdown with the database gone):
             # the leases will expire and the rescuer of another worker takes the jobs back.

@@ -48,8 +48,20 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
 
 
-async def create_pool(dsn: str, *, size: int, prepared_statements: bool) -> asyncpg.Pool:
-    """A pool that is usable even when the server is not up yet: it connects lazily."""
+async def _end_open_transaction(conn: asyncpg.Connection) -> None:
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
+async def create_pool(
+    dsn: str, *, size: int, prepared_statements: bool, session_state: bool = True
+) -> asyncpg.Pool:
+    """A pool that is usable even when the server is not up yet: it connects lazily.
+
+    ``session_state=False`` is for the worker's own statements, which never SET, LISTEN or
+    take session locks: releasing a connection then costs no round trip, where asyncpg's
+    default reset sends one (``RESET ALL``, ``UNLISTEN *``, …) on every release.
+    """
     return await asyncpg.create_pool(
         dsn,
         min_size=0,
@@ -58,6 +70,7 @@ async def create_pool(dsn: str, *, size: int, prepared_statements: bool) -> asyn
         # PgBouncer in transaction mode (PRINCIPLES rule 14).
         statement_cache_size=1024 if prepared_statements else 0,
         max_inactive_connection_lifetime=300,
+        reset=None if session_state else _end_open_transaction,
     )
 
 

@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-from outbox_worker.names import NAME_PATTERN
+from outbox_worker.names import name_check
 
 metadata = MetaData()
 
@@ -53,8 +53,8 @@ outbox_jobs = Table(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
     ),
-    CheckConstraint(f"task ~ '{NAME_PATTERN}'", name="outbox_jobs_task_name_valid"),
-    CheckConstraint(f"queue ~ '{NAME_PATTERN}'", name="outbox_jobs_queue_name_valid"),
+    CheckConstraint(name_check("task"), name="outbox_jobs_task_name_valid"),
+    CheckConstraint(name_check("queue"), name="outbox_jobs_queue_name_valid"),
     CheckConstraint(
         "attempts >= 0 AND max_attempts >= 1 AND attempts <= max_attempts",
         name="outbox_jobs_attempts_valid",

@@ -105,11 +105,12 @@ JOIN unnest(CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[])) AS k(task, ded
 # Worker side (asyncpg hot path)
 # ---------------------------------------------------------------------------------------------
 
-# $1 queues text[], $2 how many (the worker's free slots), $3 worker id, $4 lease seconds.
+# The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: $1 queues text[], $2 how many
+# (the slots the worker reserved), $3 worker id, $4 lease seconds.
 # PRINCIPLES rule 3: lock in a MATERIALIZED CTE, then update, so that no more than $2 rows are
 # ever claimed. Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows.
-JOB_CLAIM = """
-WITH claimable AS MATERIALIZED (
+_CLAIMABLE = """
+claimable AS MATERIALIZED (
     SELECT id
     FROM outbox_jobs
     WHERE state = 'queued' AND run_at <= now() AND queue = ANY($1::text[])
@@ -117,6 +118,8 @@ WITH claimable AS MATERIALIZED (
     LIMIT $2
     FOR UPDATE SKIP LOCKED
 )
+"""
+_CLAIM_UPDATE = """
 UPDATE outbox_jobs AS j
 SET state = 'running',
     attempts = j.attempts + 1,
@@ -129,20 +132,49 @@ RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempt
           j.correlation_id
 """
 
-# $1 ids bigint[], $2 attempts int[], $3 results text[] (JSON or NULL), $4 worker id.
-# Fenced (rule 2): only rows this worker still holds for that very attempt change; the ids
-# that come back are the ones that did. Index: primary key.
-JOB_COMPLETE_MANY = """
+# See _CLAIMABLE for the parameters and the index.
+JOB_CLAIM = f"WITH {_CLAIMABLE}{_CLAIM_UPDATE}"
+
+# A success, fenced (rule 2): only rows the worker (%(worker)s) still holds for that very
+# attempt change; the ids that come back are the ones that did. Index: primary key.
+_COMPLETE = """
 UPDATE outbox_jobs AS j
 SET state = 'succeeded',
     result = done.result::jsonb,
     finished_at = now(),
     locked_by = NULL,
     locked_until = NULL
-FROM unnest($1::bigint[], $2::integer[], $3::text[]) AS done(id, attempt, result)
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[], %(results)s::text[])
+     AS done(id, attempt, result)
 WHERE j.id = done.id
-  AND j.state = 'running' AND j.locked_by = $4 AND j.attempts = done.attempt
+  AND j.state = 'running' AND j.locked_by = %(worker)s AND j.attempts = done.attempt
 RETURNING j.id
+"""
+
+# $1 ids bigint[], $2 attempts int[], $3 results text[] (JSON or NULL), $4 worker id.
+# See _COMPLETE: fenced, primary key.
+JOB_COMPLETE_MANY = _COMPLETE % {"ids": "$1", "attempts": "$2", "results": "$3", "worker": "$4"}
+
+# $1-$4 as JOB_CLAIM, then $5 ids bigint[], $6 attempts int[], $7 results text[] of the
+# successes to write. One round trip and one commit for a batch of successes and the jobs
+# that take their slots. Both parts read the same snapshot, in which the finished rows are
+# running and the claimed ones queued, so no row is touched twice. Rows come back with
+# claimed = false for each success written (id only), true for each job claimed.
+# Indexes: primary key (the successes), outbox_jobs_claim_idx (the claim).
+JOB_COMPLETE_AND_CLAIM = f"""
+WITH done AS (
+{_COMPLETE % {"ids": "$5", "attempts": "$6", "results": "$7", "worker": "$3"}}
+),
+{_CLAIMABLE},
+claimed AS (
+{_CLAIM_UPDATE}
+)
+SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
+       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id
+FROM done
+UNION ALL
+SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
+FROM claimed
 """
 
 # $1 ids bigint[], $2 attempts int[], $3 errors text[], $4 retry delays float8[] (seconds),

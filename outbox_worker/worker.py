@@ -13,7 +13,6 @@ import functools
 import os
 import secrets
 import socket
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -22,6 +21,7 @@ import structlog
 
 from outbox_worker import db, metrics, sql
 from outbox_worker.backoff import retry_delay
+from outbox_worker.claimer import Claimer
 from outbox_worker.completer import Completer
 from outbox_worker.executor import Executor, describe_error
 from outbox_worker.heartbeat import Heartbeat, LoopWatchdog
@@ -79,12 +79,16 @@ class Worker:
         self._held: dict[int, ClaimedJob] = {}
         # Jobs an operator asked to cancel while they ran (seen by the heartbeat).
         self._cancelling: set[int] = set()
-        self._claim_interrupted = False
+        self._claimer: Claimer | None = None
+        self._executor: Executor | None = None
+        self._completer: Completer | None = None
 
     def stop(self) -> None:
         """Stop claiming and drain; safe to call from a signal handler, more than once."""
         if not self._stop.is_set():
             self.log.info("worker_stopping", in_flight=len(self._held))
+        if self._claimer is not None:
+            self._claimer.closed = True
         self._stop.set()
         self._wake.set()
 
@@ -114,16 +118,31 @@ class Worker:
         # The worker's own statements get a pool of their own, so handlers holding
         # connections in ctx.transaction() can never starve the heartbeat or the completer.
         pool = await db.create_pool(
-            opts.dsn, size=SERVICE_POOL_SIZE, prepared_statements=opts.prepared_statements
+            opts.dsn,
+            size=SERVICE_POOL_SIZE,
+            prepared_statements=opts.prepared_statements,
+            session_state=False,
         )
         handler_pool = await db.create_pool(
             opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
+        )
+        claimer = Claimer(
+            pool=pool,
+            worker_id=self.worker_id,
+            queues=self.queues,
+            concurrency=opts.concurrency,
+            lease_seconds=opts.lease_seconds,
+            held=self._held,
+            start=self._start,
+            wake=self.wake,
+            log=self.log,
         )
         completer = Completer(
             pool=pool,
             worker_id=self.worker_id,
             on_written=self._written,
             describe=self.held,
+            complete=claimer.complete_and_claim,
             log=self.log,
         )
         executor = Executor(
@@ -154,6 +173,7 @@ class Worker:
             in_flight=self.in_flight,
             log=self.log,
         )
+        self._claimer, self._executor, self._completer = claimer, executor, completer
         services: list[asyncio.Task[None]] = []
         self.log.info(
             "worker_starting", queues=self.queues, concurrency=opts.concurrency, burst=opts.burst
@@ -195,7 +215,7 @@ class Worker:
                 await heartbeat.beat()
                 self.ready.set()
                 self.log.info("worker_ready")
-                await self._produce(pool, executor, completer)
+                await self._produce(claimer)
                 completer.give_up_after = max(opts.drain_timeout, 1.0)
                 await self._drain()
                 self._stop.set()
@@ -209,80 +229,37 @@ class Worker:
             await handler_pool.close()
             self.log.info("worker_stopped", processed=self.processed)
 
-    async def _produce(self, pool: asyncpg.Pool, executor: Executor, completer: Completer) -> None:
+    async def _produce(self, claimer: Claimer) -> None:
+        """Claim whenever slots are free and work may be due: at start, on a notification,
+        after a write that freed slots without refilling them, and every poll interval."""
         opts = self.options
+        if self._stop.is_set():
+            claimer.closed = True
         while not self._stop.is_set():
-            free = opts.concurrency - len(self._held)
-            if free > 0:
-                self._wake.clear()
-                try:
-                    claimed = await db.retrying(
-                        "claim", functools.partial(self._claim, pool, free), until=self._stop
-                    )
-                except Exception:
-                    if self._stop.is_set():
-                        return
-                    raise
-                for row in claimed:
-                    self._start(
-                        ClaimedJob(
-                            id=row["id"],
-                            task=row["task"],
-                            queue=row["queue"],
-                            args=row["args"],
-                            attempt=row["attempts"],
-                            max_attempts=row["max_attempts"],
-                            correlation_id=row["correlation_id"],
-                        ),
-                        executor,
-                        completer,
-                    )
-                if len(claimed) == free:
-                    continue  # more may be due: claim again as soon as slots free up
-                if opts.burst and not claimed and not self._held:
-                    self.log.info("burst_done")
+            self._wake.clear()
+            try:
+                asked, started = await db.retrying("claim", claimer.claim, until=self._stop)
+            except Exception:
+                if self._stop.is_set():
                     return
-            if opts.burst and self._held:
+                raise
+            if asked and started == asked:
+                continue  # more may be due: claim again while slots are free
+            if opts.burst and asked and not started and claimer.idle():
+                self.log.info("burst_done")
+                return
+            if opts.burst and not claimer.idle():
                 await self._wake.wait()  # a finishing job may have enqueued more work
             else:
                 await db.sleep_or_stop(self._wake, opts.poll_interval)
-            self._wake.clear()
 
-    async def _claim(self, pool: asyncpg.Pool, free: int) -> list[asyncpg.Record]:
-        async with pool.acquire(timeout=30) as conn:
-            if self._claim_interrupted:
-                # The last claim may have committed without its answer reaching us: hand
-                # back any row we hold but never started, instead of stranding it a lease.
-                orphans = await conn.fetch(
-                    sql.JOB_RELEASE_ORPHANS, self.worker_id, list(self._held)
-                )
-                if orphans:
-                    self.log.warning("orphans_released", jobs=[row["id"] for row in orphans])
-                self._claim_interrupted = False
-            self._claim_interrupted = True
-            sent = time.monotonic()
-            rows: list[asyncpg.Record] = await conn.fetch(
-                sql.JOB_CLAIM, self.queues, free, self.worker_id, self.options.lease_seconds
-            )
-            self._claim_interrupted = False
-            if rows and time.monotonic() - sent > self.options.lease_seconds / 2:
-                # The answer took longer than half a lease (a stalled process, a
-                # paused VM): the leases may have lapsed and the jobs run elsewhere by now.
-                # Hand them back unstarted; the fence makes that a no-op where it is so.
-                await conn.fetch(
-                    sql.JOB_RELEASE_MANY,
-                    [row["id"] for row in rows],
-                    [row["attempts"] for row in rows],
-                    self.worker_id,
-                )
-                self.log.warning("claim_too_late", jobs=[row["id"] for row in rows])
-                return []
-            return rows
-
-    def _start(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
+    def _start(self, job: ClaimedJob) -> None:
+        assert self._executor is not None
+        assert self._completer is not None
         self._held[job.id] = job
-        task = asyncio.create_task(self._execute(job, executor, completer))
-        self._running[job.id] = task
+        self._running[job.id] = asyncio.create_task(
+            self._execute(job, self._executor, self._completer)
+        )
 
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         try:

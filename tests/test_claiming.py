@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -233,3 +234,40 @@ async def test_three_worker_processes_run_every_job_exactly_once(
     pids = {row["pid"] for row in executions}
     assert pids <= {w.pid for w in workers}
     assert len(pids) > 1, f"only {pids} did any work"
+
+
+async def test_a_worker_never_holds_more_jobs_than_its_concurrency(
+    engine: AsyncEngine, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Claims overlap with completions (the claimer reserves slots and rides claims on the
+    statement that writes successes), yet neither the handlers running nor the rows the
+    database shows as running under the worker's name ever exceed --concurrency."""
+    concurrency, total = 7, 600
+    rng = random.Random(6)
+    async with AsyncSession(engine) as session:
+        await enqueue_many(
+            session,
+            [
+                NewJob("counts_overlap", {"seconds": rng.choice([0, 0, 0.001, 0.004])})
+                for _ in range(total)
+            ],
+        )
+        await session.commit()
+
+    worker = spawn_worker("--concurrency", str(concurrency), "--burst")
+    most_running = 0
+    while worker.proc.poll() is None:
+        running = await pool.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'running' GROUP BY locked_by "
+            "ORDER BY 1 DESC LIMIT 1"
+        )
+        most_running = max(most_running, running or 0)
+        await asyncio.sleep(0.002)
+    assert worker.wait(30) == 0, worker.output()[-3000:]
+
+    results = await pool.fetch("SELECT state, result::text FROM outbox_jobs")
+    assert {r["state"] for r in results} == {"succeeded"}
+    overlap = [json.loads(r["result"]) for r in results]
+    assert max(overlap) <= concurrency, f"{max(overlap)} handlers ran at once"
+    assert max(overlap) > concurrency // 2, f"slots left unused: at most {max(overlap)} at once"
+    assert 0 < most_running <= concurrency, f"{most_running} rows running under one worker"

@@ -80,6 +80,22 @@ async def always_fails(ctx: JobContext) -> None:
     raise ValueError("this task always fails")
 
 
+_running_here = 0
+
+
+@registry.task()
+async def counts_overlap(ctx: JobContext, seconds: float) -> int:
+    """Returns how many handlers of this process were running when it started, itself included."""
+    global _running_here
+    _running_here += 1
+    try:
+        seen = _running_here
+        await asyncio.sleep(seconds)
+        return seen
+    finally:
+        _running_here -= 1
+
+
 @registry.task(queue="slow")
 async def sleepy(ctx: JobContext, seconds: float) -> str:
     await record(ctx, "start")

@@ -1,0 +1,156 @@
+"""Claims jobs for free slots, never more than the slots allow: on its own (the producer) or
+in the statement that writes a batch of successes (the completer).
+
+Slots in use are the held rows (claimed, outcome not written yet) plus the reserved ones (asked
+for by a claim still in flight), so claims may overlap without ever exceeding the concurrency.
+A claim asks for at most half the slots: with short jobs, one half runs while the other half's
+successes and their replacements travel to the database in one statement, so the event loop
+and the database work at the same time instead of in turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import asyncpg
+import structlog
+
+from outbox_worker import sql
+from outbox_worker.outcomes import ClaimedJob, Succeeded
+
+
+class Claimer:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        worker_id: str,
+        queues: Sequence[str],
+        concurrency: int,
+        lease_seconds: float,
+        held: Mapping[int, ClaimedJob],
+        start: Callable[[ClaimedJob], None],
+        wake: Callable[[], None],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._pool = pool
+        self._worker_id = worker_id
+        self._queues = list(queues)
+        self._concurrency = concurrency
+        self._lease_seconds = lease_seconds
+        self._held = held
+        self._start = start
+        self._wake = wake
+        self._log = log
+        self.chunk = max(1, (concurrency + 1) // 2)
+        self.closed = False
+        self._reserved = 0
+        self._in_flight = 0
+        # A claim failed after it was sent: it may have committed without its answer reaching
+        # us, leaving rows claimed under our name that we never started. The next claim that
+        # runs alone hands them back first.
+        self._orphans_suspected = False
+
+    def idle(self) -> bool:
+        """Nothing held and no claim in flight."""
+        return not self._held and not self._in_flight
+
+    async def claim(self) -> tuple[int, int]:
+        """Claim for free slots on a connection of its own: (slots asked for, jobs started)."""
+        asked = self._reserve(freed=0)
+        if not asked:
+            return 0, 0
+        try:
+            async with self._pool.acquire(timeout=30) as conn:
+                rows = await self._send(conn, sql.JOB_CLAIM, asked)
+        finally:
+            self._settle(asked)
+        return asked, self._take(rows)
+
+    async def complete_and_claim(self, outcomes: Sequence[Succeeded]) -> list[asyncpg.Record]:
+        """Write successes and, in the same statement, claim jobs for the slots they free
+        (plus any free already). Returns the rows of the successes written."""
+        asked = self._reserve(freed=len(outcomes))
+        done = (
+            [o.job_id for o in outcomes],
+            [o.attempt for o in outcomes],
+            [o.result for o in outcomes],
+        )
+        if not asked:
+            async with self._pool.acquire(timeout=30) as conn:
+                written: list[asyncpg.Record] = await conn.fetch(
+                    sql.JOB_COMPLETE_MANY, *done, self._worker_id
+                )
+            return written
+        try:
+            async with self._pool.acquire(timeout=30) as conn:
+                rows = await self._send(conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done)
+        finally:
+            self._settle(asked)
+        self._take([row for row in rows if row["claimed"]])
+        return [row for row in rows if not row["claimed"]]
+
+    def _reserve(self, *, freed: int) -> int:
+        """Slots for one claim; ``freed`` are held slots the same statement gives back."""
+        if self.closed or (self._orphans_suspected and self._in_flight):
+            return 0
+        asked = min(self.chunk, self._concurrency - len(self._held) - self._reserved + freed)
+        if asked <= 0:
+            return 0
+        self._reserved += asked
+        self._in_flight += 1
+        return asked
+
+    def _settle(self, asked: int) -> None:
+        self._reserved -= asked
+        self._in_flight -= 1
+        if self._orphans_suspected and not self._in_flight:
+            self._wake()  # the producer may now claim alone, and hand the orphans back
+
+    async def _send(
+        self, conn: asyncpg.Connection, statement: str, asked: int, *more: object
+    ) -> list[asyncpg.Record]:
+        if self._orphans_suspected and self._in_flight == 1:
+            orphans = await conn.fetch(sql.JOB_RELEASE_ORPHANS, self._worker_id, list(self._held))
+            if orphans:
+                self._log.warning("orphans_released", jobs=[row["id"] for row in orphans])
+            self._orphans_suspected = False
+        sent = time.monotonic()
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                statement, self._queues, asked, self._worker_id, self._lease_seconds, *more
+            )
+        except BaseException:
+            self._orphans_suspected = True
+            raise
+        if time.monotonic() - sent > self._lease_seconds / 2:
+            # The answer took longer than half a lease (a stalled process, a paused VM): the
+            # leases may have lapsed and the jobs run elsewhere by now. Hand the claimed ones
+            # back unstarted; the fence makes that a no-op where it is so.
+            late = [row for row in rows if row.get("claimed", True)]
+            if late:
+                await conn.fetch(
+                    sql.JOB_RELEASE_MANY,
+                    [row["id"] for row in late],
+                    [row["attempts"] for row in late],
+                    self._worker_id,
+                )
+                self._log.warning("claim_too_late", jobs=[row["id"] for row in late])
+                return [row for row in rows if not row.get("claimed", True)]
+        return rows
+
+    def _take(self, rows: list[asyncpg.Record]) -> int:
+        for row in rows:
+            self._start(
+                ClaimedJob(
+                    id=row["id"],
+                    task=row["task"],
+                    queue=row["queue"],
+                    args=row["args"],
+                    attempt=row["attempts"],
+                    max_attempts=row["max_attempts"],
+                    correlation_id=row["correlation_id"],
+                )
+            )
+        return len(rows)
