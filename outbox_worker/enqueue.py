@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -32,7 +32,7 @@ from outbox_worker.errors import (
     QueueFull,
     UnknownTask,
 )
-from outbox_worker.jobs import Job
+from outbox_worker.jobs import Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import Registry, TaskSpec
 
@@ -44,6 +44,9 @@ MAX_KEY_LENGTH = 512
 MAX_CORRELATION_ID_LENGTH = 255
 # A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+# Built once: json.dumps builds a new encoder on every call that passes options.
+_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+_SCALARS = (str, int, float, bool, type(None))
 
 
 # Built once: text() parses its bind parameters on construction.
@@ -156,12 +159,19 @@ def _int_option(name: str, value: int, low: int) -> int:
     return value
 
 
+def _flat_with_str_keys(args: Mapping[Any, Any]) -> bool:
+    """The common case, checked in one pass: string keys and scalar values only."""
+    return all(type(k) is str and type(v) in _SCALARS for k, v in args.items())
+
+
 def _encode_args(task: str, args: object, limit: int) -> str:
-    if not isinstance(args, Mapping) or _has_non_str_key(dict(args)):
+    if not (type(args) is dict or isinstance(args, Mapping)) or (
+        not _flat_with_str_keys(args) and _has_non_str_key(dict(args))
+    ):
         raise InvalidArgs(f"args of {task!r} must be a JSON object (dicts with str keys)")
     try:
-        encoded = json.dumps(args, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-        data = encoded.encode()
+        encoded = _ENCODER.encode(args)
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
     except UnicodeEncodeError as exc:
         raise InvalidArgs(f"args of {task!r} hold text that is not valid Unicode: {exc}") from exc
     except RecursionError as exc:
@@ -170,7 +180,6 @@ def _encode_args(task: str, args: object, limit: int) -> str:
         raise InvalidArgs(f"args of {task!r} are not JSON: {exc}") from exc
     if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
         raise InvalidArgs(f"args of {task!r} contain a NUL character, which jsonb cannot store")
-    size = len(data)
     if size > limit:
         raise ArgsTooLarge(f"args of {task!r} are {size} bytes as JSON; the limit is {limit}")
     return encoded
@@ -185,10 +194,24 @@ def _find_task(task: str) -> TaskSpec:
     return spec
 
 
-def _row_params(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> dict[str, Any]:
+class _Row(NamedTuple):
+    """One checked job: JOB_INSERT's parameters, by name."""
+
+    queue: str
+    task: str
+    args: str
+    priority: int
+    max_attempts: int
+    run_at: datetime | None
+    delay: float
+    dedupe_key: str | None
+    correlation_id: str | None
+
+
+def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
     """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
     queue = spec.queue if job.queue is None else job.queue
-    if not is_valid_name(queue):
+    if queue is not spec.queue and not is_valid_name(queue):
         raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
     if job.run_at is not None and job.delay is not None:
         raise InvalidOption("give delay or run_at, not both")
@@ -208,25 +231,51 @@ def _row_params(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> dict[str, A
         or not 0 <= delay <= MAX_DELAY_SECONDS  # also False for NaN; exact for huge ints
     ):
         raise InvalidOption(f"delay must be from 0 to {MAX_DELAY_SECONDS:.0f} seconds")
-    return {
-        "queue": queue,
-        "task": job.task,
-        "args": _encode_args(job.task, job.args, max_args_bytes),
-        "priority": _int_option(
+    return _Row(
+        queue,
+        job.task,
+        _encode_args(job.task, job.args, max_args_bytes),
+        _int_option(
             "priority", spec.priority if job.priority is None else job.priority, -INT32_MAX
         ),
-        "max_attempts": _int_option(
+        _int_option(
             "max_attempts", spec.max_attempts if job.max_attempts is None else job.max_attempts, 1
         ),
-        "run_at": job.run_at,
-        "delay": float(delay),
-        "dedupe_key": _text_option("key", job.key, MAX_KEY_LENGTH),
-        "correlation_id": _text_option(
+        job.run_at,
+        float(delay),
+        _text_option("key", job.key, MAX_KEY_LENGTH),
+        _text_option(
             "correlation_id",
             current_correlation_id.get() if job.correlation_id is None else job.correlation_id,
             MAX_CORRELATION_ID_LENGTH,
         ),
-    }
+    )
+
+
+def _written(row: _Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
+    """The Job just inserted: what was sent, plus what the database decided (sql._INSERTED:
+    id, run_at, created_at)."""
+    job_id, run_at, created_at = inserted
+    return Job(
+        id=job_id,
+        queue=row.queue,
+        task=row.task,
+        args=dict(args),
+        state=JobState.QUEUED,
+        priority=row.priority,
+        attempts=0,
+        max_attempts=row.max_attempts,
+        run_at=run_at,
+        dedupe_key=row.dedupe_key,
+        correlation_id=row.correlation_id,
+        last_error=None,
+        result=None,
+        locked_by=None,
+        locked_until=None,
+        created_at=created_at,
+        started_at=None,
+        finished_at=None,
+    )
 
 
 async def enqueue(
@@ -260,25 +309,22 @@ async def enqueue(
         run_at,
         correlation_id,
     )
-    params = _row_params(
+    row = _checked(
         job,
         _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
         _find_task(task),
     )
-    await _backpressure().check(session, {params["queue"]})
+    await _backpressure().check(session, {row.queue})
+    params = row._asdict()
     # A conflict makes the insert return nothing; the row it met is then read back. If that
     # row is gone by then (pruned in between), inserting again is the right answer.
     for _ in range(3):
-        row = (await session.execute(_JOB_INSERT, params)).mappings().first()
-        if row is not None:
-            metrics.ENQUEUED.labels(row["task"], row["queue"]).inc()
-            return Job.from_row(row)
+        inserted = (await session.execute(_JOB_INSERT, params)).first()
+        if inserted is not None:
+            metrics.ENQUEUED.labels(row.task, row.queue).inc()
+            return _written(row, job.args, inserted)
         existing = (
-            (
-                await session.execute(
-                    _JOB_GET_BY_KEY, {"task": task, "dedupe_key": params["dedupe_key"]}
-                )
-            )
+            (await session.execute(_JOB_GET_BY_KEY, {"task": task, "dedupe_key": row.dedupe_key}))
             .mappings()
             .first()
         )
@@ -303,26 +349,27 @@ async def enqueue_many(
     for job in jobs:
         if job.task not in specs:
             specs[job.task] = _find_task(job.task)
-    rows = [_row_params(job, limit, specs[job.task]) for job in jobs]
+    rows = [_checked(job, limit, specs[job.task]) for job in jobs]
     if not rows:
         return []
-    await _backpressure().check(session, {row["queue"] for row in rows})
-    columns = {
-        "queues": "queue",
-        "tasks": "task",
-        "args": "args",
-        "priorities": "priority",
-        "max_attempts": "max_attempts",
-        "run_ats": "run_at",
-        "delays": "delay",
-        "dedupe_keys": "dedupe_key",
-        "correlation_ids": "correlation_id",
-    }
-    params = {array: [row[column] for row in rows] for array, column in columns.items()}
-    answer = (await session.execute(_JOB_INSERT_MANY, params)).mappings().all()
+    await _backpressure().check(session, {row.queue for row in rows})
+    # One array per column, in _Row's order (zip(*rows) transposes without a per-job dict).
+    arrays = (
+        "queues",
+        "tasks",
+        "args",
+        "priorities",
+        "max_attempts",
+        "run_ats",
+        "delays",
+        "dedupe_keys",
+        "correlation_ids",
+    )
+    params = dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
+    answer = (await session.execute(_JOB_INSERT_MANY, params)).all()
     result: list[Job | None] = [
-        None if r["id"] is None else Job.from_row(r, args=dict(job.args))
-        for r, job in zip(answer, jobs, strict=True)
+        None if inserted[0] is None else _written(row, job.args, inserted)
+        for inserted, row, job in zip(answer, rows, jobs, strict=True)
     ]
     written = collections.Counter((job.task, job.queue) for job in result if job is not None)
     for (task, queue), count in written.items():
@@ -334,8 +381,8 @@ async def enqueue_many(
                 await session.execute(
                     _JOB_GET_BY_KEYS,
                     {
-                        "tasks": [rows[i]["task"] for i in missing],
-                        "dedupe_keys": [rows[i]["dedupe_key"] for i in missing],
+                        "tasks": [rows[i].task for i in missing],
+                        "dedupe_keys": [rows[i].dedupe_key for i in missing],
                     },
                 )
             )
@@ -344,10 +391,10 @@ async def enqueue_many(
         )
         by_key = {(r["task"], r["dedupe_key"]): r for r in found}
         for i in missing:
-            existing = by_key.get((rows[i]["task"], rows[i]["dedupe_key"]))
+            existing = by_key.get((rows[i].task, rows[i].dedupe_key))
             if existing is None:
                 raise EnqueueError(
-                    f"job key {rows[i]['dedupe_key']!r} of {rows[i]['task']!r} conflicted with "
+                    f"job key {rows[i].dedupe_key!r} of {rows[i].task!r} conflicted with "
                     "a job that is gone; nothing was lost, retry the transaction"
                 )
             result[i] = Job.from_row(existing, duplicate=True)

@@ -36,6 +36,11 @@ JOB_SELECT_LIST = """
 # App side (SQLAlchemy, joins the caller's transaction)
 # ---------------------------------------------------------------------------------------------
 
+# What the database decides for a new job; enqueue knows every other column of the row it
+# wrote (it sent them, and a new row has no attempts, lock, error or result yet), so reading
+# them back would only cost decoding.
+_INSERTED = "j.id, j.run_at, j.created_at"
+
 # :queue, :task, :args (JSON text), :priority, :max_attempts, :run_at (timestamptz or NULL),
 # :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id.
 # Index: outbox_jobs_dedupe_idx decides the conflict; no row back means the key exists.
@@ -48,18 +53,19 @@ VALUES (
     :dedupe_key, :correlation_id
 )
 ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-RETURNING {JOB_SELECT_LIST}
+RETURNING {_INSERTED}
 """
 
 # Parallel arrays, one element per job, in the order of JOB_INSERT's parameters:
 # :queues, :tasks, :args (JSON text), :priorities, :max_attempts, :run_ats, :delays,
 # :dedupe_keys, :correlation_ids. Ids are drawn in input order before the insert so the
 # answer can be matched back to the input (RETURNING alone promises no order); a row whose
-# key already existed comes back with NULL job columns.
+# key already existed comes back with NULL columns. The sequence is looked up once (an
+# InitPlan), not once per row.
 # Index: outbox_jobs_dedupe_idx decides each conflict.
 JOB_INSERT_MANY = f"""
 WITH input AS MATERIALIZED (
-    SELECT nextval(pg_get_serial_sequence('outbox_jobs', 'id')) AS id, u.*
+    SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id, u.*
     FROM unnest(
         CAST(:queues AS text[]), CAST(:tasks AS text[]), CAST(:args AS text[]),
         CAST(:priorities AS integer[]), CAST(:max_attempts AS integer[]),
@@ -79,9 +85,9 @@ j AS (
     -- lock them in the same order and cannot deadlock.
     ORDER BY task, dedupe_key, ord
     ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-    RETURNING *
+    RETURNING id, run_at, created_at
 )
-SELECT input.ord, {JOB_SELECT_LIST}
+SELECT {_INSERTED}
 FROM input LEFT JOIN j ON j.id = input.id
 ORDER BY input.ord
 """
