@@ -5,13 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Report
 from app.services.errors import IdempotencyKeyReused, NotFound
-from outbox_worker import enqueue, get_job
+from outbox_worker import Job, enqueue, get_job
 
 
 async def request_report(
@@ -20,10 +20,16 @@ async def request_report(
     """Create the report and its job, or find the ones an earlier request with the same
     Idempotency-Key created; flushes, never commits.
 
-    The key is a unique column: concurrent repeats wait on the first insert's transaction
-    (ON CONFLICT), then read its row, so they all answer with the same report and job.
+    Without a key, the report's id is new, so nothing can conflict: the job goes first and the
+    report row is written with its job id (two statements). With a key, the report row goes
+    first: it is a unique column, so concurrent repeats wait on the first insert's transaction
+    (ON CONFLICT), then read its row, and all answer with the same report and job.
     """
     report_id = uuid.uuid4()
+    if idempotency_key is None:
+        job = await _enqueue_report(session, report_id)
+        await session.execute(insert(Report).values(id=report_id, params=params, job_id=job.id))
+        return report_id, job.id
     inserted = (
         await session.execute(
             pg_insert(Report)
@@ -42,11 +48,15 @@ async def request_report(
             )
         assert existing.job_id is not None
         return existing.id, existing.job_id
-    job = await enqueue(
-        session, "generate_report", {"report_id": str(report_id)}, key=str(report_id)
-    )
+    job = await _enqueue_report(session, report_id)
     await session.execute(update(Report).where(Report.id == report_id).values(job_id=job.id))
     return report_id, job.id
+
+
+async def _enqueue_report(session: AsyncSession, report_id: uuid.UUID) -> Job:
+    return await enqueue(
+        session, "generate_report", {"report_id": str(report_id)}, key=str(report_id)
+    )
 
 
 # What a report's status is while it is not done, read off its job's state. A succeeded job
