@@ -47,11 +47,13 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 # Built once: json.dumps builds a new encoder on every call that passes options.
 _ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 _SCALARS = (str, int, float, bool, type(None))
+_QUEUED = JobState.QUEUED
 
 
 # Built once: text() parses its bind parameters on construction.
 _JOB_INSERT = text(sql.JOB_INSERT)
 _JOB_INSERT_MANY = text(sql.JOB_INSERT_MANY)
+_JOB_INSERT_MANY_UNKEYED = text(sql.JOB_INSERT_MANY_UNKEYED)
 _JOB_GET_BY_KEY = text(sql.JOB_GET_BY_KEY)
 _JOB_GET_BY_KEYS = text(sql.JOB_GET_BY_KEYS)
 _QUEUE_DEPTH_UPTO = text(sql.QUEUE_DEPTH_UPTO)
@@ -210,6 +212,27 @@ class _Row(NamedTuple):
 
 def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
     """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
+    if (
+        job.queue is None
+        and job.priority is None
+        and job.max_attempts is None
+        and job.delay is None
+        and job.run_at is None
+        and job.key is None
+        and job.correlation_id is None
+    ):
+        # Every option from the task (checked when it was registered): only args to check.
+        return _Row(
+            spec.queue,
+            job.task,
+            _encode_args(job.task, job.args, max_args_bytes),
+            spec.priority,
+            spec.max_attempts,
+            None,
+            0.0,
+            None,
+            _current_correlation_id(),
+        )
     queue = spec.queue if job.queue is None else job.queue
     if queue is not spec.queue and not is_valid_name(queue):
         raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
@@ -244,37 +267,40 @@ def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
         job.run_at,
         float(delay),
         _text_option("key", job.key, MAX_KEY_LENGTH),
-        _text_option(
-            "correlation_id",
-            current_correlation_id.get() if job.correlation_id is None else job.correlation_id,
-            MAX_CORRELATION_ID_LENGTH,
-        ),
+        _current_correlation_id()
+        if job.correlation_id is None
+        else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
     )
+
+
+def _current_correlation_id() -> str | None:
+    return _text_option("correlation_id", current_correlation_id.get(), MAX_CORRELATION_ID_LENGTH)
 
 
 def _written(row: _Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
     """The Job just inserted: what was sent, plus what the database decided (sql._INSERTED:
-    id, run_at, created_at)."""
+    id, run_at, created_at). Positional, in Job's field order: it runs once per job."""
     job_id, run_at, created_at = inserted
+    queue, task, _, priority, max_attempts, _, _, dedupe_key, correlation_id = row
     return Job(
-        id=job_id,
-        queue=row.queue,
-        task=row.task,
-        args=dict(args),
-        state=JobState.QUEUED,
-        priority=row.priority,
-        attempts=0,
-        max_attempts=row.max_attempts,
-        run_at=run_at,
-        dedupe_key=row.dedupe_key,
-        correlation_id=row.correlation_id,
-        last_error=None,
-        result=None,
-        locked_by=None,
-        locked_until=None,
-        created_at=created_at,
-        started_at=None,
-        finished_at=None,
+        job_id,
+        queue,
+        task,
+        dict(args),
+        _QUEUED,
+        priority,
+        0,  # attempts
+        max_attempts,
+        run_at,
+        dedupe_key,
+        correlation_id,
+        None,  # last_error
+        None,  # result
+        None,  # locked_by
+        None,  # locked_until
+        created_at,
+        None,  # started_at
+        None,  # finished_at
     )
 
 
@@ -366,7 +392,9 @@ async def enqueue_many(
         "correlation_ids",
     )
     params = dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
-    answer = (await session.execute(_JOB_INSERT_MANY, params)).all()
+    keyed = any(row.dedupe_key is not None for row in rows)
+    statement = _JOB_INSERT_MANY if keyed else _JOB_INSERT_MANY_UNKEYED
+    answer = (await session.execute(statement, params)).all()
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)

@@ -92,6 +92,36 @@ FROM input LEFT JOIN j ON j.id = input.id
 ORDER BY input.ord
 """
 
+# JOB_INSERT_MANY for a batch without keys (its parameters, :dedupe_keys all NULL): nothing
+# can conflict, so every row is written and the ids drawn for the input are the answer; no
+# ON CONFLICT, sort or join back. created_at is its column default, the transaction's now().
+# Index: none read.
+JOB_INSERT_MANY_UNKEYED = """
+WITH input AS MATERIALIZED (
+    SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id,
+           u.queue, u.task, u.args, u.priority, u.max_attempts,
+           COALESCE(u.run_at, now() + make_interval(secs => u.delay)) AS run_at,
+           u.correlation_id, u.ord
+    FROM unnest(
+        CAST(:queues AS text[]), CAST(:tasks AS text[]), CAST(:args AS text[]),
+        CAST(:priorities AS integer[]), CAST(:max_attempts AS integer[]),
+        CAST(:run_ats AS timestamptz[]), CAST(:delays AS float8[]),
+        CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[])
+    ) WITH ORDINALITY AS u(queue, task, args, priority, max_attempts, run_at, delay,
+                           dedupe_key, correlation_id, ord)
+),
+j AS (
+    INSERT INTO outbox_jobs
+        (id, queue, task, args, priority, max_attempts, run_at, correlation_id)
+    OVERRIDING SYSTEM VALUE
+    SELECT id, queue, task, args::jsonb, priority, max_attempts, run_at, correlation_id
+    FROM input
+)
+SELECT id, run_at, now() AS created_at
+FROM input
+ORDER BY ord
+"""
+
 # :task, :dedupe_key. Index: outbox_jobs_dedupe_idx.
 JOB_GET_BY_KEY = f"""
 SELECT {JOB_SELECT_LIST}
