@@ -10,6 +10,7 @@ import collections
 import functools
 import json
 import math
+import operator
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker import metrics, sql
@@ -53,7 +54,7 @@ _QUEUED = JobState.QUEUED
 # Built once: text() parses its bind parameters on construction.
 _JOB_INSERT = text(sql.JOB_INSERT)
 _JOB_INSERT_MANY = text(sql.JOB_INSERT_MANY)
-_JOB_INSERT_MANY_UNKEYED = text(sql.JOB_INSERT_MANY_UNKEYED)
+_JOB_INSERT_MANY_UNIFORM = text(sql.JOB_INSERT_MANY_UNIFORM)
 _JOB_GET_BY_KEY = text(sql.JOB_GET_BY_KEY)
 _JOB_GET_BY_KEYS = text(sql.JOB_GET_BY_KEYS)
 _QUEUE_DEPTH_UPTO = text(sql.QUEUE_DEPTH_UPTO)
@@ -210,8 +211,10 @@ class _Row(NamedTuple):
     correlation_id: str | None
 
 
-def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
-    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs."""
+def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec, correlation_id: str | None) -> _Row:
+    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs.
+
+    ``correlation_id``: the current one (checked), for a job that names none."""
     if (
         job.queue is None
         and job.priority is None
@@ -231,7 +234,7 @@ def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
             None,
             0.0,
             None,
-            _current_correlation_id(),
+            correlation_id,
         )
     queue = spec.queue if job.queue is None else job.queue
     if queue is not spec.queue and not is_valid_name(queue):
@@ -267,7 +270,7 @@ def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec) -> _Row:
         job.run_at,
         float(delay),
         _text_option("key", job.key, MAX_KEY_LENGTH),
-        _current_correlation_id()
+        correlation_id
         if job.correlation_id is None
         else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
     )
@@ -339,6 +342,7 @@ async def enqueue(
         job,
         _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
         _find_task(task),
+        _current_correlation_id(),
     )
     await _backpressure().check(session, {row.queue})
     params = row._asdict()
@@ -359,6 +363,35 @@ async def enqueue(
     raise EnqueueError(f"job key {key!r} of {task!r} kept conflicting with a vanishing job")
 
 
+# Every column of a _Row but args.
+_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8)
+
+
+def _insert_many(rows: list[_Row]) -> tuple[TextClause, dict[str, Any]]:
+    """JOB_INSERT_MANY_UNIFORM for unkeyed jobs alike but for their args, else
+    JOB_INSERT_MANY with one array per column."""
+    first = rows[0]
+    common = _ALL_BUT_ARGS(first)
+    if first.dedupe_key is None and all(_ALL_BUT_ARGS(row) == common for row in rows):
+        params = first._asdict()
+        del params["dedupe_key"]
+        params["args"] = [row.args for row in rows]
+        return _JOB_INSERT_MANY_UNIFORM, params
+    # zip(*rows) transposes the rows into columns, in _Row's order, without a dict per job.
+    arrays = (
+        "queues",
+        "tasks",
+        "args",
+        "priorities",
+        "max_attempts",
+        "run_ats",
+        "delays",
+        "dedupe_keys",
+        "correlation_ids",
+    )
+    return _JOB_INSERT_MANY, dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
+
+
 async def enqueue_many(
     session: Executor,
     jobs: Sequence[NewJob],
@@ -375,26 +408,12 @@ async def enqueue_many(
     for job in jobs:
         if job.task not in specs:
             specs[job.task] = _find_task(job.task)
-    rows = [_checked(job, limit, specs[job.task]) for job in jobs]
+    correlation_id = _current_correlation_id()
+    rows = [_checked(job, limit, specs[job.task], correlation_id) for job in jobs]
     if not rows:
         return []
     await _backpressure().check(session, {row.queue for row in rows})
-    # One array per column, in _Row's order (zip(*rows) transposes without a per-job dict).
-    arrays = (
-        "queues",
-        "tasks",
-        "args",
-        "priorities",
-        "max_attempts",
-        "run_ats",
-        "delays",
-        "dedupe_keys",
-        "correlation_ids",
-    )
-    params = dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
-    keyed = any(row.dedupe_key is not None for row in rows)
-    statement = _JOB_INSERT_MANY if keyed else _JOB_INSERT_MANY_UNKEYED
-    answer = (await session.execute(statement, params)).all()
+    answer = (await session.execute(*_insert_many(rows))).all()
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)

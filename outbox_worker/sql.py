@@ -92,29 +92,24 @@ FROM input LEFT JOIN j ON j.id = input.id
 ORDER BY input.ord
 """
 
-# JOB_INSERT_MANY for a batch without keys (its parameters, :dedupe_keys all NULL): nothing
-# can conflict, so every row is written and the ids drawn for the input are the answer; no
-# ON CONFLICT, sort or join back. created_at is its column default, the transaction's now().
-# Index: none read.
-JOB_INSERT_MANY_UNKEYED = """
+# A batch of one task's jobs that differ only in their args and have no key (a fan-out, the
+# common use of enqueue_many): :args (JSON text[]), and JOB_INSERT's other parameters once
+# for all. Nothing can conflict, so every row is written and the ids drawn for the input are
+# the answer: no ON CONFLICT, sort or join back, and one array to encode instead of nine.
+# created_at is its column default, the transaction's now(). Index: none read.
+JOB_INSERT_MANY_UNIFORM = """
 WITH input AS MATERIALIZED (
     SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id,
-           u.queue, u.task, u.args, u.priority, u.max_attempts,
-           COALESCE(u.run_at, now() + make_interval(secs => u.delay)) AS run_at,
-           u.correlation_id, u.ord
-    FROM unnest(
-        CAST(:queues AS text[]), CAST(:tasks AS text[]), CAST(:args AS text[]),
-        CAST(:priorities AS integer[]), CAST(:max_attempts AS integer[]),
-        CAST(:run_ats AS timestamptz[]), CAST(:delays AS float8[]),
-        CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[])
-    ) WITH ORDINALITY AS u(queue, task, args, priority, max_attempts, run_at, delay,
-                           dedupe_key, correlation_id, ord)
+           a.args, a.ord,
+           COALESCE(CAST(:run_at AS timestamptz),
+                    now() + make_interval(secs => CAST(:delay AS float8))) AS run_at
+    FROM unnest(CAST(:args AS text[])) WITH ORDINALITY AS a(args, ord)
 ),
 j AS (
     INSERT INTO outbox_jobs
         (id, queue, task, args, priority, max_attempts, run_at, correlation_id)
     OVERRIDING SYSTEM VALUE
-    SELECT id, queue, task, args::jsonb, priority, max_attempts, run_at, correlation_id
+    SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id
     FROM input
 )
 SELECT id, run_at, now() AS created_at

@@ -466,6 +466,45 @@ async def test_enqueue_many_mixed_tasks_and_options(
         assert_job_matches_row(job, row)
 
 
+@pytest.mark.parametrize(
+    "odd_one_out",
+    [
+        pytest.param(None, id="alike-but-args"),
+        pytest.param(NewJob("echo", {"i": 99}, priority=5), id="one-other-priority"),
+        pytest.param(NewJob("echo", {"i": 99}, delay=30), id="one-other-delay"),
+        pytest.param(NewJob("echo", {"i": 99}, queue="other"), id="one-other-queue"),
+        pytest.param(NewJob("echo", {"i": 99}, correlation_id="req-odd"), id="one-other-id"),
+    ],
+)
+async def test_enqueue_many_of_jobs_alike_returns_the_rows_written(
+    db: Executor, pool: asyncpg.Pool, odd_one_out: NewJob | None
+) -> None:
+    """A batch of one task's jobs that differ only in args takes a shorter statement; one
+    job that differs in anything else sends the batch down the general one. Either way the
+    returned Jobs are the rows, in input order."""
+    now = await db_now(db)
+    inputs = [NewJob("echo", {"i": i, "name": f"ü-{i}"}, delay=2) for i in range(40)]
+    if odd_one_out is not None:
+        inputs.insert(17, odd_one_out)
+    token = current_correlation_id.set("req-batch")
+    try:
+        jobs = await enqueue_many(db, inputs)
+    finally:
+        current_correlation_id.reset(token)
+    await db.commit()
+
+    rows = await job_rows(pool)
+    assert [j.id for j in jobs] == [r["id"] for r in rows]
+    for job, row in zip(jobs, rows, strict=True):
+        assert_job_matches_row(job, row)
+        assert job.state is JobState.QUEUED and job.attempts == 0 and not job.duplicate
+    assert [j.args for j in jobs] == [dict(n.args) for n in inputs]
+    alike = [j for n, j in zip(inputs, jobs, strict=True) if n is not odd_one_out]
+    assert {(j.queue, j.priority, j.run_at, j.correlation_id) for j in alike} == {
+        ("default", 0, now + timedelta(seconds=2), "req-batch")
+    }
+
+
 async def test_enqueue_many_of_nothing(db: Executor, pool: asyncpg.Pool) -> None:
     assert await enqueue_many(db, []) == []
     await db.commit()
