@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import tests.workload  # noqa: F401 -- registers the tasks enqueue checks names against
 from outbox_worker import NewJob, enqueue_many, sql
-from tests.conftest import WorkerProcess
+from outbox_worker.claimer import Claimer
+from tests.conftest import WorkerProcess, wait_until
 
 LEASE_SECONDS = 30.0
 
@@ -271,3 +273,85 @@ async def test_a_worker_never_holds_more_jobs_than_its_concurrency(
     assert max(overlap) <= concurrency, f"{max(overlap)} handlers ran at once"
     assert max(overlap) > concurrency // 2, f"slots left unused: at most {max(overlap)} at once"
     assert 0 < most_running <= concurrency, f"{most_running} rows running under one worker"
+
+
+def _claimer(pool: asyncpg.Pool, started: dict[int, Any], lease_seconds: float = 30.0) -> Claimer:
+    return Claimer(
+        pool=pool,
+        worker_id="w",
+        queues=["default"],
+        concurrency=4,
+        lease_seconds=lease_seconds,
+        held=started,
+        start=lambda job: started.__setitem__(job.id, job),
+        wake=lambda: None,
+        log=structlog.get_logger("test"),
+    )
+
+
+async def _blocked_claim(pool: asyncpg.Pool, claim: Awaitable[Any]) -> asyncio.Task[Any]:
+    """Start a claim that waits on a table lock held by another transaction."""
+    task = asyncio.ensure_future(claim)
+    await wait_until(
+        lambda: pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%claimable%'"
+        ),
+        what="the claim waiting on the lock",
+    )
+    return task
+
+
+async def test_a_claim_interrupted_in_flight_hands_back_rows_it_may_have_taken(
+    engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    """A claim whose answer is lost may have committed: the claimer's next claim first hands
+    back every row running under its name that it never started."""
+    async with AsyncSession(engine) as session:
+        await enqueue_many(session, [NewJob("noop") for _ in range(6)])
+        await session.commit()
+    started: dict[int, Any] = {}
+    claimer = _claimer(pool, started)
+    # Two rows claimed under the worker's name whose answer never reached it.
+    async with pool.acquire() as conn:
+        lost = await claim(conn, 2, "w")
+
+    async with pool.acquire() as locker, locker.transaction():
+        await locker.execute("LOCK TABLE outbox_jobs IN EXCLUSIVE MODE")
+        task = await _blocked_claim(pool, claimer.claim())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert started == {}
+
+    asked, got = await claimer.claim()
+    assert (asked, got) == (2, 2)
+    running = await pool.fetch(
+        "SELECT id, attempts FROM outbox_jobs WHERE state = 'running' AND locked_by = 'w'"
+    )
+    assert {r["id"] for r in running} == set(started), "a row runs under w that w never started"
+    assert {r["attempts"] for r in running} == {1}
+    # The lost rows are due again, their attempt not counted (they never ran).
+    handed_back = await pool.fetch(
+        "SELECT state, attempts, locked_by FROM outbox_jobs WHERE id = ANY($1::bigint[])",
+        [r["id"] for r in lost],
+    )
+    assert [tuple(r) for r in handed_back] == [("queued", 0, None)] * 2
+
+
+async def test_a_claim_answered_after_half_a_lease_is_handed_back_unstarted(
+    engine: AsyncEngine, pool: asyncpg.Pool
+) -> None:
+    async with AsyncSession(engine) as session:
+        await enqueue_many(session, [NewJob("noop") for _ in range(3)])
+        await session.commit()
+    started: dict[int, Any] = {}
+    claimer = _claimer(pool, started, lease_seconds=0.4)
+    async with pool.acquire() as locker, locker.transaction():
+        await locker.execute("LOCK TABLE outbox_jobs IN EXCLUSIVE MODE")
+        task = await _blocked_claim(pool, claimer.claim())
+        await asyncio.sleep(0.3)  # longer than half the lease
+    assert await task == (2, 0)
+    assert started == {}
+    rows = await pool.fetch("SELECT state, attempts, locked_by FROM outbox_jobs")
+    assert [tuple(r) for r in rows] == [("queued", 0, None)] * 3

@@ -497,7 +497,7 @@ async def test_enqueue_many_of_jobs_alike_returns_the_rows_written(
     assert [j.id for j in jobs] == [r["id"] for r in rows]
     for job, row in zip(jobs, rows, strict=True):
         assert_job_matches_row(job, row)
-        assert job.state is JobState.QUEUED and job.attempts == 0 and not job.duplicate
+        assert (job.state, job.attempts, job.duplicate) == (JobState.QUEUED, 0, False)
     assert [j.args for j in jobs] == [dict(n.args) for n in inputs]
     alike = [j for n, j in zip(inputs, jobs, strict=True) if n is not odd_one_out]
     assert {(j.queue, j.priority, j.run_at, j.correlation_id) for j in alike} == {
