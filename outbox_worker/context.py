@@ -58,12 +58,25 @@ class JobContext:
         self.max_attempts = max_attempts
         self.correlation_id = correlation_id
         self.worker_id = worker_id
-        self.log = log
+        self._log_base = log
+        self._log: structlog.typing.FilteringBoundLogger | None = None
         self.result: Any = None
         self._pool = pool
         self._cancel_requested = cancel_requested
         self._transaction_used = False
         self.completed_in_transaction = False
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """The logger given, bound to this job's fields (on first use: most jobs never log)."""
+        if self._log is None:
+            self._log = self._log_base.bind(
+                job_id=self.job_id,
+                task=self.task,
+                attempt=self.attempt,
+                correlation_id=self.correlation_id,
+            )
+        return self._log
 
     @property
     def cancel_requested(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class Executor:
         self._is_cancelling = is_cancelling
         self._log = log
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._debug = log.is_enabled_for(logging.DEBUG)
 
     async def run(self, job: ClaimedJob) -> Outcome:
         """Never raises but for cancellation outside a shutdown."""
@@ -63,28 +65,24 @@ class Executor:
             job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
         )
         current_correlation_id.set(job.correlation_id)
-        log = self._log.bind(
-            job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
-        )
         spec = self._registry.get(job.task)
         if spec is None:
             return self._give_up(
                 job,
-                log,
                 f"unknown task {job.task!r}: this worker's registry "
                 f"has {sorted(s.name for s in self._registry)}",
             )
         try:
             args = json.loads(job.args)
         except ValueError as exc:
-            return self._give_up(job, log, f"args are not valid JSON: {exc}")
+            return self._give_up(job, f"args are not valid JSON: {exc}")
         except RecursionError:
-            return self._give_up(job, log, "args are nested too deeply to decode")
+            return self._give_up(job, "args are nested too deeply to decode")
         if not isinstance(args, dict):
-            return self._give_up(job, log, f"args must be a JSON object, got {type(args).__name__}")
+            return self._give_up(job, f"args must be a JSON object, got {type(args).__name__}")
         misfit = spec.check_args(args)
         if misfit is not None:
-            return self._give_up(job, log, misfit)
+            return self._give_up(job, misfit)
 
         ctx = JobContext(
             job_id=job.id,
@@ -95,17 +93,18 @@ class Executor:
             correlation_id=job.correlation_id,
             worker_id=self._worker_id,
             pool=self._pool,
-            log=log,
+            log=self._log,
             cancel_requested=functools.partial(self._is_cancelling, job.id),
         )
-        log.debug("job_started")
+        if self._debug:
+            ctx.log.debug("job_started")
         started, run_seconds = self._metrics(job.task, job.queue)
         started.inc()
-        deadline = asyncio.timeout(spec.timeout)
+        deadline = None if spec.timeout is None else asyncio.timeout(spec.timeout)
         began = time.perf_counter()
         try:
             try:
-                if spec.timeout is None:
+                if deadline is None:
                     value = await spec.handler(ctx, **args)
                 else:
                     async with deadline:
@@ -116,33 +115,33 @@ class Executor:
             if ctx.completed_in_transaction:
                 return Settled(job.id, job.attempt)
             if self._is_cancelling(job.id):
-                log.info("job_cancelled")
+                ctx.log.info("job_cancelled")
                 return Cancelled(job.id, job.attempt)
-            log.info("job_released", reason="worker shutting down")
+            ctx.log.info("job_released", reason="worker shutting down")
             return Released(job.id, job.attempt)
         except LeaseLost as exc:
-            log.warning("job_lease_lost", error=str(exc))
+            ctx.log.warning("job_lease_lost", error=str(exc))
             return Settled(job.id, job.attempt)
         except Exception as exc:
             if ctx.completed_in_transaction:
-                log.warning("job_raised_after_commit", error=f"{type(exc).__name__}: {exc}")
+                ctx.log.warning("job_raised_after_commit", error=f"{type(exc).__name__}: {exc}")
                 return Settled(job.id, job.attempt)
-            if deadline.expired():
+            if deadline is not None and deadline.expired():
                 error = f"TimeoutError: {job.task} ran longer than its timeout of {spec.timeout}s"
             else:
                 error = describe_error(exc)
             delay = self._retry_delay(job.attempt)
-            log.warning(
+            ctx.log.warning(
                 "job_failed",
                 error=error.partition("\n")[0],
                 final=job.attempt >= job.max_attempts,
                 retry_in=None if job.attempt >= job.max_attempts else round(delay, 3),
             )
             return Failed(job.id, job.attempt, error, delay)
+        if self._debug:
+            ctx.log.debug("job_succeeded", in_transaction=ctx.completed_in_transaction)
         if ctx.completed_in_transaction:
-            log.debug("job_succeeded", in_transaction=True)
             return Settled(job.id, job.attempt)
-        log.debug("job_succeeded")
         return Succeeded(job.id, job.attempt, encode_result(value))
 
     def _metrics(self, task: str, queue: str) -> tuple[Counter, Histogram]:
@@ -157,8 +156,13 @@ class Executor:
             self._children[key] = children
         return children
 
-    def _give_up(
-        self, job: ClaimedJob, log: structlog.typing.FilteringBoundLogger, reason: str
-    ) -> Failed:
-        log.error("job_dead_without_running", reason=reason)
+    def _give_up(self, job: ClaimedJob, reason: str) -> Failed:
+        self._log.error(
+            "job_dead_without_running",
+            reason=reason,
+            job_id=job.id,
+            task=job.task,
+            attempt=job.attempt,
+            correlation_id=job.correlation_id,
+        )
         return Failed(job.id, job.attempt, reason, 0.0, give_up=True)

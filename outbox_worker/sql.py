@@ -139,7 +139,9 @@ JOIN unnest(CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[])) AS k(task, ded
 # The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: $1 queues text[], $2 how many
 # (the slots the worker reserved), $3 worker id, $4 lease seconds.
 # PRINCIPLES rule 3: lock in a MATERIALIZED CTE, then update, so that no more than $2 rows are
-# ever claimed. Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows.
+# ever claimed. Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows; the
+# update finds the rows by primary key (= ANY(ARRAY(...)), so that a generic plan, which guesses
+# LIMIT $2 at a tenth of the table, does not hash-join the whole table instead).
 _CLAIMABLE = """
 claimable AS MATERIALIZED (
     SELECT id
@@ -157,8 +159,7 @@ SET state = 'running',
     locked_by = $3,
     locked_until = now() + make_interval(secs => $4::float8),
     started_at = now()
-FROM claimable
-WHERE j.id = claimable.id
+WHERE j.id = ANY(ARRAY(SELECT id FROM claimable))
 RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempts,
           j.correlation_id
 """

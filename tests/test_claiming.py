@@ -355,3 +355,57 @@ async def test_a_claim_answered_after_half_a_lease_is_handed_back_unstarted(
     assert started == {}
     rows = await pool.fetch("SELECT state, attempts, locked_by FROM outbox_jobs")
     assert [tuple(r) for r in rows] == [("queued", 0, None)] * 3
+
+
+# The statements the claimer runs on connections that plan them once (db.create_pool's
+# generic_plans), with the parameter types of their prepared form and example arguments.
+CLAIMER_STATEMENTS = {
+    "JOB_CLAIM": ("text[], int, text, float8", "'{default}', 50, 'w', 30.0"),
+    "JOB_COMPLETE_AND_CLAIM": (
+        "text[], int, text, float8, bigint[], int[], text[]",
+        "'{default}', 50, 'w', 30.0, '{1,2}', '{1,1}', '{NULL,NULL}'",
+    ),
+    "JOB_COMPLETE_MANY": ("bigint[], int[], text[], text", "'{1,2}', '{1,1}', '{NULL,NULL}', 'w'"),
+    "JOB_RELEASE_MANY": ("bigint[], int[], text", "'{1,2}', '{1,1}', 'w'"),
+    "JOB_RELEASE_ORPHANS": ("text, bigint[]", "'w', '{1,2}'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMER_STATEMENTS))
+async def test_claimer_statements_have_index_plans_when_planned_once(
+    pool: asyncpg.Pool, name: str
+) -> None:
+    """A generic plan knows no parameter values (LIMIT $2 is guessed at a tenth of the
+    table): each statement the claimer runs must still read indexes, never the table."""
+    await pool.execute(
+        """
+        INSERT INTO outbox_jobs (task, args, state, attempts, locked_by, locked_until,
+                                 started_at, finished_at)
+        SELECT 'echo', '{}', s.state, 1,
+               CASE WHEN s.state = 'running' THEN 'w' END,
+               CASE WHEN s.state = 'running' THEN now() + interval '1 minute' END,
+               now(), CASE WHEN s.state = 'succeeded' THEN now() END
+        FROM generate_series(1, 30000) g,
+             LATERAL (SELECT CASE WHEN g % 100 = 0 THEN 'running'
+                                  WHEN g % 3 = 0 THEN 'succeeded'
+                                  ELSE 'queued' END AS state) s
+        """
+    )
+    await pool.execute("UPDATE outbox_jobs SET attempts = 0 WHERE state = 'queued'")
+    await pool.execute("ANALYZE outbox_jobs")
+    types, args = CLAIMER_STATEMENTS[name]
+    async with pool.acquire() as conn:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            await conn.execute(f"PREPARE hot({types}) AS {getattr(sql, name)}")
+            async with conn.transaction():
+                raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) EXECUTE hot({args})")
+            await conn.execute("DEALLOCATE hot")
+        finally:
+            await conn.execute("RESET plan_cache_mode")
+    nodes = list(_plan_nodes(json.loads(raw)[0]["Plan"]))
+    kinds = [(n["Node Type"], n.get("Index Name")) for n in nodes]
+    assert not any(
+        n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "outbox_jobs" for n in nodes
+    ), kinds
+    assert any(name is not None for _, name in kinds), kinds
