@@ -53,32 +53,19 @@ async def _end_open_transaction(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-async def _plan_once(conn: asyncpg.Connection) -> None:
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
-
-
 async def create_pool(
     dsn: str,
     *,
     size: int,
     prepared_statements: bool,
     session_state: bool = True,
-    generic_plans: bool = False,
 ) -> asyncpg.Pool:
     """A pool that is usable even when the server is not up yet: it connects lazily.
 
     ``session_state=False`` is for the worker's own statements, which never SET, LISTEN or
     take session locks: releasing a connection then costs no round trip, where asyncpg's
     default reset sends one (``RESET ALL``, ``UNLISTEN *``, …) on every release.
-
-    ``generic_plans`` (with prepared statements, and only for statements whose generic plan
-    is checked, see tests/test_claiming.py): plan each prepared statement once instead of on
-    every execution. PostgreSQL keeps re-planning the hot statements because the generic
-    estimate for ``LIMIT $2`` is far above the usual claim; that planning cost 10-15 % of a
-    drain. Set per connection when it opens, so it needs ``session_state=False``.
     """
-    if generic_plans and session_state:
-        raise ValueError("generic_plans needs session_state=False: a reset would undo it")
     return await asyncpg.create_pool(
         dsn,
         min_size=0,
@@ -88,7 +75,6 @@ async def create_pool(
         statement_cache_size=1024 if prepared_statements else 0,
         max_inactive_connection_lifetime=300,
         reset=None if session_state else _end_open_transaction,
-        init=_plan_once if generic_plans and prepared_statements else None,
     )
 
 

@@ -140,8 +140,7 @@ JOIN unnest(CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[])) AS k(task, ded
 # (the slots the worker reserved), $3 worker id, $4 lease seconds.
 # PRINCIPLES rule 3: lock in a MATERIALIZED CTE, then update, so that no more than $2 rows are
 # ever claimed. Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows; the
-# update finds the rows by primary key (= ANY(ARRAY(...)), so that a generic plan, which guesses
-# LIMIT $2 at a tenth of the table, does not hash-join the whole table instead).
+# update finds the rows by primary key (= ANY(ARRAY(...))).
 _CLAIMABLE = """
 claimable AS MATERIALIZED (
     SELECT id

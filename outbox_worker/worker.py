@@ -53,10 +53,8 @@ class WorkerOptions:
     metrics_interval: float = 15.0
 
 
-# Completer, heartbeat, rescuer, pruner and gauges: one connection each at most.
-SERVICE_POOL_SIZE = 5
-# The claimer: the producer's claim and the completer's complete-and-claim.
-CLAIM_POOL_SIZE = 2
+# Producer (claims), completer, heartbeat, rescuer, pruner and gauges: one connection each.
+SERVICE_POOL_SIZE = 6
 
 
 def new_worker_id() -> str:
@@ -125,19 +123,11 @@ class Worker:
             prepared_statements=opts.prepared_statements,
             session_state=False,
         )
-        # The hot path's statements, planned once per connection (see db.create_pool).
-        claim_pool = await db.create_pool(
-            opts.dsn,
-            size=CLAIM_POOL_SIZE,
-            prepared_statements=opts.prepared_statements,
-            session_state=False,
-            generic_plans=True,
-        )
         handler_pool = await db.create_pool(
             opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
         )
         claimer = Claimer(
-            pool=claim_pool,
+            pool=pool,
             worker_id=self.worker_id,
             queues=self.queues,
             concurrency=opts.concurrency,
@@ -236,7 +226,6 @@ class Worker:
         finally:
             watchdog.stop()
             await pool.close()
-            await claim_pool.close()
             await handler_pool.close()
             self.log.info("worker_stopped", processed=self.processed)
 
