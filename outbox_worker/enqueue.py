@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker import metrics, sql
@@ -367,16 +367,17 @@ async def enqueue(
 _ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8)
 
 
-def _insert_many(rows: list[_Row]) -> tuple[TextClause, dict[str, Any]]:
-    """JOB_INSERT_MANY_UNIFORM for unkeyed jobs alike but for their args, else
-    JOB_INSERT_MANY with one array per column."""
+async def _insert_many(session: Executor, rows: list[_Row]) -> Sequence[Sequence[Any]]:
+    """(id, run_at, created_at) per row, NULLs for a key that exists: JOB_INSERT_MANY_UNIFORM
+    for unkeyed jobs alike but for their args, else JOB_INSERT_MANY."""
     first = rows[0]
     common = _ALL_BUT_ARGS(first)
     if first.dedupe_key is None and all(_ALL_BUT_ARGS(row) == common for row in rows):
         params = first._asdict()
         del params["dedupe_key"]
         params["args"] = [row.args for row in rows]
-        return _JOB_INSERT_MANY_UNIFORM, params
+        ids, run_at, created_at = (await session.execute(_JOB_INSERT_MANY_UNIFORM, params)).one()
+        return [(job_id, run_at, created_at) for job_id in ids]
     # zip(*rows) transposes the rows into columns, in _Row's order, without a dict per job.
     arrays = (
         "queues",
@@ -389,7 +390,8 @@ def _insert_many(rows: list[_Row]) -> tuple[TextClause, dict[str, Any]]:
         "dedupe_keys",
         "correlation_ids",
     )
-    return _JOB_INSERT_MANY, dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
+    params = dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
+    return (await session.execute(_JOB_INSERT_MANY, params)).all()
 
 
 async def enqueue_many(
@@ -413,7 +415,7 @@ async def enqueue_many(
     if not rows:
         return []
     await _backpressure().check(session, {row.queue for row in rows})
-    answer = (await session.execute(*_insert_many(rows))).all()
+    answer = await _insert_many(session, rows)
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)

@@ -95,8 +95,9 @@ ORDER BY input.ord
 # A batch of one task's jobs that differ only in their args and have no key (a fan-out, the
 # common use of enqueue_many): :args (JSON text[]), and JOB_INSERT's other parameters once
 # for all. Nothing can conflict, so every row is written and the ids drawn for the input are
-# the answer: no ON CONFLICT, sort or join back, and one array to encode instead of nine.
-# created_at is its column default, the transaction's now(). Index: none read.
+# the answer: no ON CONFLICT, sort or join back, one array to encode instead of nine, and one
+# row back: the ids in input order, and the run_at and created_at all the rows share
+# (created_at is its column default, the transaction's now()). Index: none read.
 JOB_INSERT_MANY_UNIFORM = """
 WITH input AS MATERIALIZED (
     SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id,
@@ -112,9 +113,8 @@ j AS (
     SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id
     FROM input
 )
-SELECT id, run_at, now() AS created_at
+SELECT array_agg(id ORDER BY ord) AS ids, min(run_at) AS run_at, now() AS created_at
 FROM input
-ORDER BY ord
 """
 
 # :task, :dedupe_key. Index: outbox_jobs_dedupe_idx.
