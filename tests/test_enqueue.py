@@ -6,6 +6,7 @@ so a Job that disagrees with the table fails.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
@@ -24,14 +25,17 @@ from outbox_worker import (
     InvalidName,
     InvalidOption,
     Job,
+    JobContext,
     JobState,
     NewJob,
     OutboxError,
+    Registry,
     UnknownTask,
     current_correlation_id,
     enqueue,
     enqueue_many,
 )
+from outbox_worker.enqueue import _find_task
 from tests.workload import registry
 
 Executor = AsyncSession | AsyncConnection
@@ -509,6 +513,26 @@ async def test_enqueue_many_of_nothing(db: Executor, pool: asyncpg.Pool) -> None
     assert await enqueue_many(db, []) == []
     await db.commit()
     assert await job_rows(pool) == []
+
+
+def test_task_names_resolve_in_any_live_registry_and_die_with_theirs() -> None:
+    """Registries are found by name without walking all of them, yet a name whose registry
+    was dropped is unknown again unless another live registry has it."""
+
+    async def short_lived(ctx: JobContext) -> None:
+        return None
+
+    first, second = Registry(), Registry()
+    first.add(short_lived, name="short_lived_task")
+    second.add(short_lived, name="short_lived_task", queue="second")
+    assert _find_task("short_lived_task").queue == "second"  # the last one added
+    del second
+    gc.collect()
+    assert _find_task("short_lived_task").queue == "default"  # found in the one left
+    del first
+    gc.collect()
+    with pytest.raises(UnknownTask):
+        _find_task("short_lived_task")
 
 
 # ---------------------------------------------------------------------------------------------
