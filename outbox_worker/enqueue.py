@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from prometheus_client import Counter
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -76,6 +77,12 @@ class NewJob:
 
 
 @functools.cache
+def _enqueued(task: str, queue: str) -> Counter:
+    """The counter's child for (task, queue), looked up once: labels() takes a lock."""
+    return metrics.ENQUEUED.labels(task, queue)
+
+
+@functools.cache
 def _default_max_args_bytes() -> int:
     return WorkerSettings().max_args_bytes
 
@@ -102,6 +109,8 @@ class Backpressure:
         self._fine_until: dict[str, float] = {}
 
     async def check(self, session: Executor, queues: set[str]) -> None:
+        if not self.limits:
+            return
         now = time.monotonic()
         for queue in sorted(queues):
             limit = self.limits.get(queue)
@@ -351,7 +360,7 @@ async def enqueue(
     for _ in range(3):
         inserted = (await session.execute(_JOB_INSERT, params)).first()
         if inserted is not None:
-            metrics.ENQUEUED.labels(row.task, row.queue).inc()
+            _enqueued(row.task, row.queue).inc()
             return _written(row, job.args, inserted)
         existing = (
             (await session.execute(_JOB_GET_BY_KEY, {"task": task, "dedupe_key": row.dedupe_key}))
@@ -422,7 +431,7 @@ async def enqueue_many(
     ]
     written = collections.Counter((job.task, job.queue) for job in result if job is not None)
     for (task, queue), count in written.items():
-        metrics.ENQUEUED.labels(task, queue).inc(count)
+        _enqueued(task, queue).inc(count)
     missing = [i for i, job in enumerate(result) if job is None]
     if missing:
         found = (
