@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -16,25 +15,11 @@ import pytest
 
 from outbox_worker.devdb import PostgresServer
 from tests.conftest import WorkerProcess, wait_until
+from tests.faults.harness import DOWN, fetch_retrying
+from tests.faults.invariants import log_events
 
 # With 5 s polling, a wake-up within this bound can only come from NOTIFY.
 NOTIFY_BOUND = timedelta(seconds=1)
-
-
-def _events(worker: WorkerProcess, name: str | None = None) -> list[dict[str, Any]]:
-    """The worker's structured log lines (JSON), optionally only those of one event."""
-    found: list[dict[str, Any]] = []
-    for line in worker.output().splitlines():
-        line = line.strip()
-        if not line.startswith("{"):
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and (name is None or entry.get("event") == name):
-            found.append(entry)
-    return found
 
 
 async def _insert_sleepy(pool: asyncpg.Pool, count: int, seconds: float) -> list[int]:
@@ -98,9 +83,9 @@ async def test_sigterm_lets_in_flight_jobs_finish(
         "SELECT count(*) FROM test_executions WHERE event = 'end' AND pid = $1", w.pid
     )
     assert ends == len(ids)
-    assert _events(w, "worker_stopping")
-    assert _events(w, "draining")
-    assert not _events(w, "job_released")
+    assert log_events(w, "worker_stopping")
+    assert log_events(w, "draining")
+    assert not log_events(w, "job_released")
 
 
 async def test_sigterm_after_drain_timeout_releases_jobs(
@@ -126,7 +111,7 @@ async def test_sigterm_after_drain_timeout_releases_jobs(
         (r["id"], r["state"], r["attempts"], r["locked_by"], r["locked_until"], r["due"])
         for r in rows
     ] == [(job_id, "queued", 0, None, None, True) for job_id in ids]
-    assert len(_events(w, "job_released")) == len(ids)
+    assert len(log_events(w, "job_released")) == len(ids)
     assert await pool.fetchval("SELECT count(*) FROM test_executions WHERE event = 'end'") == 0
 
     # Released means due at once: another worker picks them up (shorter now) and finishes.
@@ -186,7 +171,7 @@ async def test_leases_are_kept_alive_while_draining(
         + [(job_id, 1, a.pid, "end") for job_id in ids]
     ), f"leases lapsed during drain: {sorted(set(lapsed))}; executions: {runs}"
     assert lapsed == []
-    assert not _events(b, "job_rescued")
+    assert not log_events(b, "job_rescued")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,7 +196,7 @@ async def test_burst_exits_when_no_due_job_is_left(
     row = await pool.fetchrow("SELECT state, attempts FROM outbox_jobs WHERE id = $1", later)
     assert row is not None
     assert (row["state"], row["attempts"]) == ("queued", 0)
-    assert _events(w, "burst_done")
+    assert log_events(w, "burst_done")
 
 
 async def test_burst_with_empty_queue_exits_zero(
@@ -219,7 +204,7 @@ async def test_burst_with_empty_queue_exits_zero(
 ) -> None:
     w = spawn_worker("--burst")
     assert w.wait(30) == 0, w.output()
-    assert _events(w, "burst_done")
+    assert log_events(w, "burst_done")
     assert await _states(pool) == {}
 
 
@@ -252,7 +237,7 @@ async def _assert_woken_by_notify(pool: asyncpg.Pool, inserts: int) -> None:
 
 
 def _listens(worker: WorkerProcess) -> int:
-    return len(_events(worker, "listening"))
+    return len(log_events(worker, "listening"))
 
 
 async def test_idle_worker_is_woken_by_notify(
@@ -309,7 +294,7 @@ async def test_killed_connections_are_replaced(
         return _listens(w) >= 2
 
     await wait_until(relistening, timeout=20, what="the listener to reconnect")
-    assert _events(w, "listener_lost")
+    assert log_events(w, "listener_lost")
     # Re-armed: wake-ups come from NOTIFY again, not from the 5 s poll.
     await _assert_woken_by_notify(pool, 2)
 
@@ -338,38 +323,11 @@ async def test_killed_connections_are_replaced(
 # Database restart
 # ---------------------------------------------------------------------------------------------
 
-# What a client sees while the server stops, is down, or recovers; any other error is a bug.
-_DOWN = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-
-
-async def _fetch_retrying(url: str, query: str, *args: Any, timeout: float = 60) -> list[Any]:
-    """One statement on a fresh connection, retried while the server is away."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            conn = await asyncpg.connect(url, timeout=5)
-            try:
-                rows: list[Any] = await conn.fetch(query, *args, timeout=10)
-                return rows
-            finally:
-                with contextlib.suppress(Exception):
-                    await conn.close(timeout=2)
-        except (*_DOWN, TimeoutError):
-            if loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
 
 async def _ensure_server_up(pg_server: PostgresServer) -> None:
     try:
         conn = await asyncpg.connect(pg_server.url_for("postgres"), timeout=5)
-    except (*_DOWN, TimeoutError):
+    except DOWN:
         await asyncio.to_thread(pg_server.start_server)
     else:
         await conn.close()
@@ -396,19 +354,19 @@ async def test_worker_survives_database_restarts(
         nonlocal enqueued
         # Idempotent batches (dedupe keys): a retry after a lost commit cannot add rows.
         for first in range(1, total + 1, batch):
-            await _fetch_retrying(database_url, ENQUEUE_BATCH, first, first + batch - 1)
+            await fetch_retrying(database_url, ENQUEUE_BATCH, first, first + batch - 1)
             enqueued = first + batch - 1
             await asyncio.sleep(0.1)
 
     async def succeeded() -> int:
-        rows = await _fetch_retrying(
+        rows = await fetch_retrying(
             database_url, "SELECT count(*) AS n FROM outbox_jobs WHERE state = 'succeeded'"
         )
         n: int = rows[0]["n"]
         return n
 
     async def db_now() -> Any:
-        return (await _fetch_retrying(database_url, "SELECT now() AS t"))[0]["t"]
+        return (await fetch_retrying(database_url, "SELECT now() AS t"))[0]["t"]
 
     async def enqueued_at_least(n: int) -> bool:
         return enqueued >= n
@@ -431,7 +389,7 @@ async def test_worker_survives_database_restarts(
                 await enqueuer
         await _ensure_server_up(pg_server)
 
-    windows = await _fetch_retrying(
+    windows = await fetch_retrying(
         database_url,
         "SELECT count(*) FILTER (WHERE created_at < $1) AS before_first, "
         "count(*) FILTER (WHERE created_at > $1 AND created_at < $2) AS between, "
@@ -448,21 +406,21 @@ async def test_worker_survives_database_restarts(
         return await succeeded() == total
 
     await wait_until(all_done, timeout=60, interval=0.3, what="every job to succeed")
-    rows = await _fetch_retrying(
+    rows = await fetch_retrying(
         database_url, "SELECT state, count(*) AS n FROM outbox_jobs GROUP BY state"
     )
     assert {r["state"]: r["n"] for r in rows} == {"succeeded": total}
-    ran = await _fetch_retrying(
+    ran = await fetch_retrying(
         database_url, "SELECT count(DISTINCT job_id) AS n FROM test_executions"
     )
     assert ran[0]["n"] == total
 
     assert w.proc.poll() is None, w.output()
-    assert _events(w, "database_retry")
-    assert _events(w, "listener_lost")
+    assert log_events(w, "database_retry")
+    assert log_events(w, "listener_lost")
     w.signal(signal.SIGTERM)
     assert w.wait(30) == 0, w.output()
-    assert _events(w, "worker_stopping")
+    assert log_events(w, "worker_stopping")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +438,6 @@ async def test_blocked_event_loop_is_detected(
         "VALUES ('blocks_loop', '{\"seconds\": 1.5}') RETURNING id"
     )
     await w.wait_for_log("event_loop_blocked", timeout=20)
-    blocked = _events(w, "event_loop_blocked")
+    blocked = log_events(w, "event_loop_blocked")
     assert any(job_id in entry.get("jobs", []) for entry in blocked), blocked
     assert blocked[0]["level"] == "error"

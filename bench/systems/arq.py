@@ -7,22 +7,14 @@ from typing import Any
 
 from bench.measure import Stamps, emit
 from bench.systems import redisbase
-from bench.systems.base import Client, System, WorkerOpts, child_main
+from bench.systems.base import Client, WorkerOpts, child_main
 
 
-class Arq(System):
+class Arq(redisbase.RedisSystem):
     name = "arq"
     module = "bench.systems.arq"
+    packages = ("arq", "redis")
     has_batch = False
-
-    def missing(self) -> str | None:
-        return redisbase.missing("arq", "redis")
-
-    async def prepare(self, url: str) -> None:
-        return None
-
-    async def reset(self) -> None:
-        await redisbase.flush()
 
     async def fill(self, url: str, jobs: int) -> None:
         await redisbase.flush()

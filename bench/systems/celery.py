@@ -12,7 +12,7 @@ from typing import Any
 
 from bench.measure import Stamps, emit
 from bench.systems import redisbase
-from bench.systems.base import Client, System, WorkerOpts, child_main
+from bench.systems.base import Client, WorkerOpts, child_main
 
 BROKER = f"redis://{redisbase.REDIS_HOST}:{redisbase.REDIS_PORT}/0"
 
@@ -37,19 +37,11 @@ def make_app() -> Any:
     return app
 
 
-class CeleryPeer(System):
+class CeleryPeer(redisbase.RedisSystem):
     name = "celery"
     module = "bench.systems.celery"
+    packages = ("celery", "redis")
     exits_when_empty = False
-
-    def missing(self) -> str | None:
-        return redisbase.missing("celery", "redis")
-
-    async def prepare(self, url: str) -> None:
-        return None
-
-    async def reset(self) -> None:
-        await redisbase.flush()
 
     async def fill(self, url: str, jobs: int) -> None:
         await redisbase.flush()

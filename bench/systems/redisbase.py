@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import socket
 
+from bench.systems.base import System
+
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 
@@ -37,3 +39,18 @@ async def flush() -> None:
         await client.flushdb()
     finally:
         await client.aclose()
+
+
+class RedisSystem(System):
+    """A peer whose queue lives in Redis: no PostgreSQL schema, a flushed Redis per run."""
+
+    packages: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        return missing(*self.packages)
+
+    async def prepare(self, url: str) -> None:
+        return None
+
+    async def reset(self) -> None:
+        await flush()
