@@ -46,12 +46,19 @@ async def execute(url: str, *statements: str) -> None:
         await conn.close()
 
 
-async def fetchval(url: str, query: str) -> object:
+async def fetchrow(url: str, query: str) -> asyncpg.Record:
     conn = await asyncpg.connect(url)
     try:
-        return await conn.fetchval(query)
+        row: asyncpg.Record | None = await conn.fetchrow(query)
     finally:
         await conn.close()
+    if row is None:
+        raise ValueError(f"no row from {query!r}")
+    return row
+
+
+async def fetchval(url: str, query: str) -> object:
+    return (await fetchrow(url, query))[0]
 
 
 async def create_template(server: PostgresServer, name: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 
+from bench import pg
 from bench.context import Context
 from bench.measure import BenchError
 from bench.systems import load
@@ -18,6 +19,21 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def check_rows(url: str, which: str) -> None:
+    """The routes must differ by the outbox and nothing else: one job per report row on
+    /reports, report rows and no job on /reports-no-job."""
+    reports, jobs, linked = await pg.fetchrow(
+        url,
+        "SELECT (SELECT count(*) FROM reports), (SELECT count(*) FROM outbox_jobs),"
+        " (SELECT count(*) FROM reports r JOIN outbox_jobs j ON j.id = r.job_id)",
+    )
+    expected = (reports, reports) if which == "job" else (0, 0)
+    if not reports or (jobs, linked) != expected:
+        raise BenchError(
+            f"{which} route wrote {reports} reports, {jobs} jobs, {linked} linked to their report"
+        )
 
 
 async def run_once(ctx: Context, which: str, path: str) -> None:
@@ -63,6 +79,7 @@ async def run_once(ctx: Context, which: str, path: str) -> None:
             )
             client.start()
             await client.wait_ok(60 + cfg.http_seconds + cfg.http_warmup)
+            await check_rows(url, which)
         finally:
             server.terminate()
             try:
