@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
+# What bounds the targets `make bench` misses: the ways of enqueueing one job side by side
+# (bench/README.md, "What bounds the targets missed"), about 40 s.
+.PHONY: bench-bounds
+bench-bounds: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m bench.bounds
+
 # The soak (issue 5): steady enqueueing through HTTP, Python and SQL while workers are
 # killed and stopped, PostgreSQL restarted and connections killed; then every invariant is
 # checked and a table printed. Not part of `make test`. A few minutes by default:

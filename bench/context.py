@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from bench import pg
 from bench.config import Config
@@ -16,6 +17,8 @@ from bench.measure import Child, Sample, child_env
 from bench.systems import load
 from bench.systems.base import System, Variant
 from outbox_worker.devdb import PostgresServer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -68,7 +71,7 @@ class Context:
             await pg.drop(self.server, name)
 
 
-def rotated(items: list[Variant], turn: int) -> list[Variant]:
+def rotated(items: list[T], turn: int) -> list[T]:
     """The same items starting at a different one each repetition (interleaved order)."""
     if not items:
         return items

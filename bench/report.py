@@ -40,6 +40,18 @@ ROWS = (
     Row("http_job_p99", "POST /reports with its job, p99 (ms)", False, compare=False),
     Row("http_nojob_rps", "insert-only route, no job (requests/s)", True, compare=False),
     Row("http_nojob_p99", "insert-only route, no job, p99 (ms)", False, compare=False),
+    Row(
+        "http_bare_rps",
+        "route with the job as a bare INSERT, no enqueue code (requests/s)",
+        True,
+        compare=False,
+    ),
+    Row(
+        "http_bare_p99",
+        "route with the job as a bare INSERT, no enqueue code, p99 (ms)",
+        False,
+        compare=False,
+    ),
 )
 
 

@@ -1,17 +1,19 @@
 """The outbox's cost on the request path: ``POST /reports`` (report row + its job, one
-transaction) against ``POST /reports-no-job`` (the report row only), each under the same
-closed-loop load on loopback, against a fresh uvicorn process on a fresh database."""
+transaction) against ``POST /reports-no-job`` (the report row only) and against
+``POST /reports-bare-job`` (the same job row as a bare INSERT, none of enqueue's code), each
+under the same closed-loop load on loopback, against a fresh uvicorn process on a fresh
+database, each repetition starting at a different route."""
 
 from __future__ import annotations
 
 import socket
 
 from bench import pg
-from bench.context import Context
+from bench.context import Context, rotated
 from bench.measure import BenchError
 from bench.systems import load
 
-ROUTES = (("job", "/reports"), ("nojob", "/reports-no-job"))
+ROUTES = (("job", "/reports"), ("nojob", "/reports-no-job"), ("bare", "/reports-bare-job"))
 
 
 def free_port() -> int:
@@ -22,14 +24,14 @@ def free_port() -> int:
 
 
 async def check_rows(url: str, which: str) -> None:
-    """The routes must differ by the outbox and nothing else: one job per report row on
-    /reports, report rows and no job on /reports-no-job."""
+    """The routes must differ by the outbox and nothing else: one job per report row, linked,
+    on /reports and /reports-bare-job; report rows and no job on /reports-no-job."""
     reports, jobs, linked = await pg.fetchrow(
         url,
         "SELECT (SELECT count(*) FROM reports), (SELECT count(*) FROM outbox_jobs),"
         " (SELECT count(*) FROM reports r JOIN outbox_jobs j ON j.id = r.job_id)",
     )
-    expected = (reports, reports) if which == "job" else (0, 0)
+    expected = (0, 0) if which == "nojob" else (reports, reports)
     if not reports or (jobs, linked) != expected:
         raise BenchError(
             f"{which} route wrote {reports} reports, {jobs} jobs, {linked} linked to their report"
@@ -103,5 +105,5 @@ async def run(ctx: Context) -> None:
     if not any(v.system == "pgoutbox" for v in ctx.variants):
         return
     for turn in range(ctx.config.repeat):
-        for which, path in ROUTES if turn % 2 == 0 else ROUTES[::-1]:
+        for which, path in rotated(list(ROUTES), turn):
             await run_once(ctx, which, path)

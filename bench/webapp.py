@@ -6,21 +6,41 @@ it sits in the same router (so FastAPI routes to it the same way), takes the sam
 ``Idempotency-Key`` header, runs in the same session dependency (one transaction per
 request), writes the report row with the same statement minus its job id, and answers with
 the same response model. The difference between the two routes is the outbox's cost.
+
+``POST /reports-bare-job`` writes the same job row as ``POST /reports`` with pgoutbox's INSERT
+sent as a bare ``text()`` statement, none of ``enqueue``'s code: the floor for any enqueue
+that runs as a statement of the caller's session.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated
 
 from fastapi import Header, HTTPException, status
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from app.api.deps import SessionDep
 from app.api.routes import reports
 from app.main import create_app
 from app.models import Report
 from app.schemas import ReportIn, ReportQueued
+from app.tasks import registry
+from outbox_worker import sql
+from outbox_worker.registry import TaskSpec
+
+_JOB_INSERT = text(sql.JOB_INSERT)
+
+
+def _report_task() -> TaskSpec:
+    spec = registry.get("generate_report")
+    if spec is None:
+        raise RuntimeError("the sample app has no generate_report task")
+    return spec
+
+
+_REPORT_TASK = _report_task()
 
 
 # reports.router is included lazily, so a route added to it here is routed like /reports.
@@ -36,6 +56,33 @@ async def create_report_no_job(
     report_id = uuid.uuid4()
     await session.execute(insert(Report).values(id=report_id, params=params))
     return ReportQueued(report_id=report_id, job_id=0)
+
+
+@reports.router.post("/reports-bare-job", status_code=status.HTTP_202_ACCEPTED)
+async def create_report_bare_job(
+    session: SessionDep,
+    body: ReportIn | None = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> ReportQueued:
+    if idempotency_key is not None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the bench route takes no key")
+    params = (body or ReportIn()).model_dump(mode="json", exclude_defaults=True)
+    report_id = uuid.uuid4()
+    spec = _REPORT_TASK
+    job = {
+        "queue": spec.queue,
+        "task": spec.name,
+        "args": json.dumps({"report_id": str(report_id)}),
+        "priority": spec.priority,
+        "max_attempts": spec.max_attempts,
+        "run_at": None,
+        "delay": 0.0,
+        "dedupe_key": str(report_id),
+        "correlation_id": None,
+    }
+    job_id = (await session.execute(_JOB_INSERT, job)).scalar_one()
+    await session.execute(insert(Report).values(id=report_id, params=params, job_id=job_id))
+    return ReportQueued(report_id=report_id, job_id=job_id)
 
 
 app = create_app()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench import bounds
 from bench.config import SECTIONS, configure
 from bench.report import TARGETS, render
 from bench.run import run_suite
@@ -29,7 +30,7 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
     for row in ("lat_p50", "lat_p99", "enqueue_batch"):
         assert (row, "pgoutbox") in measured
         assert (row, "raw SQL") in measured
-    for row in ("growth_empty", "growth_big", "http_job_rps", "http_nojob_rps"):
+    for row in ("growth_empty", "growth_big", "http_job_rps", "http_nojob_rps", "http_bare_rps"):
         assert (row, "pgoutbox") in measured, row
     for (row, column), sample in ctx.results.items():
         assert all(value > 0 for value in sample.values), (row, column, sample.values)
@@ -39,3 +40,27 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
     assert "| processing, 1 worker process (jobs/s) |" in text
     assert "| POST /reports with its job (requests/s) |" in text
     assert text.count("\n- ") >= len(TARGETS)
+
+
+async def test_bounds_smoke_run_measures_every_way(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    ways, statements, table = await bounds.run(
+        pg_server, tmp_path, calls=30, idle_calls=3, verbose=False
+    )
+
+    labels = [way.label for way in ways]
+    assert "raw INSERT (autocommit)" in labels
+    assert "AsyncSession: enqueue() (pgoutbox)" in labels
+    for way in ways:
+        assert len(way.wall) == 3, way.label
+        assert len(way.idle) == 3, way.label
+        assert all(value > 0 for value in [*way.wall, *way.cpu, *way.idle]), way.label
+        if way.label.startswith("AsyncSession"):
+            assert len(way.steps) == 3, way.label
+        assert f"| {way.label} |" in table
+    assert len(statements) == 4
+    for statement in statements:
+        assert len(statement.cpu) == 3, statement.label
+        assert all(value > 0 for value in statement.cpu), statement.label
+        assert f"| {statement.label} |" in table
