@@ -50,6 +50,8 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 _SCALARS = (str, int, float, bool, type(None))
 _QUEUED = JobState.QUEUED
+# asyncpg encodes these two instants as -infinity and infinity (outbox_jobs_run_at_readable).
+_INFINITIES = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
 # Built once: text() parses its bind parameters on construction.
@@ -254,9 +256,14 @@ def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec, correlation_id: s
         if not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None:
             raise InvalidOption("run_at must be a timezone-aware datetime")
         try:
-            job.run_at.astimezone(UTC)
+            utc = job.run_at.astimezone(UTC)
         except OverflowError as exc:
             raise InvalidOption("run_at is out of range once converted to UTC") from exc
+        if utc in _INFINITIES:
+            raise InvalidOption(
+                "run_at must lie after datetime.min and before datetime.max (in UTC): "
+                "those two are sent as -infinity and infinity, which the table refuses"
+            )
     delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay
     if delay is None:
         delay = 0.0

@@ -71,6 +71,12 @@ outbox_jobs = Table(
         "jsonb_typeof(args) = 'object'",
         name="outbox_jobs_args_is_object",
     ),
+    # Python's datetime (so asyncpg) reads no timestamptz outside years 1 to 9999, and reads
+    # infinity as a naive datetime: one such row would break every listing that includes it.
+    CheckConstraint(
+        "run_at >= '0001-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00'",
+        name="outbox_jobs_run_at_readable",
+    ),
     # Serves JOB_CLAIM exactly: due queued jobs in priority, then run_at, then id order.
     Index(
         "outbox_jobs_claim_idx",

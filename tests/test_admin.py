@@ -7,6 +7,7 @@ import json
 import re
 import signal
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 
 import asyncpg
 import httpx
@@ -351,3 +352,26 @@ async def test_retry_of_dead_jobs_forgets_an_old_cancel_request(
     await pool.execute("UPDATE outbox_jobs SET cancel_requested_at = now()")
     assert (await client.post("/jobs/retry-dead", headers=AUTH)).json()["retried"] == [job_id]
     assert await pool.fetchval("SELECT cancel_requested_at FROM outbox_jobs") is None
+
+
+async def test_jobs_at_the_edges_of_run_at_list_and_show(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    """The edges the table allows (outbox_jobs_run_at_readable) are readable everywhere: a row
+    one step outside them used to make every listing that included it fail."""
+    # As text: asyncpg would send these two instants as -infinity and infinity.
+    insert = "INSERT INTO outbox_jobs (task, run_at) VALUES ('echo', $1::text::timestamptz)"
+    first = await pool.fetchval(f"{insert} RETURNING id", "0001-01-01 00:00:00+00")
+    last = await pool.fetchval(f"{insert} RETURNING id", "9999-12-31 23:59:59.999999+00")
+
+    listed = await client.get("/jobs", headers=AUTH)
+
+    assert listed.status_code == 200, listed.text
+    run_at = {item["id"]: item["run_at"] for item in listed.json()["items"]}
+    assert datetime.fromisoformat(run_at[first]) == datetime(1, 1, 1, tzinfo=UTC)
+    assert datetime.fromisoformat(run_at[last]) == datetime(
+        9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC
+    )
+    for job_id in (first, last):
+        shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+        assert shown.status_code == 200, shown.text

@@ -596,6 +596,14 @@ BAD_ENQUEUES: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ("delay-str", {"delay": "10"}, InvalidOption),
     ("run-at-naive", {"run_at": datetime(2030, 1, 1)}, InvalidOption),
     ("run-at-str", {"run_at": "2030-01-01T00:00:00+00:00"}, InvalidOption),
+    # asyncpg sends these two instants as -infinity and infinity
+    ("run-at-datetime-min", {"run_at": datetime.min.replace(tzinfo=UTC)}, InvalidOption),
+    ("run-at-datetime-max", {"run_at": datetime.max.replace(tzinfo=UTC)}, InvalidOption),
+    (
+        "run-at-datetime-min-elsewhere",
+        {"run_at": datetime(1, 1, 1, 2, tzinfo=timezone(timedelta(hours=2)))},
+        InvalidOption,
+    ),
     ("delay-and-run-at", {"delay": 5, "run_at": datetime(2030, 1, 1, tzinfo=UTC)}, InvalidOption),
     ("priority-too-big", {"priority": 2**31}, InvalidOption),
     ("priority-too-small", {"priority": -(2**31) - 1}, InvalidOption),
@@ -801,6 +809,21 @@ BAD_INSERTS: list[tuple[str, str, str]] = [
         "INSERT INTO outbox_jobs (task, state, attempts, max_attempts) "
         "VALUES ('echo', 'queued', 5, 5)",
         "outbox_jobs_queued_has_attempts_left",
+    ),
+    *(
+        (
+            f"run-at-{name}",
+            f"INSERT INTO outbox_jobs (task, run_at) VALUES ('echo', '{value}')",
+            "outbox_jobs_run_at_readable",
+        )
+        for name, value in [
+            ("bc", "0001-12-31 23:59:59 BC"),
+            ("earliest-postgres-takes", "4713-01-01 00:00:00+00 BC"),
+            ("year-10000", "10000-01-01 00:00:00+00"),
+            ("infinity", "infinity"),
+            ("minus-infinity", "-infinity"),
+            ("just-before-year-1-utc", "0001-01-01 00:00:00+01"),
+        ]
     ),
     (
         "running-without-locked-by",

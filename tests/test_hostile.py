@@ -409,8 +409,6 @@ ROWS: list[tuple[str, str, str, dict[str, Any], str, list[str]]] = [
     ("not-identifier-keys", "echo", '{"": 1, "a b": 2, "ü": 3}', {}, "succeeded", []),
     ("priority-max", "echo", "{}", {"priority": INT32_MAX}, "succeeded", []),
     ("priority-min", "echo", "{}", {"priority": -(2**31)}, "succeeded", []),
-    ("run-at-minus-infinity", "echo", "{}", {"run_at": "-infinity"}, "succeeded", []),
-    ("run-at-4713-bc", "echo", "{}", {"run_at": "4713-01-01 00:00:00+00 BC"}, "succeeded", []),
     ("run-at-year-1", "echo", "{}", {"run_at": "0001-01-01 00:00:00+00"}, "succeeded", []),
     ("key-10k", "echo", "{}", {"dedupe_key": "k" * 10240}, "succeeded", []),
     ("correlation-emoji", "echo", "{}", {"correlation_id": ZWJ_FAMILY + RTL}, "succeeded", []),

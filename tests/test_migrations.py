@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import asyncpg
 from alembic.autogenerate import compare_metadata
@@ -68,3 +69,36 @@ async def test_downgrade_then_upgrade_round_trips(database_url: str, pool: async
     )
     await asyncio.to_thread(command.upgrade, config, "head")
     assert await shape() == before
+
+
+async def test_0005_moves_unreadable_run_at_to_the_edges(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    config = alembic_config(database_url)
+    await asyncio.to_thread(command.downgrade, config, "0004")
+    values = [
+        "0100-06-01 12:00:00 BC",
+        "-infinity",
+        "2030-01-01 00:00:00+00",
+        "12000-01-01 00:00:00+00",
+        "infinity",
+    ]
+    for value in values:
+        await pool.execute(
+            "INSERT INTO outbox_jobs (task, run_at) VALUES ('echo', $1::text::timestamptz)", value
+        )
+
+    await asyncio.to_thread(command.upgrade, config, "head")
+
+    rows = await pool.fetch("SELECT run_at FROM outbox_jobs ORDER BY id")
+    assert [row["run_at"] for row in rows] == [
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(2030, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    ]
+    validated = await pool.fetchval(
+        "SELECT convalidated FROM pg_constraint WHERE conname = 'outbox_jobs_run_at_readable'"
+    )
+    assert validated is True
