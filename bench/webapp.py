@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Header, HTTPException, status
 from sqlalchemy import insert, text
@@ -43,6 +43,14 @@ def _report_task() -> TaskSpec:
 _REPORT_TASK = _report_task()
 
 
+def _params(body: ReportIn | None, idempotency_key: str | None) -> dict[str, Any]:
+    """What /reports does with its body and header before it writes (no key: keyed
+    requests take another path there)."""
+    if idempotency_key is not None:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the bench route takes no key")
+    return (body or ReportIn()).model_dump(mode="json", exclude_defaults=True)
+
+
 # reports.router is included lazily, so a route added to it here is routed like /reports.
 @reports.router.post("/reports-no-job", status_code=status.HTTP_202_ACCEPTED)
 async def create_report_no_job(
@@ -50,9 +58,7 @@ async def create_report_no_job(
     body: ReportIn | None = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> ReportQueued:
-    if idempotency_key is not None:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the bench route takes no key")
-    params = (body or ReportIn()).model_dump(mode="json", exclude_defaults=True)
+    params = _params(body, idempotency_key)
     report_id = uuid.uuid4()
     await session.execute(insert(Report).values(id=report_id, params=params))
     return ReportQueued(report_id=report_id, job_id=0)
@@ -64,9 +70,7 @@ async def create_report_bare_job(
     body: ReportIn | None = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> ReportQueued:
-    if idempotency_key is not None:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the bench route takes no key")
-    params = (body or ReportIn()).model_dump(mode="json", exclude_defaults=True)
+    params = _params(body, idempotency_key)
     report_id = uuid.uuid4()
     spec = _REPORT_TASK
     job = {
