@@ -58,7 +58,7 @@ ROWS = (
 def number(value: float) -> str:
     if math.isnan(value):
         return "—"
-    if abs(value) >= 1000:
+    if abs(value) >= 999.5:  # what rounds to 1,000 or more gets its comma
         return f"{value:,.0f}"
     if abs(value) >= 100:
         return f"{value:.0f}"
