@@ -48,6 +48,10 @@ def sqlalchemy_url(url: str) -> str:
     return "postgresql+asyncpg://" + asyncpg_dsn(url).removeprefix("postgresql://")
 
 
+# The longest delay pgoutbox writes into run_at: an enqueue's delay, a retry's backoff.
+MAX_DELAY_SECONDS = 10 * 366 * 86400.0
+
+
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OUTBOX_", extra="ignore")
 
@@ -66,8 +70,11 @@ class WorkerSettings(BaseSettings):
     concurrency: int = Field(default=10, ge=1, le=10_000)
     pool_size: int = Field(default=10, ge=2)
     prepared_statements: bool = True
-    retry_base_seconds: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    retry_cap_seconds: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    # At most MAX_DELAY_SECONDS: a retry must land on a run_at the table takes (years 1 to 9999).
+    retry_base_seconds: float = Field(default=1.0, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
+    retry_cap_seconds: float = Field(
+        default=3600.0, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False
+    )
     retention_succeeded: Duration = timedelta(days=7)
     retention_cancelled: Duration = timedelta(days=7)
     retention_dead: Duration = timedelta(days=30)

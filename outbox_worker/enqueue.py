@@ -23,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker import metrics, sql
-from outbox_worker.config import WorkerSettings
+from outbox_worker.config import MAX_DELAY_SECONDS, WorkerSettings
 from outbox_worker.context import current_correlation_id
 from outbox_worker.errors import (
     ArgsTooLarge,
@@ -41,7 +41,6 @@ from outbox_worker.registry import Registry, TaskSpec
 Executor = AsyncSession | AsyncConnection
 
 INT32_MAX = 2**31 - 1
-MAX_DELAY_SECONDS = 10 * 366 * 86400.0
 MAX_KEY_LENGTH = 512
 MAX_CORRELATION_ID_LENGTH = 255
 # A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".

@@ -104,6 +104,9 @@ def test_missing_database_url_is_one_line_error() -> None:
         pytest.param("DATABASE_URL", "mysql://x/y", "postgresql://", id="non-postgres-url"),
         pytest.param("OUTBOX_CONCURRENCY", "abc", "concurrency", id="env-concurrency"),
         pytest.param("OUTBOX_RETENTION_DEAD", "forever", "retention_dead", id="env-duration"),
+        pytest.param(
+            "OUTBOX_RETRY_CAP_SECONDS", "1e12", "retry_cap_seconds", id="env-retry-cap-past-9999"
+        ),
     ],
 )
 def test_bad_environment_is_one_line_error(variable: str, value: str, mentions: str) -> None:

@@ -25,7 +25,8 @@ import asyncpg
 import pytest
 
 from outbox_worker import NewJob, enqueue, enqueue_many
-from outbox_worker.enqueue import MAX_DELAY_SECONDS, Executor
+from outbox_worker.config import MAX_DELAY_SECONDS
+from outbox_worker.enqueue import Executor
 from outbox_worker.errors import (
     ArgsTooLarge,
     EnqueueError,
