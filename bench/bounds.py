@@ -55,6 +55,8 @@ _JOB_INSERT = text(sql.JOB_INSERT)
 # Session steps, in order: AsyncSession() and begin(); the statement (asyncpg's BEGIN goes out
 # with it, lazily); COMMIT; closing the session (the connection back to the pool).
 STEPS = ("open", "statement", "commit", "close")
+# Back-to-back figures are the median of this many rounds, the ways taking turns.
+ROUNDS = 3
 
 
 @dataclass
@@ -200,32 +202,30 @@ async def open_ways(ctx: Context, stack: AsyncExitStack) -> tuple[list[Way], Asy
 async def measure_statements(engine: AsyncEngine, statements: list[Statement], calls: int) -> None:
     """Each statement ``calls`` times inside one open transaction (rolled back), in rounds:
     what one more statement costs a request that already has its transaction."""
-    rounds = 3
-    for turn in range(rounds):
+    for turn in range(ROUNDS):
         for statement in statements:
             async with AsyncSession(engine) as session:
                 for i in range(min(200, calls) if turn == 0 else 20):
                     await statement.body(session, i)
                 cpu = time.process_time()
-                for i in range(calls // rounds):
+                for i in range(calls // ROUNDS):
                     await statement.body(session, i)
-                statement.cpu.append((time.process_time() - cpu) / (calls // rounds))
+                statement.cpu.append((time.process_time() - cpu) / (calls // ROUNDS))
                 await session.rollback()
 
 
 async def measure(ways: list[Way], calls: int, idle_calls: int, interval: float) -> None:
     """Back to back in rounds, each way in turn; then one call per interval, round robin."""
-    rounds = 3
     for way in ways:
         for i in range(min(200, calls)):  # warm-up: prepared statements, pools, caches
             await way.call(i)
         way.steps.clear()
-    for _ in range(rounds):
+    for _ in range(ROUNDS):
         for way in ways:
             cpu, wall = time.process_time(), time.perf_counter()
-            for i in range(calls // rounds):
+            for i in range(calls // ROUNDS):
                 await way.call(i)
-            n = calls // rounds
+            n = calls // ROUNDS
             way.wall.append((time.perf_counter() - wall) / n)
             way.cpu.append((time.process_time() - cpu) / n)
     for way in ways:

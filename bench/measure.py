@@ -28,6 +28,23 @@ from typing import Any, TextIO
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def git_state(*paths: str) -> tuple[str, bool] | None:
+    """The short HEAD commit and whether ``paths`` have uncommitted changes; None without git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", *paths],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return head, bool(dirty)
+
+
 class BenchError(RuntimeError):
     """A run that did not do what it must (a worker failed, jobs were left over)."""
 

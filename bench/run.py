@@ -15,7 +15,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from bench import pg
 from bench.config import SECTIONS, Config, configure
 from bench.context import Context
-from bench.measure import ROOT, run_async
+from bench.measure import git_state, run_async
 from bench.report import render
 from bench.systems import NAMES, load
 from outbox_worker.devdb import PostgresServer
@@ -65,20 +64,10 @@ REDIS_PEERS = ("arq", "celery")
 
 def revision() -> str:
     """Which pgoutbox was measured: the commit, and whether outbox_worker/ had changes."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", "outbox_worker"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
+    state = git_state("outbox_worker")
+    if state is None or not state[0]:
         return "unknown revision"
-    if not head:
-        return "unknown revision"
+    head, dirty = state
     return f"commit {head}" + (" with uncommitted changes in outbox_worker/" if dirty else "")
 
 

@@ -55,13 +55,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 import bench.soak_tasks  # noqa: F401  (registers the task names enqueue checks against)
 from alembic import command
+from bench.measure import ROOT, git_state
 from bench.soak_check import Fault, Ledger, RunFacts, check, print_table
 from bench.soak_tasks import SOAK_DDL
 from outbox_worker import EnqueueError, NewJob, enqueue, enqueue_many
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, start_embedded
 
-ROOT = Path(__file__).resolve().parent.parent
 REGISTRY = "bench.soak_tasks:registry"
 
 
@@ -991,18 +991,10 @@ async def drain(cluster: Cluster, within: float) -> list[str]:
 
 
 def code_version() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "outbox_worker", "app", "alembic"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
+    state = git_state("outbox_worker", "app", "alembic")
+    if state is None:
         return "unknown"
+    head, dirty = state
     return f"{head}{' + uncommitted changes' if dirty else ''}"
 
 
