@@ -11,7 +11,7 @@ and the database work at the same time instead of in turn.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import asyncpg
 import structlog
@@ -30,6 +30,7 @@ class Claimer:
         concurrency: int,
         lease_seconds: float,
         held: Mapping[int, ClaimedJob],
+        started: Callable[[], Iterable[tuple[int, int]]],
         start: Callable[[ClaimedJob], None],
         wake: Callable[[], None],
         log: structlog.typing.FilteringBoundLogger,
@@ -40,6 +41,7 @@ class Claimer:
         self._concurrency = concurrency
         self._lease_seconds = lease_seconds
         self._held = held
+        self._started = started
         self._start = start
         self._wake = wake
         self._log = log
@@ -47,9 +49,9 @@ class Claimer:
         self.closed = False
         self._reserved = 0
         self._in_flight = 0
-        # A claim failed after it was sent: it may have committed without its answer reaching
-        # us, leaving rows claimed under our name that we never started. The next claim that
-        # runs alone hands them back first.
+        # A claim was lost after it was sent: it may have committed without its answer
+        # reaching us, leaving rows claimed under our name that we never started. The next
+        # claim that runs alone hands them back first.
         self._orphans_suspected = False
 
     def idle(self) -> bool:
@@ -63,10 +65,10 @@ class Claimer:
             return 0, 0
         try:
             async with self._pool.acquire(timeout=30) as conn:
-                rows = await self._send(conn, sql.JOB_CLAIM, asked)
+                rows, sent = await self._send(conn, sql.JOB_CLAIM, asked)
         finally:
             self._settle(asked)
-        return asked, self._take(rows)
+        return asked, self._take(rows, sent)
 
     async def complete_and_claim(self, outcomes: Sequence[Succeeded]) -> list[asyncpg.Record]:
         """Write successes and, in the same statement, claim jobs for the slots they free
@@ -85,10 +87,10 @@ class Claimer:
             return written
         try:
             async with self._pool.acquire(timeout=30) as conn:
-                rows = await self._send(conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done)
+                rows, sent = await self._send(conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done)
         finally:
             self._settle(asked)
-        self._take([row for row in rows if row["claimed"]])
+        self._take([row for row in rows if row["claimed"]], sent)
         return [row for row in rows if not row["claimed"]]
 
     def _reserve(self, *, freed: int) -> int:
@@ -110,9 +112,16 @@ class Claimer:
 
     async def _send(
         self, conn: asyncpg.Connection, statement: str, asked: int, *more: object
-    ) -> list[asyncpg.Record]:
+    ) -> tuple[list[asyncpg.Record], float]:
+        """The statement's rows, and when it was sent (time.monotonic())."""
         if self._orphans_suspected and self._in_flight == 1:
-            orphans = await conn.fetch(sql.JOB_RELEASE_ORPHANS, self._worker_id, list(self._held))
+            started = list(self._started())
+            orphans = await conn.fetch(
+                sql.JOB_RELEASE_ORPHANS,
+                self._worker_id,
+                [job_id for job_id, _ in started],
+                [attempt for _, attempt in started],
+            )
             if orphans:
                 self._log.warning("orphans_released", jobs=[row["id"] for row in orphans])
             self._orphans_suspected = False
@@ -121,8 +130,8 @@ class Claimer:
             rows: list[asyncpg.Record] = await conn.fetch(
                 statement, self._queues, asked, self._worker_id, self._lease_seconds, *more
             )
-        except BaseException:
-            self._orphans_suspected = True
+        except BaseException as exc:
+            self._orphans_suspected = self._orphans_suspected or _outcome_unknown(exc)
             raise
         if time.monotonic() - sent > self._lease_seconds / 2:
             # The answer took longer than half a lease (a stalled process, a paused VM): the
@@ -131,16 +140,16 @@ class Claimer:
             late = [row for row in rows if row.get("claimed", True)]
             if late:
                 await conn.fetch(
-                    sql.JOB_RELEASE_MANY,
+                    sql.JOB_UNCLAIM_MANY,
                     [row["id"] for row in late],
                     [row["attempts"] for row in late],
                     self._worker_id,
                 )
                 self._log.warning("claim_too_late", jobs=[row["id"] for row in late])
-                return [row for row in rows if not row.get("claimed", True)]
-        return rows
+                return [row for row in rows if not row.get("claimed", True)], sent
+        return rows, sent
 
-    def _take(self, rows: list[asyncpg.Record]) -> int:
+    def _take(self, rows: list[asyncpg.Record], leased_at: float) -> int:
         for row in rows:
             self._start(
                 ClaimedJob(
@@ -151,6 +160,16 @@ class Claimer:
                     attempt=row["attempts"],
                     max_attempts=row["max_attempts"],
                     correlation_id=row["correlation_id"],
+                    leased_at=leased_at,
                 )
             )
         return len(rows)
+
+
+def _outcome_unknown(exc: BaseException) -> bool:
+    """Whether a statement that raised this may still have committed. An error the server
+    answered with (but for a broken connection) means it rolled back; a lost connection, a
+    timeout or a cancellation leaves it unknown."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return isinstance(exc, asyncpg.PostgresConnectionError)
+    return True

@@ -2,8 +2,12 @@
 
 While a flush runs, new outcomes queue up and go out together in the next one, so batches
 grow with load and an idle worker still writes each outcome at once. A flush that fails on a
-transient error keeps its items and is retried; an outcome is only dropped when the fence
-says the job is no longer ours.
+transient error keeps its items and is retried. A batch the database refuses outright (a
+value it cannot store, a constraint) is written again one outcome at a time, so that one
+bad outcome costs only its own job: each one that is refused alone is written in a plainer
+form (a success without its result, a failure with its error in ASCII), and only when even
+that is refused is it abandoned to the rescuer. An outcome is dropped unwritten only when
+the fence says the job is no longer ours.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from prometheus_client import Counter
 
 from outbox_worker import db, metrics, sql
 from outbox_worker.outcomes import (
+    Abandoned,
     Cancelled,
     ClaimedJob,
     Failed,
     Outcome,
     Released,
+    Settled,
     Succeeded,
 )
 
@@ -40,89 +46,160 @@ class Completer:
         *,
         pool: asyncpg.Pool,
         worker_id: str,
-        on_written: Callable[[list[Outcome]], None],
+        on_written: Callable[[list[Outcome], list[Outcome]], None],
         describe: Callable[[int], ClaimedJob | None],
         complete: Callable[[Sequence[Succeeded]], Awaitable[list[asyncpg.Record]]],
+        give_up: asyncio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        """``on_written(done, abandoned)`` hears of every outcome once: done when written
+        or no longer ours, abandoned when it could not be written. ``give_up`` ends the
+        retrying of transient errors (a shutdown whose database is gone)."""
         self._pool = pool
         self._worker_id = worker_id
         self._on_written = on_written
         self._describe = describe
         self._complete = complete
+        self._give_up = give_up
         self._log = log
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
-        self.give_up_after: float | None = None
 
     def put(self, outcome: Outcome) -> None:
         self._queue.put_nowait(outcome)
 
     async def run(self) -> None:
-        """Flush until cancelled; call :meth:`flush_pending` after cancelling to write the rest."""
+        """Flush until cancelled."""
         while True:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             await self._write(batch)
 
-    async def flush_pending(self) -> None:
-        batch: list[Outcome] = []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
-        if batch:
-            await self._write(batch)
-
     async def _write(self, batch: list[Outcome]) -> None:
-        # One fenced statement per kind; each takes (ids, attempts, *columns, worker id).
-        # Successes go last, so that the claim riding on their statement (see Claimer) finds
-        # every slot of this batch free.
-        writes: list[
-            tuple[str, str, list[Failed] | list[Released] | list[Cancelled], tuple[str, ...]]
-        ] = [
-            (
-                "failed",
-                sql.JOB_FAIL_MANY,
-                [o for o in batch if isinstance(o, Failed)],
-                ("error", "delay", "give_up"),
-            ),
-            ("released", sql.JOB_RELEASE_MANY, [o for o in batch if isinstance(o, Released)], ()),
-            (
-                "cancelled",
-                sql.JOB_CANCEL_MANY,
-                [o for o in batch if isinstance(o, Cancelled)],
-                (),
-            ),
-        ]
-        succeeded = [o for o in batch if isinstance(o, Succeeded)]
+        done: list[Outcome] = []
+        abandoned: list[Outcome] = []
+        # One fenced statement per kind. Successes go last, so that the claim riding on
+        # their statement (see Claimer) finds every slot of this batch free.
+        for what, kind in _KINDS:
+            outcomes = [o for o in batch if isinstance(o, kind)]
+            if outcomes:
+                await self._write_kind(what, outcomes, done, abandoned)
+        for outcome in batch:
+            if isinstance(outcome, Settled):
+                done.append(outcome)
+            elif isinstance(outcome, Abandoned):
+                abandoned.append(outcome)
+        self._on_written(done, abandoned)
+
+    async def _write_kind(
+        self,
+        what: str,
+        outcomes: Sequence[Outcome],
+        done: list[Outcome],
+        abandoned: list[Outcome],
+    ) -> None:
+        unit: Callable[[], Awaitable[list[asyncpg.Record]]]
+        if what == "succeeded":
+            succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
+            unit = functools.partial(self._complete, succeeded)
+        else:
+            unit = functools.partial(self._send, outcomes)
         try:
-            for what, statement, outcomes, columns in writes:
-                if not outcomes:
-                    continue
-                rows = await db.fetch(
-                    self._pool,
-                    what,
-                    statement,
-                    [o.job_id for o in outcomes],
-                    [o.attempt for o in outcomes],
-                    *([getattr(o, column) for o in outcomes] for column in columns),
-                    self._worker_id,
-                    give_up_after=self.give_up_after,
+            rows = await db.retrying(what, unit, until=self._give_up)
+        except Exception as exc:
+            if db.is_transient(exc):
+                # Only reachable once told to give up (shutdown with the database gone):
+                # the leases will expire and the rescuer of another worker takes the jobs.
+                self._log.error(
+                    "outcomes_not_written",
+                    jobs=[o.job_id for o in outcomes],
+                    error=f"{type(exc).__name__}: {exc}",
                 )
-                self._report_fenced(outcomes, rows, what)
-                self._count(what, rows)
-            if succeeded:
+                abandoned.extend(outcomes)
+                return
+            self._log.warning(
+                "outcome_batch_refused",
+                outcome=what,
+                jobs=[o.job_id for o in outcomes],
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            for outcome in outcomes:
+                await self._write_alone(what, outcome, done, abandoned)
+            return
+        self._report_fenced(outcomes, rows, what)
+        self._count(what, rows)
+        done.extend(outcomes)
+
+    async def _write_alone(
+        self, what: str, outcome: Outcome, done: list[Outcome], abandoned: list[Outcome]
+    ) -> None:
+        """One outcome on its own, then in its plainer form; abandoned if both are refused."""
+        refusal: Exception | None = None
+        for form in _forms(outcome):
+            try:
                 rows = await db.retrying(
-                    "succeeded",
-                    functools.partial(self._complete, succeeded),
-                    give_up_after=self.give_up_after,
+                    what, functools.partial(self._send, [form]), until=self._give_up
                 )
-                self._report_fenced(succeeded, rows, "succeeded")
-                self._count("succeeded", rows)
-        except Exception:
-            # Only reachable when give_up_after is set (shutdown with the database gone):
-            # the leases will expire and the rescuer of another worker takes the jobs back.
-            self._log.exception("outcomes_not_written", jobs=[o.job_id for o in batch])
-        self._on_written(batch)
+            except Exception as exc:
+                if db.is_transient(exc):
+                    refusal = exc
+                    break
+                refusal = exc
+                continue
+            if form is not outcome:
+                self._log.error(
+                    "outcome_written_plainer",
+                    job_id=outcome.job_id,
+                    attempt=outcome.attempt,
+                    outcome=what,
+                    refused=f"{type(refusal).__name__}: {refusal}",
+                )
+            self._report_fenced([form], rows, what)
+            self._count(what, rows)
+            done.append(outcome)
+            return
+        self._log.error(
+            "outcome_not_written",
+            job_id=outcome.job_id,
+            attempt=outcome.attempt,
+            outcome=what,
+            error=f"{type(refusal).__name__}: {refusal}",
+            hint="the job stays running until its lease lapses; then a rescuer takes it back",
+        )
+        abandoned.append(outcome)
+
+    async def _send(self, outcomes: Sequence[Outcome]) -> list[asyncpg.Record]:
+        """One fenced statement for outcomes of one kind, on a connection of its own."""
+        ids = [o.job_id for o in outcomes]
+        attempts = [o.attempt for o in outcomes]
+        first = outcomes[0]
+        async with self._pool.acquire(timeout=30) as conn:
+            if isinstance(first, Failed):
+                failed = [o for o in outcomes if isinstance(o, Failed)]
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    sql.JOB_FAIL_MANY,
+                    ids,
+                    attempts,
+                    [o.error for o in failed],
+                    [o.delay for o in failed],
+                    [o.give_up for o in failed],
+                    self._worker_id,
+                )
+            elif isinstance(first, Succeeded):
+                succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
+                rows = await conn.fetch(
+                    sql.JOB_COMPLETE_MANY,
+                    ids,
+                    attempts,
+                    [o.result for o in succeeded],
+                    self._worker_id,
+                )
+            else:
+                statement = (
+                    sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_CANCEL_MANY
+                )
+                rows = await conn.fetch(statement, ids, attempts, self._worker_id)
+        return rows
 
     def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
         """Outcome counters, added up per (task, queue) before touching prometheus."""
@@ -130,7 +207,7 @@ class Completer:
         for row in rows:
             job = self._describe(row["id"])
             task, queue = (job.task, job.queue) if job is not None else ("unknown", "unknown")
-            if what == "failed" and row["state"] == "dead":
+            if what in ("failed", "released") and row["state"] == "dead":
                 self._log.error("job_dead", job_id=row["id"])
                 counts[metrics.DEAD, task, queue] += 1
             elif what in _COUNTERS:
@@ -139,10 +216,7 @@ class Completer:
             counter.labels(task, queue).inc(count)
 
     def _report_fenced(
-        self,
-        outcomes: list[Succeeded] | list[Failed] | list[Released] | list[Cancelled],
-        rows: list[asyncpg.Record],
-        what: str,
+        self, outcomes: Sequence[Outcome], rows: list[asyncpg.Record], what: str
     ) -> None:
         if len(rows) == len(outcomes):
             return
@@ -155,3 +229,25 @@ class Completer:
                     attempt=outcome.attempt,
                     outcome=what,
                 )
+
+
+# The kinds written by statement, in the order they are written.
+_KINDS: tuple[tuple[str, type[Failed | Released | Cancelled | Succeeded]], ...] = (
+    ("failed", Failed),
+    ("released", Released),
+    ("cancelled", Cancelled),
+    ("succeeded", Succeeded),
+)
+
+
+def _forms(outcome: Outcome) -> list[Outcome]:
+    """The outcome, then a plainer form of it the database cannot refuse for its values."""
+    if isinstance(outcome, Succeeded) and outcome.result is not None:
+        return [outcome, Succeeded(outcome.job_id, outcome.attempt, None)]
+    if isinstance(outcome, Failed):
+        plain = ascii(outcome.error[:2000])
+        return [
+            outcome,
+            Failed(outcome.job_id, outcome.attempt, plain, outcome.delay, outcome.give_up),
+        ]
+    return [outcome]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextvars
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,22 +12,13 @@ import structlog
 
 from outbox_worker import sql
 from outbox_worker.errors import LeaseLost, OutboxError
+from outbox_worker.storable import encode_result
 
 # The request (or job) that is causing enqueues right now: enqueue stores it as
 # correlation_id when none is given. The app's middleware and the worker set it.
 current_correlation_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "outbox_correlation_id", default=None
 )
-
-
-def encode_result(value: Any) -> str | None:
-    """The handler's return value as JSON text, or None when it has no JSON form."""
-    if value is None:
-        return None
-    try:
-        return json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError):
-        return None
 
 
 class JobContext:
@@ -104,11 +94,14 @@ class JobContext:
         try:
             async with conn.transaction():
                 yield conn
+                result = encode_result(self.result)
+                if result.problem is not None:
+                    self.log.warning("job_result_unstorable", detail=result.problem)
                 done = await conn.fetch(
                     sql.JOB_COMPLETE_MANY,
                     [self.job_id],
                     [self.attempt],
-                    [encode_result(self.result)],
+                    [result.json],
                     self.worker_id,
                 )
                 if not done:

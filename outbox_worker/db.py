@@ -1,7 +1,9 @@
-"""The worker's asyncpg pool and the one place that decides which database errors to retry.
+"""The worker's asyncpg pool, and the one place that judges database errors: which ones to
+retry, and which ones an operator must act on (translated into the library's errors).
 
-PRINCIPLES rule 8: the unit retried is a whole transaction (here, a single autocommit
-statement, or a callable that owns its transaction), never a statement inside one.
+The unit retried is a whole transaction (here, a single autocommit statement, or a callable
+that owns its transaction), never a statement inside one: after an error, the statements
+before it in the same transaction are gone too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import structlog
+from sqlalchemy.engine import make_url
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -23,7 +26,13 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from outbox_worker.config import sqlalchemy_url
+from outbox_worker.errors import ConfigError, DatabaseUnavailable, OutboxError
+
 T = TypeVar("T")
+
+# How long one connection attempt may take before it counts as failed (and is retried).
+CONNECT_TIMEOUT_SECONDS = 10.0
 
 log = structlog.get_logger("outbox_worker.db")
 
@@ -71,8 +80,10 @@ async def create_pool(
         min_size=0,
         max_size=size,
         # 0 turns asyncpg's per-connection prepared statement cache off: needed behind
-        # PgBouncer in transaction mode (PRINCIPLES rule 14).
+        # PgBouncer in transaction mode, where each transaction may get another server
+        # connection, which never saw the statement prepared.
         statement_cache_size=1024 if prepared_statements else 0,
+        timeout=CONNECT_TIMEOUT_SECONDS,
         max_inactive_connection_lifetime=300,
         reset=None if session_state else _end_open_transaction,
     )
@@ -145,3 +156,69 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+# Failures that mean "no usable connection": refused, unknown host, timeout, bad password,
+# no such database, server starting or shutting down, too many clients.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """The exception, what it wraps (SQLAlchemy's ``orig``, an exception group's members)
+    and its causes, outermost first."""
+    chain: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if current is None or any(current is seen for seen in chain):
+            continue
+        chain.append(current)
+        todo.extend([getattr(current, "orig", None), current.__cause__])
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+    return chain
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def where(dsn: str) -> str:
+    """host:port/database of a URL, for messages (never the password)."""
+    try:
+        url = make_url(sqlalchemy_url(dsn))
+    except Exception:
+        return "DATABASE_URL"
+    host = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):
+        host = ",".join(host)
+    port = f":{url.port}" if url.port else ""
+    return f"{host}{port}/{url.database or ''}"
+
+
+def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
+    """A driver error as the library's error, when it is one the operator can act on: the
+    database cannot be reached (or refuses us), or it has no pgoutbox schema."""
+    for cause in _causes(exc):
+        if isinstance(cause, _UNREACHABLE):
+            reason = _one_line(cause) or (
+                f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
+                if isinstance(cause, TimeoutError)
+                else type(cause).__name__
+            )
+            return DatabaseUnavailable(f"cannot reach the database at {where(dsn)}: {reason}")
+        if isinstance(cause, asyncpg.exceptions.UndefinedTableError):
+            return ConfigError(
+                f"the database at {where(dsn)} has no pgoutbox schema ({_one_line(cause)}): "
+                "run `alembic upgrade head`"
+            )
+    return None

@@ -15,27 +15,34 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from outbox_worker import metrics
-from outbox_worker.context import JobContext, current_correlation_id, encode_result
+from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.errors import LeaseLost
 from outbox_worker.outcomes import (
+    Abandoned,
     Cancelled,
     ClaimedJob,
     Failed,
     Outcome,
     Released,
     Settled,
+    StopReason,
     Succeeded,
 )
 from outbox_worker.registry import Registry
+from outbox_worker.storable import encode_result, storable_text
 
 MAX_ERROR_CHARS = 8000
 
 
 def describe_error(exc: BaseException) -> str:
-    """A last_error a person can read: the exception first, then the tail of the traceback."""
-    headline = f"{type(exc).__name__}: {exc}"
+    """A last_error a person can read, and the database can store: the exception first,
+    then the tail of the traceback."""
+    try:
+        message = str(exc)
+    except Exception:  # a user's __str__ that raises must not cost the outcome
+        message = "<str() of the exception failed>"
     trace = "".join(traceback.format_exception(exc)[-12:])
-    text = f"{headline}\n\n{trace}"
+    text = storable_text(f"{type(exc).__name__}: {message}\n\n{trace}")
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
@@ -47,20 +54,20 @@ class Executor:
         worker_id: str,
         pool: asyncpg.Pool,
         retry_delay: Callable[[int], float],
-        is_cancelling: Callable[[int], bool],
+        stop_reason: Callable[[int], StopReason | None],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._registry = registry
         self._worker_id = worker_id
         self._pool = pool
         self._retry_delay = retry_delay
-        self._is_cancelling = is_cancelling
+        self._stop_reason = stop_reason
         self._log = log
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._debug = log.is_enabled_for(logging.DEBUG)
 
     async def run(self, job: ClaimedJob) -> Outcome:
-        """Never raises but for cancellation outside a shutdown."""
+        """Never raises: whatever the handler raises, its attempt ends in an outcome."""
         structlog.contextvars.bind_contextvars(
             job_id=job.id, task=job.task, attempt=job.attempt, correlation_id=job.correlation_id
         )
@@ -94,7 +101,7 @@ class Executor:
             worker_id=self._worker_id,
             pool=self._pool,
             log=self._log,
-            cancel_requested=functools.partial(self._is_cancelling, job.id),
+            cancel_requested=functools.partial(self._cancel_requested, job.id),
         )
         if self._debug:
             ctx.log.debug("job_started")
@@ -111,38 +118,70 @@ class Executor:
                         value = await spec.handler(ctx, **args)
             finally:
                 run_seconds.observe(time.perf_counter() - began)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if ctx.completed_in_transaction:
                 return Settled(job.id, job.attempt)
-            if self._is_cancelling(job.id):
+            reason = self._stop_reason(job.id)
+            if reason is StopReason.CANCEL:
                 ctx.log.info("job_cancelled")
                 return Cancelled(job.id, job.attempt)
-            ctx.log.info("job_released", reason="worker shutting down")
-            return Released(job.id, job.attempt)
+            if reason is StopReason.SHUTDOWN:
+                ctx.log.info("job_released", reason="worker shutting down")
+                return Released(job.id, job.attempt)
+            if reason is StopReason.LEASE:
+                return Abandoned(job.id, job.attempt)
+            # Nobody here cancelled it: the handler's own code did (a cancelled inner task
+            # or future). That is the handler failing, not a reason to end the worker.
+            return self._failed(job, ctx, exc)
         except LeaseLost as exc:
             ctx.log.warning("job_lease_lost", error=str(exc))
             return Settled(job.id, job.attempt)
-        except Exception as exc:
+        except BaseException as exc:
+            # Exception, and also what is not one (SystemExit, KeyboardInterrupt, a library's
+            # own BaseException): one handler must never end the worker or hold its slot.
             if ctx.completed_in_transaction:
                 ctx.log.warning("job_raised_after_commit", error=f"{type(exc).__name__}: {exc}")
                 return Settled(job.id, job.attempt)
-            if deadline is not None and deadline.expired():
-                error = f"TimeoutError: {job.task} ran longer than its timeout of {spec.timeout}s"
-            else:
-                error = describe_error(exc)
-            delay = self._retry_delay(job.attempt)
-            ctx.log.warning(
-                "job_failed",
-                error=error.partition("\n")[0],
-                final=job.attempt >= job.max_attempts,
-                retry_in=None if job.attempt >= job.max_attempts else round(delay, 3),
-            )
-            return Failed(job.id, job.attempt, error, delay)
+            if not isinstance(exc, Exception):
+                ctx.log.error(
+                    "job_raised_base_exception",
+                    error=type(exc).__name__,
+                    hint="a handler cannot stop the worker; it fails this attempt only "
+                    "(stop a worker with SIGTERM)",
+                )
+            return self._failed(job, ctx, exc, deadline, spec.timeout)
         if self._debug:
             ctx.log.debug("job_succeeded", in_transaction=ctx.completed_in_transaction)
         if ctx.completed_in_transaction:
             return Settled(job.id, job.attempt)
-        return Succeeded(job.id, job.attempt, encode_result(value))
+        result = encode_result(value)
+        if result.problem is not None:
+            ctx.log.warning("job_result_unstorable", detail=result.problem)
+        return Succeeded(job.id, job.attempt, result.json)
+
+    def _cancel_requested(self, job_id: int) -> bool:
+        return self._stop_reason(job_id) is StopReason.CANCEL
+
+    def _failed(
+        self,
+        job: ClaimedJob,
+        ctx: JobContext,
+        exc: BaseException,
+        deadline: asyncio.Timeout | None = None,
+        timeout: float | None = None,
+    ) -> Failed:
+        if deadline is not None and deadline.expired():
+            error = f"TimeoutError: {job.task} ran longer than its timeout of {timeout}s"
+        else:
+            error = describe_error(exc)
+        delay = self._retry_delay(job.attempt)
+        ctx.log.warning(
+            "job_failed",
+            error=error.partition("\n")[0],
+            final=job.attempt >= job.max_attempts,
+            retry_in=None if job.attempt >= job.max_attempts else round(delay, 3),
+        )
+        return Failed(job.id, job.attempt, error, delay)
 
     def _metrics(self, task: str, queue: str) -> tuple[Counter, Histogram]:
         """The labelled children, looked up once per (task, queue) rather than per job."""

@@ -1,28 +1,37 @@
-"""Keeps the leases of in-flight jobs alive, and notices when the event loop cannot.
+"""Keeps the leases of in-flight jobs alive, and notices when it cannot.
 
-The cadence derives from the lease (a third of it), so a missed beat or two is survivable.
-A handler that blocks the event loop stops the heartbeat with it; the watchdog thread sees
-that and says so (PRINCIPLES rule 1), because a lease that lapses silently means the job
-runs twice.
+The cadence derives from the lease (a third of it), so a missed beat is survivable. A lease
+that could not be extended is acted on before it lapses (see Heartbeat). A handler that
+blocks the event loop stops the heartbeat and its guard with it; the watchdog thread sees
+that and says so, because a lease that lapses silently means the job runs twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import asyncpg
 import structlog
 
 from outbox_worker import db, sql
 from outbox_worker.db import sleep_or_stop
+from outbox_worker.outcomes import ClaimedJob
 
 
 class Heartbeat:
     """Every third of a lease: extend every lease in one statement, say the worker is alive,
-    and pass on the cancel requests an operator made for jobs in flight."""
+    and pass on the cancel requests an operator made for jobs in flight.
+
+    A lease that was not extended is never ignored. The beat comes back sooner while one is
+    missing (a row locked by another session, a database away), and the guard, which runs
+    apart from the beats, stops the handler of any job whose lease is about to lapse
+    unextended: once it lapses, another worker may rescue the job and run it again while
+    this handler still runs.
+    """
 
     def __init__(
         self,
@@ -32,8 +41,10 @@ class Heartbeat:
         queues: list[str],
         concurrency: int,
         lease_seconds: float,
-        in_flight: Callable[[], list[tuple[int, int]]],
+        held: Mapping[int, ClaimedJob],
+        running: Callable[[int], bool],
         on_cancel_requested: Callable[[list[int]], None],
+        on_lease_lapsing: Callable[[list[int]], None],
         stop: asyncio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
@@ -42,52 +53,102 @@ class Heartbeat:
         self._queues = queues
         self._concurrency = concurrency
         self._lease = lease_seconds
-        self._in_flight = in_flight
+        self._held = held
+        self._running = running
         self._on_cancel_requested = on_cancel_requested
+        self._on_lease_lapsing = on_lease_lapsing
         self._stop = stop
         self._log = log
         self.interval = lease_seconds / 3
+        # A handler is stopped this long before its lease would lapse: time for the
+        # cancellation to land before any rescuer may take the job.
+        self.margin = lease_seconds / 6
+        # (job id, attempt) -> when the last statement that extended its lease was sent
+        # (time.monotonic()); the lease runs at least a lease past that.
+        self._extended: dict[tuple[int, int], float] = {}
 
     async def run(self) -> None:
-        while not await sleep_or_stop(self._stop, self.interval):
+        delay = self.interval
+        while not await sleep_or_stop(self._stop, delay):
             try:
-                await self.beat()
+                complete = await self.beat()
             except Exception as exc:
                 if not db.is_transient(exc):
                     raise
                 self._log.warning("heartbeat_missed", error=f"{type(exc).__name__}: {exc}")
+                complete = False
+            delay = self.interval if complete else self.interval / 4
 
-    async def beat(self) -> None:
-        # A beat that cannot get through within the lease is pointless: the next one will
-        # try again, and the fence protects every write meanwhile.
-        rows = await db.retrying("heartbeat", self._beat_once, give_up_after=self._lease)
+    async def beat(self) -> bool:
+        """One beat; False when some lease of a running handler was not extended."""
+        # A beat that cannot get through soon is retried at the next one; the guard
+        # watches the leases meanwhile, and the fence protects every write.
+        rows, missed = await db.retrying("heartbeat", self._beat_once, give_up_after=self.interval)
         cancel = [row["id"] for row in rows if row["cancel_requested"]]
         if cancel:
             self._on_cancel_requested(cancel)
+        return not missed
 
-    async def _beat_once(self) -> list[asyncpg.Record]:
-        jobs = self._in_flight()
+    async def _beat_once(self) -> tuple[list[asyncpg.Record], list[int]]:
+        jobs = list(self._held.values())
+        sent = time.monotonic()
         async with self._pool.acquire(timeout=self._lease) as conn:
             await conn.execute(
                 sql.WORKER_HEARTBEAT, self._worker_id, self._queues, self._concurrency, len(jobs)
             )
             if not jobs:
-                return []
+                self._extended.clear()
+                return [], []
             rows: list[asyncpg.Record] = await conn.fetch(
                 sql.JOB_EXTEND_LEASES,
-                [job_id for job_id, _ in jobs],
-                [attempt for _, attempt in jobs],
+                [job.id for job in jobs],
+                [job.attempt for job in jobs],
                 self._worker_id,
                 self._lease,
             )
-        if len(rows) < len(jobs):
-            extended = {row["id"] for row in rows}
-            self._log.debug("leases_not_extended", jobs=[j for j, _ in jobs if j not in extended])
-        return rows
+        extended = {row["id"] for row in rows}
+        current = {(job.id, job.attempt) for job in self._held.values()}
+        self._extended = {key: at for key, at in self._extended.items() if key in current}
+        for job in jobs:
+            if job.id in extended:
+                self._extended[job.id, job.attempt] = sent
+        # A job whose handler has ended may be unextended only because its outcome was
+        # written meanwhile; a running handler's row can only be missed for a reason.
+        missed = [job.id for job in jobs if job.id not in extended and self._running(job.id)]
+        if missed:
+            self._log.warning(
+                "lease_not_extended",
+                jobs=missed,
+                hint="the row is locked by another session, or no longer held by this "
+                "worker; the handler is stopped before its lease lapses unless a beat "
+                "extends it first",
+            )
+        return rows, missed
+
+    async def guard(self) -> None:
+        """Stop handlers whose lease is about to lapse, until ``stop``."""
+        tick = min(1.0, self.margin)
+        while not await sleep_or_stop(self._stop, tick):
+            lapsing = self.lapsing(time.monotonic())
+            if lapsing:
+                self._on_lease_lapsing(lapsing)
+
+    def lapsing(self, now: float) -> list[int]:
+        """Jobs whose handler runs on while their lease ends within the margin."""
+        found = []
+        for job in list(self._held.values()):
+            last = max(job.leased_at, self._extended.get((job.id, job.attempt), 0.0))
+            if now >= last + self._lease - self.margin and self._running(job.id):
+                found.append(job.id)
+        return found
 
     async def goodbye(self) -> None:
         """A clean stop removes the worker's row; a killed worker's row ages out."""
-        await db.fetch(self._pool, "goodbye", sql.WORKER_DELETE, self._worker_id, give_up_after=2.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                await db.fetch(
+                    self._pool, "goodbye", sql.WORKER_DELETE, self._worker_id, give_up_after=2.0
+                )
 
 
 class LoopWatchdog:
@@ -98,12 +159,12 @@ class LoopWatchdog:
         *,
         loop: asyncio.AbstractEventLoop,
         threshold: float,
-        in_flight: Callable[[], list[tuple[int, int]]],
+        held: Mapping[int, ClaimedJob],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._loop = loop
         self._threshold = threshold
-        self._in_flight = in_flight
+        self._held = held
         self._log = log
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -132,7 +193,7 @@ class LoopWatchdog:
             self._log.error(
                 "event_loop_blocked",
                 seconds=round(time.monotonic() - started, 2),
-                jobs=[job_id for job_id, _ in self._in_flight()],
+                jobs=list(self._held),
                 hint="a handler is running blocking code; leases cannot be renewed meanwhile "
                 "(use asyncio.to_thread for blocking calls)",
             )

@@ -42,10 +42,12 @@ class Rescuer:
         while not await sleep_or_stop(self._stop, self._interval):
             await self.rescue_once()
 
-    async def rescue_once(self) -> int:
+    async def rescue_once(self, until: asyncio.Event | None = None) -> int:
         total = 0
         while True:
-            rows = await db.fetch(self._pool, "rescue", sql.JOB_RESCUE_EXPIRED, RESCUE_BATCH)
+            rows = await db.fetch(
+                self._pool, "rescue", sql.JOB_RESCUE_EXPIRED, RESCUE_BATCH, until=until
+            )
             for row in rows:
                 self._log.warning(
                     "job_rescued",

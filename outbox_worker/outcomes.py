@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
+
+
+class StopReason(enum.Enum):
+    """Why the worker stopped a handler, which decides what its attempt ends as."""
+
+    CANCEL = "an operator asked to cancel the job"
+    SHUTDOWN = "the worker is shutting down"
+    LEASE = "the lease could not be extended"
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,6 +25,9 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     correlation_id: str | None
+    # When the claim that leased it was sent (time.monotonic()): its lease runs at least
+    # until this plus the lease, until the heartbeat extends it.
+    leased_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +51,7 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Released:
-    """Interrupted by shutdown: handed back for an immediate retry, the attempt not counted."""
+    """Interrupted by shutdown: handed back for an immediate retry (the attempt counts)."""
 
     job_id: int
     attempt: int
@@ -62,4 +74,14 @@ class Settled:
     attempt: int
 
 
-Outcome = Succeeded | Failed | Released | Cancelled | Settled
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """Nothing can be written, yet the row may still be running under this worker's name: its
+    handler was stopped because the lease could not be extended, or its outcome could not be
+    written. The lease lapses and a rescuer takes the job back, counting the attempt."""
+
+    job_id: int
+    attempt: int
+
+
+Outcome = Succeeded | Failed | Released | Cancelled | Settled | Abandoned

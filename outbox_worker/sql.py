@@ -235,16 +235,37 @@ RETURNING j.id, j.state
 """
 
 # $1 ids bigint[], $2 attempts int[], $3 worker id. On shutdown, hands unfinished jobs back
-# for an immediate retry elsewhere; the interrupted attempt is not counted. A job whose
-# cancel was requested ends cancelled instead. Fenced.
-# Index: primary key.
+# for an immediate retry elsewhere. The interrupted attempt did start, so it counts: a job
+# interrupted on its last attempt goes dead (as a crash would leave it), so that no job ever
+# starts more than max_attempts times. A job whose cancel was requested ends cancelled.
+# Fenced. Index: primary key.
 JOB_RELEASE_MANY = """
 UPDATE outbox_jobs AS j
-SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled' ELSE 'queued' END,
-    attempts = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.attempts
-                    ELSE j.attempts - 1 END,
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
     run_at = now(),
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL THEN now() END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.attempts >= j.max_attempts THEN now() END,
+    last_error = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.last_error
+                      ELSE format('interrupted: worker %s shut down during attempt %s of %s',
+                                  $3::text, j.attempts, j.max_attempts) END,
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest($1::bigint[], $2::integer[]) AS r(id, attempt)
+WHERE j.id = r.id
+  AND j.state = 'running' AND j.locked_by = $3 AND j.attempts = r.attempt
+RETURNING j.id, j.state
+"""
+
+# $1 ids bigint[], $2 attempts int[], $3 worker id. Hands back claimed rows the worker never
+# started (a claim answered too late to be trusted): they never ran, so the claim's attempt
+# is taken back. Fenced. Index: primary key.
+JOB_UNCLAIM_MANY = """
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    attempts = j.attempts - 1,
+    run_at = now(),
     locked_by = NULL,
     locked_until = NULL
 FROM unnest($1::bigint[], $2::integer[]) AS r(id, attempt)
@@ -253,9 +274,12 @@ WHERE j.id = r.id
 RETURNING j.id
 """
 
-# $1 worker id, $2 ids bigint[] of the jobs the worker knows it holds. After a claim whose
-# answer was lost with the connection, hands back rows claimed under this worker's name that
-# it never started; they never ran, so the attempt is not counted.
+# $1 worker id, $2 ids bigint[] and $3 attempts int[] (parallel) of every attempt the worker
+# started whose row may still be running under its name. After a claim whose answer was
+# lost with the connection, hands back the rows that claim took: running under this
+# worker's name, yet no attempt it started. They never ran, so their attempt is taken back;
+# a started attempt is never touched (that would let a job run more than max_attempts
+# times). Worker ids are unique per process, so no other worker's row can match.
 # Index: outbox_jobs_running_idx (only running rows are read).
 JOB_RELEASE_ORPHANS = """
 UPDATE outbox_jobs AS j
@@ -264,7 +288,11 @@ SET state = 'queued',
     run_at = now(),
     locked_by = NULL,
     locked_until = NULL
-WHERE j.state = 'running' AND j.locked_by = $1 AND NOT (j.id = ANY($2::bigint[]))
+WHERE j.state = 'running' AND j.locked_by = $1
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest($2::bigint[], $3::integer[]) AS s(id, attempt)
+      WHERE s.id = j.id AND s.attempt = j.attempts
+  )
 RETURNING j.id
 """
 
@@ -339,6 +367,10 @@ WHERE j.id = doomed.id
 # $1 lock key bigint. Maintenance that one worker at a time should do (pruning) takes this
 # inside its transaction; the lock ends with the transaction.
 MAINTENANCE_TRY_LOCK = "SELECT pg_try_advisory_xact_lock($1::bigint)"
+
+# No parameters. Fails (UndefinedTableError) unless both tables of the schema exist; the
+# worker runs it once at start. Reads no row.
+SCHEMA_PROBE = "SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0"
 
 # No parameters. The channel JOB_INSERT's trigger notifies; the notifier LISTENs on it.
 NOTIFY_CHANNEL = "outbox_jobs"

@@ -1,14 +1,17 @@
 """The worker: claims due jobs for its free slots and runs them, until told to stop.
 
 Services, each with one job, run side by side in one TaskGroup: the producer loop (here),
-the completer, the heartbeat, the rescuer, the pruner and the notifier. Stopping reverses
-the start: stop claiming, let in-flight jobs finish within the drain timeout, release the
-rest for an immediate retry elsewhere, write every outcome, close.
+the completer, the heartbeat and its lease guard, the rescuer, the pruner and the notifier.
+Stopping reverses the start: stop claiming, let in-flight jobs finish within the drain
+timeout, release the rest for an immediate retry elsewhere, write every outcome, close. Every
+step of the stop is bounded, so SIGTERM ends the worker within the drain timeout plus
+STOP_GRACE_SECONDS, whatever its handlers or its database do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import secrets
@@ -23,11 +26,12 @@ from outbox_worker import db, metrics, sql
 from outbox_worker.backoff import retry_delay
 from outbox_worker.claimer import Claimer
 from outbox_worker.completer import Completer
+from outbox_worker.errors import DatabaseUnavailable
 from outbox_worker.executor import Executor, describe_error
 from outbox_worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker.maintenance import Pruner, Rescuer
 from outbox_worker.notifier import Notifier
-from outbox_worker.outcomes import ClaimedJob, Failed, Outcome
+from outbox_worker.outcomes import ClaimedJob, Failed, Outcome, StopReason
 from outbox_worker.registry import Registry
 
 
@@ -51,34 +55,51 @@ class WorkerOptions:
     retention: dict[str, timedelta | None] = field(default_factory=dict)
     prune_interval: float = 60.0
     metrics_interval: float = 15.0
+    # How long start-up waits for a database that does not answer (refused, unknown host,
+    # starting up) before it gives up with DatabaseUnavailable.
+    startup_timeout: float = 60.0
 
 
 # Producer (claims), completer, heartbeat, rescuer, pruner and gauges: one connection each.
 SERVICE_POOL_SIZE = 6
+# After the drain timeout: how long cancelled handlers get to end, and then how long the
+# outcomes get to be written, before the worker stops regardless (an unwritten outcome's
+# lease lapses and a rescuer takes the job back).
+CANCEL_GRACE_SECONDS = 2.0
+STOP_GRACE_SECONDS = 5.0
 
 
-def new_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+def new_worker_id(name: str | None = None) -> str:
+    """``host:pid:random``, or ``name:random``: unique by construction, because the fence
+    and the hand-back of lost claims trust that no other worker ever holds the same id."""
+    return f"{name or f'{socket.gethostname()}:{os.getpid()}'}:{secrets.token_hex(6)}"
 
 
 class Worker:
-    def __init__(
-        self, registry: Registry, options: WorkerOptions, *, worker_id: str | None = None
-    ) -> None:
+    def __init__(self, registry: Registry, options: WorkerOptions, *, name: str | None = None):
+        """``name`` prefixes the worker's id (default ``host:pid``); a random suffix always
+        follows, so two workers given the same name still get different ids."""
         self.registry = registry
         self.options = options
-        self.worker_id = worker_id or new_worker_id()
+        self.worker_id = new_worker_id(name)
         self.queues = list(options.queues or registry.queues())
         self.log = structlog.get_logger("outbox_worker").bind(worker_id=self.worker_id)
         self.ready = asyncio.Event()
         self.processed = 0
+        # Handlers still running when the worker stopped: they ignored their cancellation.
+        self.stuck: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._give_up_writes = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         # Claimed rows whose outcome is not written yet, running or not: the slots in use.
         self._held: dict[int, ClaimedJob] = {}
-        # Jobs an operator asked to cancel while they ran (seen by the heartbeat).
-        self._cancelling: set[int] = set()
+        # Attempts started whose outcome could not be written: their rows may still be
+        # running under this worker's name until a rescuer takes them back, so the hand-back
+        # of lost claims must leave them alone. Only grows when writes fail for good.
+        self._abandoned: set[tuple[int, int]] = set()
+        # Why the worker stopped a handler it stopped (operator cancel, shutdown, lease).
+        self._stopping: dict[int, StopReason] = {}
         self._claimer: Claimer | None = None
         self._executor: Executor | None = None
         self._completer: Completer | None = None
@@ -95,23 +116,46 @@ class Worker:
     def wake(self) -> None:
         self._wake.set()
 
-    def in_flight(self) -> list[tuple[int, int]]:
-        return [(job.id, job.attempt) for job in list(self._held.values())]
-
     def held(self, job_id: int) -> ClaimedJob | None:
         return self._held.get(job_id)
 
-    def is_cancelling(self, job_id: int) -> bool:
-        return job_id in self._cancelling
+    def started(self) -> list[tuple[int, int]]:
+        """Every attempt this worker started whose row may still be running in its name."""
+        return [(job.id, job.attempt) for job in self._held.values()] + list(self._abandoned)
+
+    def is_running(self, job_id: int) -> bool:
+        return job_id in self._running
+
+    def stop_reason(self, job_id: int) -> StopReason | None:
+        return self._stopping.get(job_id)
 
     def cancel_requested(self, job_ids: list[int]) -> None:
         """Stop the handlers of these jobs; each ends as cancelled (see Executor.run)."""
+        self._stop_handlers(job_ids, StopReason.CANCEL)
+
+    def leases_lapsing(self, job_ids: list[int]) -> None:
+        """Stop handlers whose lease could not be extended, before another worker may
+        rescue their job and run it a second time beside them."""
+        self._stop_handlers(job_ids, StopReason.LEASE)
+
+    def _stop_handlers(self, job_ids: list[int], reason: StopReason) -> None:
         for job_id in job_ids:
             task = self._running.get(job_id)
-            if task is not None and job_id not in self._cancelling:
-                self._cancelling.add(job_id)
+            current = self._stopping.get(job_id)
+            if task is None or current is reason or current is StopReason.LEASE:
+                continue
+            self._stopping[job_id] = reason
+            if reason is StopReason.CANCEL:
                 self.log.info("job_cancel_requested", job_id=job_id)
-                task.cancel()
+            elif reason is StopReason.LEASE:
+                self.log.error(
+                    "job_stopped_lease_lapsing",
+                    job_id=job_id,
+                    hint="its lease could not be extended (row locked by another session, "
+                    "lease taken over, or database away); a rescuer runs it again once the "
+                    "lease has lapsed",
+                )
+            task.cancel()
 
     async def run(self) -> None:
         opts = self.options
@@ -126,6 +170,51 @@ class Worker:
         handler_pool = await db.create_pool(
             opts.dsn, size=opts.pool_size, prepared_statements=opts.prepared_statements
         )
+        try:
+            if await self._check_database(pool):
+                try:
+                    await self._serve(pool, handler_pool)
+                finally:
+                    self.log.info("worker_stopped", processed=self.processed)
+        finally:
+            await _close_pool(pool)
+            await _close_pool(handler_pool)
+
+    async def _check_database(self, pool: asyncpg.Pool) -> bool:
+        """Reach the database and find the schema before serving: a wrong URL, password or
+        database name, or a missing schema, is a one-line error at start rather than a
+        worker that retries for ever. An unreachable server is waited for, up to the
+        start-up timeout or a stop. False when stopped while waiting."""
+
+        async def probe() -> None:
+            async with pool.acquire(timeout=opts.startup_timeout) as conn:
+                await conn.execute(sql.SCHEMA_PROBE)
+
+        opts = self.options
+        reached = asyncio.ensure_future(
+            db.retrying("startup", probe, give_up_after=opts.startup_timeout)
+        )
+        stopped = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({reached, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not reached.done():
+            reached.cancel()
+            with contextlib.suppress(BaseException):
+                await reached
+            return False
+        try:
+            reached.result()
+        except Exception as exc:
+            error = db.database_error(exc, opts.dsn)
+            if error is None:
+                raise
+            if isinstance(error, DatabaseUnavailable) and db.is_transient(exc):
+                error = DatabaseUnavailable(f"{error} (waited {opts.startup_timeout:g}s)")
+            raise error from exc
+        return not self._stop.is_set()
+
+    async def _serve(self, pool: asyncpg.Pool, handler_pool: asyncpg.Pool) -> None:
+        opts = self.options
         claimer = Claimer(
             pool=pool,
             worker_id=self.worker_id,
@@ -133,6 +222,7 @@ class Worker:
             concurrency=opts.concurrency,
             lease_seconds=opts.lease_seconds,
             held=self._held,
+            started=self.started,
             start=self._start,
             wake=self.wake,
             log=self.log,
@@ -143,6 +233,7 @@ class Worker:
             on_written=self._written,
             describe=self.held,
             complete=claimer.complete_and_claim,
+            give_up=self._give_up_writes,
             log=self.log,
         )
         executor = Executor(
@@ -150,7 +241,7 @@ class Worker:
             worker_id=self.worker_id,
             pool=handler_pool,
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
-            is_cancelling=self.is_cancelling,
+            stop_reason=self.stop_reason,
             log=self.log,
         )
         # The heartbeat outlives the stop request: jobs finishing during the drain still
@@ -162,15 +253,17 @@ class Worker:
             queues=self.queues,
             concurrency=opts.concurrency,
             lease_seconds=opts.lease_seconds,
-            in_flight=self.in_flight,
+            held=self._held,
+            running=self.is_running,
             on_cancel_requested=self.cancel_requested,
+            on_lease_lapsing=self.leases_lapsing,
             stop=drained,
             log=self.log,
         )
         watchdog = LoopWatchdog(
             loop=asyncio.get_running_loop(),
             threshold=heartbeat.interval,
-            in_flight=self.in_flight,
+            held=self._held,
             log=self.log,
         )
         self._claimer, self._executor, self._completer = claimer, executor, completer
@@ -182,6 +275,7 @@ class Worker:
             async with asyncio.TaskGroup() as group:
                 services.append(group.create_task(completer.run(), name="completer"))
                 services.append(group.create_task(heartbeat.run(), name="heartbeat"))
+                services.append(group.create_task(heartbeat.guard(), name="lease-guard"))
                 rescuer = Rescuer(
                     pool=pool,
                     interval=max(0.5, opts.lease_seconds / 2),
@@ -210,13 +304,10 @@ class Worker:
                 services.append(group.create_task(self._gauges(pool), name="gauges"))
                 watchdog.start()
                 metrics.SLOTS_TOTAL.set(opts.concurrency)
-                # Jobs a crashed predecessor left behind are due now, not after a poll.
-                await rescuer.rescue_once()
-                await heartbeat.beat()
+                await self._first_round(rescuer, heartbeat)
                 self.ready.set()
                 self.log.info("worker_ready")
                 await self._produce(claimer)
-                completer.give_up_after = max(opts.drain_timeout, 1.0)
                 await self._drain()
                 self._stop.set()
                 drained.set()
@@ -225,9 +316,17 @@ class Worker:
                 await heartbeat.goodbye()
         finally:
             watchdog.stop()
-            await pool.close()
-            await handler_pool.close()
-            self.log.info("worker_stopped", processed=self.processed)
+
+    async def _first_round(self, rescuer: Rescuer, heartbeat: Heartbeat) -> None:
+        """Before claiming: make the jobs a crashed predecessor left behind due now, not
+        after a rescue interval, and say the worker is alive. A database that went away
+        just now is no reason to stop; the services' own loops go on trying."""
+        try:
+            await rescuer.rescue_once(until=self._stop)
+            await heartbeat.beat()
+        except Exception as exc:
+            if not db.is_transient(exc):
+                raise
 
     async def _produce(self, claimer: Claimer) -> None:
         """Claim whenever slots are free and work may be due: at start, on a notification,
@@ -264,10 +363,11 @@ class Worker:
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         try:
             outcome: Outcome = await executor.run(job)
-        except Exception as exc:
-            # Executor.run catches what handlers raise; this is the worker's own failure on
-            # this job, which must still end in an outcome or the slot and lease are held
-            # forever.
+        except BaseException as exc:
+            # Executor.run catches whatever handlers raise; this is the worker's own failure
+            # on this job, which must still end in an outcome or the slot and lease are held
+            # for ever. Swallowing a cancellation here is right: only the worker cancels
+            # these tasks, and it wants the outcome.
             self.log.exception("job_not_run", job_id=job.id)
             outcome = Failed(
                 job.id, job.attempt, f"worker error: {describe_error(exc)}", self.options.retry_base
@@ -276,32 +376,48 @@ class Worker:
             self._running.pop(job.id, None)
         completer.put(outcome)
 
-    def _written(self, outcomes: list[Outcome]) -> None:
-        for outcome in outcomes:
+    def _written(self, done: list[Outcome], abandoned: list[Outcome]) -> None:
+        for outcome in [*done, *abandoned]:
             job = self._held.get(outcome.job_id)
             if job is not None and job.attempt == outcome.attempt:
                 del self._held[outcome.job_id]
-                self._cancelling.discard(outcome.job_id)
+                self._stopping.pop(outcome.job_id, None)
+        self._abandoned.update((outcome.job_id, outcome.attempt) for outcome in abandoned)
         metrics.SLOTS_IN_USE.set(len(self._held))
-        self.processed += len(outcomes)
+        self.processed += len(done)
         self._wake.set()
 
     async def _drain(self) -> None:
-        """Give in-flight jobs the drain timeout, release the rest, wait for every outcome."""
+        """Give in-flight jobs the drain timeout, release the rest, wait for the outcomes;
+        each step bounded (see STOP_GRACE_SECONDS)."""
         opts = self.options
         running = list(self._running.values())
         if running:
             self.log.info("draining", jobs=len(running), timeout=opts.drain_timeout)
             _, pending = await asyncio.wait(running, timeout=opts.drain_timeout)
-            for task in pending:
-                task.cancel()
             if pending:
-                await asyncio.wait(pending)
-        # The completer writes what is left (it gives up after the drain timeout when the
-        # database is gone: the leases then expire and another worker's rescuer takes over).
-        while self._held:
-            self._wake.clear()
-            await self._wake.wait()
+                for job_id, task in list(self._running.items()):
+                    self._stopping.setdefault(job_id, StopReason.SHUTDOWN)
+                    task.cancel()
+                _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE_SECONDS)
+                if stuck:
+                    self.stuck = list(stuck)
+                    self.log.error(
+                        "handlers_ignored_cancellation",
+                        jobs=[job_id for job_id, task in self._running.items() if task in stuck],
+                        hint="their leases lapse once the worker has stopped, and a rescuer "
+                        "takes the jobs back",
+                    )
+        # The completer writes what is left, retrying a database that is away until the
+        # grace ends; then the leases expire and another worker's rescuer takes over.
+        loop = asyncio.get_running_loop()
+        give_up = loop.call_later(STOP_GRACE_SECONDS, self._give_up_writes.set)
+        try:
+            while len(self._held) > len(self.stuck) and not self._give_up_writes.is_set():
+                self._wake.clear()
+                await db.sleep_or_stop(self._wake, 0.1)
+        finally:
+            give_up.cancel()
 
     async def _gauges(self, pool: asyncpg.Pool) -> None:
         """Queue depth and oldest-due gauges for --metrics-port, from one cheap query."""
@@ -322,3 +438,12 @@ class Worker:
                     raise
             metrics.SLOTS_IN_USE.set(len(self._held))
             await asyncio.sleep(self.options.metrics_interval)
+
+
+async def _close_pool(pool: asyncpg.Pool) -> None:
+    """Close gracefully, but never wait long: a handler that ignored its cancellation may
+    still hold a connection."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=STOP_GRACE_SECONDS)
+    except TimeoutError:
+        pool.terminate()

@@ -138,13 +138,18 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             pytest.fail(f"worker {self.pid} still running after {timeout}s:\n{self.output()}")
 
-    async def wait_for_log(self, text: str, timeout: float = 30) -> None:
+    async def wait_for_log(self, *texts: str, timeout: float = 30) -> str:
+        """Wait until one of ``texts`` is in the worker's log; returns the one found."""
         deadline = time.monotonic() + timeout
-        while text not in self.output():
+        while True:
+            output = self.output()
+            for text in texts:
+                if text in output:
+                    return text
             if self.proc.poll() is not None:
-                pytest.fail(f"worker exited with {self.proc.returncode}:\n{self.output()}")
+                pytest.fail(f"worker exited with {self.proc.returncode}:\n{output}")
             if time.monotonic() > deadline:
-                pytest.fail(f"no {text!r} in the worker's log after {timeout}s:\n{self.output()}")
+                pytest.fail(f"none of {texts!r} in the worker's log after {timeout}s:\n{output}")
             await asyncio.sleep(0.05)
 
     def kill(self) -> None:

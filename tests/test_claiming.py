@@ -283,6 +283,7 @@ def _claimer(pool: asyncpg.Pool, started: dict[int, Any], lease_seconds: float =
         concurrency=4,
         lease_seconds=lease_seconds,
         held=started,
+        started=lambda: [(job.id, job.attempt) for job in started.values()],
         start=lambda job: started.__setitem__(job.id, job),
         wake=lambda: None,
         log=structlog.get_logger("test"),

@@ -51,7 +51,8 @@ LATER = 3600.0  # a delay that keeps a job from being due during a test
 FINISHED = ("succeeded", "dead", "cancelled")
 # What a worker may write for a job it claimed; "cancel" is how it ends a job whose cancel
 # an operator requested (it sees the request at a heartbeat and stops the handler).
-WRITES = ("complete", "fail", "fail_later", "give_up", "release", "cancel")
+# "unclaim" hands back a claim answered too late to be trusted, its handler never started.
+WRITES = ("complete", "fail", "fail_later", "give_up", "release", "unclaim", "cancel")
 
 
 @dataclass
@@ -308,6 +309,8 @@ class JobStateMachine(RuleBasedStateMachine):
             self._complete(h)
         elif write == "release":
             self._release(h)
+        elif write == "unclaim":
+            self._unclaim(h)
         elif write == "cancel":
             self._cancelled_by_worker(h)
         else:
@@ -372,12 +375,34 @@ class JobStateMachine(RuleBasedStateMachine):
         if not job.held_by(h.worker, h.attempt):
             assert rows == [], f"a stale release got through: {h}"
             return
-        assert [r["id"] for r in rows] == [h.job_id]
+        # The interrupted attempt did start: it counts, and on the last one the job is dead.
         if job.cancel_requested:
-            self._finish(job, "cancelled")  # the attempt did start: it counts
+            self._finish(job, "cancelled")
         else:
-            job.attempts -= 1  # the interrupted attempt is not counted
-            self._requeue(job, due=True, tick=tick)
+            job.last_error = (
+                f"interrupted: worker {h.worker} shut down during attempt {job.attempts} "
+                f"of {job.max_attempts}"
+            )
+            if job.attempts >= job.max_attempts:
+                self._finish(job, "dead")
+            else:
+                self._requeue(job, due=True, tick=tick)
+        assert [(r["id"], r["state"]) for r in rows] == [(h.job_id, job.state)]
+
+    def _unclaim(self, h: Held) -> None:
+        tick = self._tick()
+        job = self.jobs[h.job_id]
+        rows = self.env.run(
+            self.conn.fetch(sql.JOB_UNCLAIM_MANY, [h.job_id], [h.attempt], h.worker)
+        )
+        self.held.remove(h)
+        self._count("unclaim", len(rows))
+        if not job.held_by(h.worker, h.attempt):
+            assert rows == [], f"a stale hand-back got through: {h}"
+            return
+        assert [r["id"] for r in rows] == [h.job_id]
+        job.attempts -= 1  # never started: the claim's attempt is taken back
+        self._requeue(job, due=True, tick=tick)
 
     def _cancelled_by_worker(self, h: Held) -> None:
         self._tick()
@@ -415,16 +440,24 @@ class JobStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.held)
     @rule(data=st.data())
     def release_orphans(self, data: st.DataObject) -> None:
-        """After a claim whose answer was lost, a worker hands back what it never started."""
+        """After a claim whose answer was lost, a worker hands back what it never started:
+        its running rows but for the attempts it knows it started."""
         tick = self._tick()
         worker = data.draw(st.sampled_from(sorted({h.worker for h in self.held})))
-        mine = sorted({h.job_id for h in self.held if h.worker == worker})
+        mine = sorted({(h.job_id, h.attempt) for h in self.held if h.worker == worker})
         known = data.draw(st.lists(st.sampled_from(mine), unique=True))
-        rows = self.env.run(self.conn.fetch(sql.JOB_RELEASE_ORPHANS, worker, known))
+        rows = self.env.run(
+            self.conn.fetch(
+                sql.JOB_RELEASE_ORPHANS,
+                worker,
+                [job_id for job_id, _ in known],
+                [attempt for _, attempt in known],
+            )
+        )
         orphans = [
             j
             for j in self.jobs.values()
-            if j.state == "running" and j.locked_by == worker and j.id not in known
+            if j.state == "running" and j.locked_by == worker and (j.id, j.attempts) not in known
         ]
         assert sorted(r["id"] for r in rows) == sorted(j.id for j in orphans)
         for job in orphans:
@@ -629,7 +662,7 @@ def test_job_state_machine_matches_its_model(
             loop.run_until_complete(engine.dispose())
         # The machine did reach the interesting places, fenced writes above all.
         assert env.steps > 500
-        for write in ("complete", "fail", "release"):
+        for write in ("complete", "fail", "release", "unclaim"):
             assert env.writes.get(f"{write}:ok", 0) > 0, (env.steps, env.writes)
         fenced = sum(n for what, n in env.writes.items() if what.endswith(":fenced"))
         assert fenced >= 5, env.writes

@@ -107,13 +107,15 @@ async def test_sigterm_after_drain_timeout_releases_jobs(
     assert w.wait(15) == 0, w.output()
 
     rows = await pool.fetch(
-        "SELECT id, state, attempts, locked_by, locked_until, run_at <= now() AS due "
-        "FROM outbox_jobs ORDER BY id"
+        "SELECT id, state, attempts, locked_by, locked_until, run_at <= now() AS due, "
+        "last_error FROM outbox_jobs ORDER BY id"
     )
+    # The interrupted attempt started, so it counts.
     assert [
         (r["id"], r["state"], r["attempts"], r["locked_by"], r["locked_until"], r["due"])
         for r in rows
-    ] == [(job_id, "queued", 0, None, None, True) for job_id in ids]
+    ] == [(job_id, "queued", 1, None, None, True) for job_id in ids]
+    assert {r["last_error"].split(" worker ")[0] for r in rows} == {"interrupted:"}
     assert len(log_events(w, "job_released")) == len(ids)
     assert await pool.fetchval("SELECT count(*) FROM test_executions WHERE event = 'end'") == 0
 
@@ -125,7 +127,7 @@ async def test_sigterm_after_drain_timeout_releases_jobs(
     assert b.wait(30) == 0, b.output()
     rows = await pool.fetch("SELECT id, state, attempts FROM outbox_jobs ORDER BY id")
     assert [(r["id"], r["state"], r["attempts"]) for r in rows] == [
-        (job_id, "succeeded", 1) for job_id in ids
+        (job_id, "succeeded", 2) for job_id in ids
     ]
     by_b = await pool.fetch(
         "SELECT job_id FROM test_executions WHERE pid = $1 AND event = 'end' ORDER BY job_id",

@@ -129,6 +129,13 @@ async def write_once(ctx: JobContext, note: str, pause: float = 0.0) -> None:
 
 
 @registry.task()
+async def whoami(ctx: JobContext, seconds: float = 0.0) -> str:
+    """Returns the id of the worker that ran it (in-process tests: no DATABASE_URL needed)."""
+    await asyncio.sleep(seconds)
+    return ctx.worker_id
+
+
+@registry.task()
 async def takes_id(ctx: JobContext, user_id: int) -> int:
     return user_id
 
@@ -175,3 +182,44 @@ async def deep_result(ctx: JobContext, depth: int) -> list[Any]:
     for _ in range(depth):
         value = [value]
     return value
+
+
+class HandlerEscape(BaseException):
+    """What a library may raise that is not an Exception (some timeout classes are)."""
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+def _hostile_outcome(kind: str) -> Any:
+    """What a hostile handler does, by name: the soak's mix uses the same names."""
+    if kind == "nul_result":
+        return {"a": "x\x00y"}
+    if kind == "surrogate_result":
+        return {"a": "x\ud800y"}
+    if kind == "not_json":
+        return {1, 2}
+    if kind == "nul_error":
+        raise ValueError("bad\x00byte")
+    if kind == "surrogate_error":
+        raise ValueError("bad\udc80byte")
+    if kind == "unprintable_error":
+        raise Unprintable
+    if kind == "base_exception":
+        raise HandlerEscape("escaped")
+    if kind == "system_exit":
+        raise SystemExit(3)
+    if kind == "keyboard_interrupt":
+        raise KeyboardInterrupt
+    if kind == "cancels_itself":
+        raise asyncio.CancelledError
+    raise LookupError(f"no hostile kind {kind!r}")
+
+
+@registry.task(max_attempts=3)
+async def hostile(ctx: JobContext, kind: str) -> Any:
+    """Returns what the database cannot store, or raises what a handler should not."""
+    await record(ctx)
+    return _hostile_outcome(kind)

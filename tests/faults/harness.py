@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ import asyncpg
 
 from outbox_worker.devdb import PostgresServer
 from tests.conftest import WorkerProcess, wait_until
+from tests.faults.invariants import log_events
 
 T = TypeVar("T")
 
@@ -65,6 +67,22 @@ async def insert_jobs(
     return sorted(r["id"] for r in rows)
 
 
+async def insert_mixed(
+    pool: asyncpg.Pool, jobs: list[tuple[str, dict[str, Any]]], max_attempts: int = 5
+) -> list[int]:
+    """Jobs of several tasks in one plain SQL statement, so that one worker claims them in
+    one go and their outcomes share its batches. Ids in the order given."""
+    rows = await pool.fetch(
+        "INSERT INTO outbox_jobs (task, args, max_attempts) "
+        "SELECT t, a::jsonb, $3 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(t, a, o) "
+        "ORDER BY o RETURNING id",
+        [task for task, _ in jobs],
+        [json.dumps(args) for _, args in jobs],
+        max_attempts,
+    )
+    return sorted(r["id"] for r in rows)  # identities are drawn in insertion order
+
+
 async def insert_sleepy(pool: asyncpg.Pool, count: int, seconds: float) -> list[int]:
     return await insert_jobs(pool, "sleepy", count, f'{{"seconds": {seconds}}}', "slow")
 
@@ -85,6 +103,16 @@ async def busy_pids(pool: asyncpg.Pool, task: str | None = None) -> dict[int, li
     for row in rows:
         busy.setdefault(pid_of(row["locked_by"]), []).append(row["id"])
     return busy
+
+
+# How a stale attempt of a worker that outlived its lease (stopped, blocked) ends harmlessly
+# once it wakes: its completion refused by the fence, or its handler stopped by the lease
+# guard first. Which comes first is a race; either changes nothing.
+STALE_ENDINGS = ("outcome_dropped_lease_lost", "job_stopped_lease_lapsing")
+
+
+async def stale_attempts_ended(worker: WorkerProcess, jobs: Iterable[int]) -> bool:
+    return set(jobs) <= {e["job_id"] for e in log_events(worker, *STALE_ENDINGS)}
 
 
 async def unfinished(pool: asyncpg.Pool) -> int:

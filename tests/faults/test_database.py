@@ -1,6 +1,7 @@
 """Faults of the database side: PostgreSQL restarted in the middle of running jobs (fast and
-immediate shutdown), and the workers' connections, pooled and listening, killed again and
-again. Every committed job must still end, and the invariants must hold."""
+immediate shutdown), the workers' connections, pooled and listening, killed again and
+again, and a job's row locked by another session past its lease. Every committed job must
+still end, and the invariants must hold."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 import asyncpg
@@ -164,3 +165,54 @@ async def test_worker_and_listener_connections_killed_again_and_again(
     report = await check_invariants(pool, workers=workers, expected_ids=expected)
     assert report.states["succeeded"] + report.states["dead"] == len(expected)
     assert set(report.repeats) <= {"failed", "lease_expired"}, report.repeats
+
+
+async def _hold_row_lock(pool: asyncpg.Pool, job_id: int, seconds: float) -> datetime:
+    """Lock one job's row from another session (an operator's SELECT … FOR UPDATE in psql)
+    for ``seconds``; returns the row's lease end when the lock was taken."""
+    async with pool.acquire() as conn, conn.transaction():
+        locked_until: datetime = await conn.fetchval(
+            "SELECT locked_until FROM outbox_jobs WHERE id = $1 FOR UPDATE", job_id
+        )
+        await asyncio.sleep(seconds)
+    return locked_until
+
+
+async def test_a_row_lock_held_past_the_lease_stops_the_handler_before_the_lease_lapses(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """The heartbeat skips rows another session has locked, so that one lock cannot stall
+    every lease. A lease it could not extend is not ignored: a short lock is waited out (the
+    next beats come sooner), and a lock held past the lease stops the handler before the
+    lease lapses, so that the job never runs twice at once once a rescuer takes it back."""
+    worker = spawn_worker("--lease-seconds", "3", "--poll-interval-seconds", "0.2")
+    await worker.wait_for_log("worker_ready")
+    [short, long] = await insert_sleepy(pool, 2, 6.0)
+
+    async def both_running() -> bool:
+        busy = await busy_pids(pool, "sleepy")
+        return sorted(j for jobs in busy.values() for j in jobs) == [short, long]
+
+    await wait_until(both_running, what="both sleepy jobs to start", timeout=20)
+
+    await _hold_row_lock(pool, short, 1.5)  # a beat falls inside: missed, then made up
+    lease_end = await _hold_row_lock(pool, long, 5.0)  # longer than the 3 s lease
+    stopped = log_events(worker, "job_stopped_lease_lapsing")
+    assert [e["job_id"] for e in stopped] == [long], worker.output()[-3000:]
+    assert datetime.fromisoformat(stopped[0]["timestamp"]) < lease_end
+    assert short in {j for e in log_events(worker, "lease_not_extended") for j in e["jobs"]}
+
+    await settle(pool, timeout=40)
+    await stop_workers([worker])
+    runs = await pool.fetch(
+        "SELECT job_id, attempt, array_agg(event ORDER BY seq) AS events FROM test_executions "
+        "GROUP BY job_id, attempt ORDER BY job_id, attempt"
+    )
+    assert [(r["job_id"], r["attempt"], r["events"]) for r in runs] == [
+        (short, 1, ["start", "end"]),
+        (long, 1, ["start"]),  # stopped: it never ran on beside attempt 2
+        (long, 2, ["start", "end"]),
+    ]
+    report = await check_invariants(pool, workers=[worker], expected_ids=[short, long])
+    assert report.states == {"succeeded": 2}
+    assert report.overlaps == 0

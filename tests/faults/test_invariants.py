@@ -127,7 +127,7 @@ async def _same_attempt_twice(pool: asyncpg.Pool) -> tuple[str, dict[str, Any]]:
     job = await _job(pool, attempts=1)
     await _ran(pool, job, 1, 100, -5, None)
     await _ran(pool, job, 1, 200, -2, -1)
-    return "only a release on shutdown hands an attempt back", {"killed": [100]}
+    return "a started attempt is always counted", {"killed": [100]}
 
 
 async def _overlap_after_failure(pool: asyncpg.Pool) -> tuple[str, dict[str, Any]]:
@@ -215,11 +215,11 @@ async def test_histories_with_an_explanation_pass(pool: asyncpg.Pool) -> None:
     report = await check_invariants(pool, workers=[], stalled=[100])
     assert report.zombies == 1
 
-    # A release on shutdown hands the same attempt to another worker.
+    # A release on shutdown hands the job to another worker, the next attempt.
     await _clean(pool)
-    job = await _job(pool, attempts=1)
+    job = await _job(pool, attempts=2)
     await _ran(pool, job, 1, 100, -5, None)
-    await _ran(pool, job, 1, 200, -2, -1)
+    await _ran(pool, job, 2, 200, -2, -1)
     released = FakeWorker(100, [{"event": "job_released", "job_id": job, "attempt": 1}])
     assert (await check_invariants(pool, workers=[released])).repeats == {"released": 1}
 
