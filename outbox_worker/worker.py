@@ -418,6 +418,14 @@ class Worker:
                 await db.sleep_or_stop(self._wake, 0.1)
         finally:
             give_up.cancel()
+        unwritten = [job_id for job_id, task in self._held.items() if job_id not in self._running]
+        if unwritten:
+            self.log.error(
+                "outcomes_not_written",
+                jobs=unwritten,
+                hint="the database did not take them before the stop; their leases lapse and "
+                "a rescuer takes the jobs back",
+            )
 
     async def _gauges(self, pool: asyncpg.Pool) -> None:
         """Queue depth and oldest-due gauges for --metrics-port, from one cheap query."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import signal
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Literal
@@ -216,3 +217,46 @@ async def test_a_row_lock_held_past_the_lease_stops_the_handler_before_the_lease
     report = await check_invariants(pool, workers=[worker], expected_ids=[short, long])
     assert report.states == {"succeeded": 2}
     assert report.overlaps == 0
+
+
+async def test_sigterm_with_the_database_away_still_ends_the_worker(
+    pg_server: PostgresServer, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Every step of a stop is bounded: handlers get the drain timeout, and the outcomes a
+    few seconds more, even when the database is away and a write of them is already being
+    retried. What was not written is left to the leases, and a rescuer takes those jobs
+    once the database is back."""
+    if not pg_server.can_restart:
+        pytest.skip("this PostgreSQL was given by URL and cannot be stopped from here")
+    worker = spawn_worker("--lease-seconds", "3", "--drain-timeout-seconds", "1")
+    await worker.wait_for_log("worker_ready")
+    jobs = await insert_sleepy(pool, 3, 1.0)
+
+    async def all_running() -> bool:
+        busy = await busy_pids(pool, "sleepy")
+        return len(busy.get(worker.pid, [])) == len(jobs)
+
+    async def outcomes_being_retried() -> bool:
+        failed = {e["job_id"] for e in log_events(worker, "job_failed")}
+        return failed == set(jobs) and bool(log_events(worker, "database_retry"))
+
+    await wait_until(all_running, what="the sleepy jobs to start")
+    await asyncio.to_thread(pg_server.stop_server, "immediate")
+    try:
+        # The handlers end (their last record cannot be written: they fail), and the
+        # worker keeps trying to write those failures.
+        await wait_until(outcomes_being_retried, timeout=20, what="the failures' writes")
+        worker.signal(signal.SIGTERM)
+        # Generous (drain 1 s, write grace 5 s), yet far from a hang.
+        code = await asyncio.to_thread(worker.wait, 30)
+    finally:
+        await ensure_server_up(pg_server)
+    assert code == 0, worker.output()[-3000:]
+    unwritten = {j for e in log_events(worker, "outcomes_not_written") for j in e["jobs"]}
+    assert unwritten == set(jobs), worker.output()[-3000:]
+
+    rescuer = spawn_worker("--lease-seconds", "3")
+    await through_restarts(pool, functools.partial(settle, pool, 40))
+    await stop_workers([rescuer])
+    report = await check_invariants(pool, workers=[worker, rescuer], expected_ids=jobs)
+    assert report.states == {"succeeded": len(jobs)}
