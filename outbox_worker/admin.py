@@ -21,6 +21,7 @@ from outbox_worker.jobs import Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 MAX_PAGE = 500
+MAX_JOB_ID = 2**63 - 1  # ids are a bigserial
 FINISHED = (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
 
 
@@ -68,12 +69,26 @@ def parse_cursor(cursor: str | None) -> int | None:
     """Cursors are opaque to clients; here they are the last id of the previous page."""
     if cursor is None or cursor == "":
         return None
-    if not cursor.isdigit() or len(cursor) > 19:
+    # isdigit() alone takes superscripts (which int() refuses) and other scripts' digits;
+    # and no id is past bigint.
+    if (
+        not (cursor.isascii() and cursor.isdigit())
+        or len(cursor) > len(str(MAX_JOB_ID))
+        or int(cursor) > MAX_JOB_ID
+    ):
         raise InvalidOption(f"cursor {cursor!r} is not one this API handed out")
     return int(cursor)
 
 
+def _possible(job_id: int) -> bool:
+    """Ids are a bigserial: anything else names no job, and must not reach the database,
+    which refuses a parameter past bigint with an error rather than an empty answer."""
+    return 1 <= job_id <= MAX_JOB_ID
+
+
 async def get_job(session: Executor, job_id: int) -> Job | None:
+    if not _possible(job_id):
+        return None
     row = (await session.execute(text(sql.JOB_GET), {"id": job_id})).mappings().first()
     return None if row is None else Job.from_row(row)
 
@@ -216,6 +231,8 @@ async def prune_finished(
 
 
 async def _locked(session: Executor, job_id: int) -> Job:
+    if not _possible(job_id):
+        raise JobNotFound(f"no job {job_id}")
     row = (await session.execute(text(sql.JOB_GET_FOR_UPDATE), {"id": job_id})).mappings().first()
     if row is None:
         raise JobNotFound(f"no job {job_id}")

@@ -24,7 +24,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-import asyncpg
 import structlog
 import typer
 from pydantic import ValidationError
@@ -33,13 +32,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 from typer.exceptions import TyperException
 
-from outbox_worker import admin
+from outbox_worker import admin, db
 from outbox_worker.config import WorkerSettings, parse_duration, sqlalchemy_url
+from outbox_worker.db import database_error
 from outbox_worker.errors import ConfigError, DatabaseUnavailable, OutboxError
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.logs import configure_logging
@@ -49,9 +49,6 @@ from outbox_worker.worker import Worker, WorkerOptions
 
 T = TypeVar("T")
 
-# How long the operator's commands wait for a connection before saying the database is away.
-CONNECT_TIMEOUT_SECONDS = 10.0
-MAX_JOB_ID = 2**63 - 1
 STATE_STYLES = {
     JobState.QUEUED: "cyan",
     JobState.RUNNING: "yellow",
@@ -82,7 +79,9 @@ DatabaseUrl = Annotated[str | None, typer.Option(help="Default: $DATABASE_URL")]
 AsJson = Annotated[
     bool, typer.Option("--json", help="Print JSON to stdout (and nothing else) for scripts.")
 ]
-JobId = Annotated[int, typer.Argument(metavar="JOB_ID", min=1, max=MAX_JOB_ID, help="Job id.")]
+JobId = Annotated[
+    int, typer.Argument(metavar="JOB_ID", min=1, max=admin.MAX_JOB_ID, help="Job id.")
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,19 +144,26 @@ def _settings(**overrides: Any) -> WorkerSettings:
         raise ConfigError(f"invalid {where}: {first['msg']}") from exc
 
 
-def _abandon_stuck_threads(worker: Worker) -> None:
-    """Exit now if handlers left threads running (asyncio.to_thread past a timeout).
+def _abandon_stuck_handlers(worker: Worker) -> None:
+    """Exit now if handlers are still running: tasks that ignored their cancellation, or
+    threads left behind (asyncio.to_thread past a timeout).
 
-    Every job's outcome is already written; the interpreter would otherwise wait for those
-    threads at exit, and a SIGTERM'd worker must not outlive its drain timeout by minutes.
+    Every outcome that could be written is written; the leases of the rest lapse and a
+    rescuer takes their jobs back. The interpreter would otherwise wait for those threads at
+    exit (and asyncio for those tasks), and a SIGTERM'd worker must not outlive its drain
+    timeout by minutes.
     """
     stuck = [
         thread
         for thread in threading.enumerate()
         if thread is not threading.current_thread() and not thread.daemon and thread.is_alive()
     ]
-    if stuck:
-        worker.log.warning("handler_threads_abandoned", threads=[t.name for t in stuck])
+    if stuck or worker.stuck:
+        worker.log.warning(
+            "handlers_abandoned",
+            threads=[t.name for t in stuck],
+            tasks=len(worker.stuck),
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -180,70 +186,12 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _where(dsn: str) -> str:
-    """host:port/database of a URL, for messages (never the password)."""
-    try:
-        url = make_url(sqlalchemy_url(dsn))
-    except Exception:
-        return "DATABASE_URL"
-    host = url.host or url.query.get("host") or "localhost"
-    if isinstance(host, tuple):
-        host = ",".join(host)
-    port = f":{url.port}" if url.port else ""
-    return f"{host}{port}/{url.database or ''}"
-
-
-# Failures that mean "no usable connection": refused, unknown host, timeout, bad password,
-# no such database, server starting or shutting down, too many clients.
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-    asyncpg.exceptions.InvalidCatalogNameError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-)
-
-
-def _causes(exc: BaseException) -> list[BaseException]:
-    """The exception, what it wraps (SQLAlchemy's ``orig``) and its causes, outermost first."""
-    chain: list[BaseException] = []
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        current = todo.pop(0)
-        if current is None or any(current is seen for seen in chain):
-            continue
-        chain.append(current)
-        todo.extend([getattr(current, "orig", None), current.__cause__])
-    return chain
-
-
-def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
-    """A driver error as the library's error, when it is one the operator can act on."""
-    for cause in _causes(exc):
-        if isinstance(cause, _UNREACHABLE):
-            reason = _one_line(cause) or (
-                f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
-                if isinstance(cause, TimeoutError)
-                else type(cause).__name__
-            )
-            return DatabaseUnavailable(f"cannot reach the database at {_where(dsn)}: {reason}")
-        if isinstance(cause, asyncpg.exceptions.UndefinedTableError):
-            return ConfigError(
-                f"the database at {_where(dsn)} has no pgoutbox schema ({_one_line(cause)}): "
-                "run `alembic upgrade head`"
-            )
-    return None
-
-
 def _engine(dsn: str) -> AsyncEngine:
     # NullPool: a command makes one or a few short transactions and exits; nothing to keep.
     return create_async_engine(
         sqlalchemy_url(dsn),
         poolclass=NullPool,
-        connect_args={"timeout": CONNECT_TIMEOUT_SECONDS},
+        connect_args={"timeout": db.CONNECT_TIMEOUT_SECONDS},
     )
 
 
@@ -349,8 +297,25 @@ def _state(state: JobState) -> Text:
 def _first_line(text: str | None, width: int = 60) -> str:
     if not text:
         return ""
+    text = _visible(text, lines=True)
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+# What jobs carry (errors, arguments, worker ids) may hold characters a terminal obeys rather
+# than shows: escape sequences, C1 controls (\x9b opens one too), a carriage return that
+# overwrites the line, bidirectional overrides that reorder it. Shown escaped, as \x1b.
+_ESCAPED = {
+    code: ascii(chr(code))[1:-1]
+    for code in (*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+    if chr(code) != "\t"
+}
+_ESCAPED_BUT_NEWLINES = {code: text for code, text in _ESCAPED.items() if chr(code) != "\n"}
+
+
+def _visible(text: str, *, lines: bool = False) -> str:
+    """``text`` safe for a terminal; ``lines`` keeps its newlines (a traceback's)."""
+    return text.translate(_ESCAPED_BUT_NEWLINES if lines else _ESCAPED)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +369,10 @@ def run(
     lease_seconds: Annotated[float | None, typer.Option(min=0.1)] = None,
     poll_interval_seconds: Annotated[float | None, typer.Option(min=0.01)] = None,
     drain_timeout_seconds: Annotated[float | None, typer.Option(min=0)] = None,
+    startup_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(min=0, help="How long to wait at start for a database that does not answer."),
+    ] = None,
     listen: Annotated[bool | None, typer.Option("--listen/--no-listen")] = None,
     listen_database_url: Annotated[str | None, typer.Option()] = None,
     database_url: DatabaseUrl = None,
@@ -432,6 +401,7 @@ def run(
         lease_seconds=lease_seconds,
         poll_interval_seconds=poll_interval_seconds,
         drain_timeout_seconds=drain_timeout_seconds,
+        startup_timeout_seconds=startup_timeout_seconds,
         listen=listen,
         listen_database_url=listen_database_url,
     )
@@ -452,6 +422,7 @@ def run(
         prepared_statements=settings.prepared_statements,
         retry_base=settings.retry_base_seconds,
         retry_cap=settings.retry_cap_seconds,
+        startup_timeout=settings.startup_timeout_seconds,
         retention={
             "succeeded": settings.retention_succeeded,
             "cancelled": settings.retention_cancelled,
@@ -472,7 +443,7 @@ def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
-        _abandon_stuck_threads(worker)
+        _abandon_stuck_handlers(worker)
 
     try:
         _run_async(main, settings.uvloop)
@@ -556,13 +527,14 @@ def _print_job(job: Job) -> None:
     table.add_row("state", _state(job.state))
     table.add_row("attempts", f"{job.attempts} of {job.max_attempts}")
     table.add_row("priority", str(job.priority))
-    table.add_row("args", json.dumps(job.args, indent=2, ensure_ascii=False))
+    table.add_row("args", _visible(json.dumps(job.args, indent=2, ensure_ascii=False), lines=True))
     if job.result is not None:
-        table.add_row("result", json.dumps(job.result, indent=2, ensure_ascii=False))
-    table.add_row("last error", job.last_error or "-")
-    table.add_row("dedupe key", job.dedupe_key or "-")
-    table.add_row("correlation id", job.correlation_id or "-")
-    table.add_row("locked by", job.locked_by or "-")
+        result = json.dumps(job.result, indent=2, ensure_ascii=False)
+        table.add_row("result", _visible(result, lines=True))
+    table.add_row("last error", _visible(job.last_error or "-", lines=True))
+    table.add_row("dedupe key", _visible(job.dedupe_key or "-"))
+    table.add_row("correlation id", _visible(job.correlation_id or "-"))
+    table.add_row("locked by", _visible(job.locked_by or "-"))
     table.add_row("locked until", _when(job.locked_until))
     table.add_row("run at", _when(job.run_at))
     table.add_row("created at", _when(job.created_at))
@@ -620,7 +592,8 @@ def jobs_cancel(job_id: JobId, as_json: AsJson = False, database_url: DatabaseUr
         return
     if job.state == JobState.RUNNING:
         _stdout().print(
-            f"job {job.id} ({job.task}) is running on {job.locked_by}: cancel requested; "
+            f"job {job.id} ({job.task}) is running on {_visible(job.locked_by or '-')}: "
+            "cancel requested; "
             "its worker stops it at its next heartbeat and it ends cancelled"
         )
     else:
@@ -821,7 +794,7 @@ def _current_heads(sync_conn: Connection) -> list[str]:
 async def _health(
     engine: AsyncEngine, dsn: str, *, within: float, heads: list[str] | None, ini: Path
 ) -> dict[str, Any]:
-    database: dict[str, Any] = {"status": "ok", "at": _where(dsn)}
+    database: dict[str, Any] = {"status": "ok", "at": db.where(dsn)}
     schema: dict[str, Any] = {"status": "unknown", "current": None, "expected": heads}
     workers: dict[str, Any] = {"status": "unknown", "alive": 0, "within_seconds": within}
     try:
@@ -854,7 +827,7 @@ async def _health(
         error = database_error(exc, dsn)
         if not isinstance(error, DatabaseUnavailable):
             raise
-        database = {"status": "failing", "at": _where(dsn), "detail": str(error)}
+        database = {"status": "failing", "at": db.where(dsn), "detail": str(error)}
     healthy = (
         database["status"] == "ok" and schema["status"] != "failing" and workers["status"] == "ok"
     )
@@ -909,7 +882,7 @@ def _print_health(report: dict[str, Any]) -> None:
     table.add_row(
         "database",
         Text(database["status"], style=styles[database["status"]]),
-        database.get("detail", database["at"]),
+        _visible(database.get("detail", database["at"])),
     )
     schema = checks["schema"]
     if schema["status"] == "ok":
@@ -918,7 +891,9 @@ def _print_health(report: dict[str, Any]) -> None:
         schema_detail = schema.get("detail", "")
         if schema["current"] is not None and schema["status"] == "unknown":
             schema_detail += f" (database at {', '.join(schema['current']) or 'no revision'})"
-    table.add_row("schema", Text(schema["status"], style=styles[schema["status"]]), schema_detail)
+    table.add_row(
+        "schema", Text(schema["status"], style=styles[schema["status"]]), _visible(schema_detail)
+    )
     workers = checks["workers"]
     if workers["status"] == "ok":
         ids = ", ".join(worker["id"] for worker in workers["workers"])
@@ -926,7 +901,9 @@ def _print_health(report: dict[str, Any]) -> None:
     else:
         workers_detail = workers.get("detail", "not checked")
     table.add_row(
-        "workers", Text(workers["status"], style=styles[workers["status"]]), workers_detail
+        "workers",
+        Text(workers["status"], style=styles[workers["status"]]),
+        _visible(workers_detail),
     )
     console.print(table)
     status = report["status"]
@@ -955,9 +932,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, unprefixed
             print(exc.format_message(), file=sys.stderr)
         else:
-            print(f"outbox-worker: error: {_one_line(exc.format_message())}", file=sys.stderr)
+            message = _visible(_one_line(exc.format_message()))
+            print(f"outbox-worker: error: {message}", file=sys.stderr)
         raise SystemExit(exc.exit_code) from None
     except OutboxError as exc:
-        print(f"outbox-worker: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"outbox-worker: error: {_visible(_one_line(exc))}", file=sys.stderr)
         raise SystemExit(2 if isinstance(exc, ConfigError) else 1) from None
     raise SystemExit(code if isinstance(code, int) else 0)

@@ -16,6 +16,9 @@ from outbox_worker.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# The longest duration a setting or flag takes: past any retention or window anyone means,
+# short of what timedelta holds, and `now()` minus it is still a timestamp PostgreSQL keeps.
+MAX_DURATION = timedelta(days=36_600)
 
 
 def parse_duration(value: object) -> object:
@@ -26,10 +29,15 @@ def parse_duration(value: object) -> object:
         match = _DURATION.match(value.lower())
         if match is None:
             raise ValueError(f"{value!r} is not a duration like 30s, 15m, 12h or 7d")
-        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    return value
+        seconds: float = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    elif isinstance(value, int | float):
+        seconds = value
+    else:
+        return value
+    # Also False for NaN, and for more digits than a float holds (float() reads infinity).
+    if not 0 <= seconds <= MAX_DURATION.total_seconds():
+        raise ValueError(f"{value!r} is out of range: a duration is from 0 to {MAX_DURATION.days}d")
+    return timedelta(seconds=seconds)
 
 
 Duration = Annotated[timedelta | None, BeforeValidator(parse_duration)]
@@ -62,6 +70,8 @@ class WorkerSettings(BaseSettings):
     lease_seconds: float = Field(default=30.0, gt=0)
     poll_interval_seconds: float = Field(default=1.0, gt=0)
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    # How long a starting worker waits for a database that does not answer yet.
+    startup_timeout_seconds: float = Field(default=60.0, ge=0, le=86400)
     listen: bool = True
     max_args_bytes: int = Field(default=1024 * 1024, gt=0)
     # Backpressure: queue name → most queued jobs; enqueue beyond raises QueueFull.

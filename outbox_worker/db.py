@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import structlog
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from tenacity import (
     AsyncRetrying,
@@ -158,18 +159,13 @@ async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return True
 
 
-# Failures that mean "no usable connection": refused, unknown host, timeout, bad password,
-# no such database, server starting or shutting down, too many clients.
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
-    asyncpg.exceptions.InvalidCatalogNameError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-)
+# SQLSTATEs of no usable connection: class 08 (connection exceptions), 57P (the server
+# shutting down, starting up, or ending the session), too many connections, and the server
+# refusing these credentials or this database: nothing a retry of the statement mends, and
+# over once the server is back or an operator has acted.
+_UNAVAILABLE_PREFIXES = ("08", "57P")
+_UNAVAILABLE_STATES = frozenset({"53300", "28000", "28P01", "3D000"})
+_DRIVERS = frozenset({"asyncpg", "psycopg", "sqlalchemy"})
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -186,6 +182,60 @@ def _causes(exc: BaseException) -> list[BaseException]:
         if isinstance(current, BaseExceptionGroup):
             todo.extend(current.exceptions)
     return chain
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc``, from whichever driver (asyncpg, psycopg, bare or wrapped by
+    SQLAlchemy), means the database cannot be used right now: the connection refused,
+    unreachable, timed out, lost or closed, the server shutting down or starting up, too
+    many connections, these credentials or this database refused, no connection free in
+    the pool. A bad statement, a constraint, a deadlock or a statement timeout is no outage.
+    """
+    return _unavailable_cause(exc) is not None
+
+
+def _unavailable_cause(exc: BaseException) -> BaseException | None:
+    """The innermost link of ``exc`` that says the database is unavailable, if any: the
+    driver's own words rather than a wrapper's."""
+    found = None
+    for link in _causes(exc):
+        if _means_unavailable(link):
+            found = link
+    return found
+
+
+def _means_unavailable(link: BaseException) -> bool:
+    if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
+        return True  # the dialect saw the connection drop
+    if isinstance(link, sa_exc.TimeoutError):
+        return True  # no connection free in the pool within its timeout
+    if isinstance(link, sa_exc.SQLAlchemyError):
+        return False  # a wrapper: what it wraps says more
+    state = getattr(link, "sqlstate", None)
+    if isinstance(state, str):
+        return state.startswith(_UNAVAILABLE_PREFIXES) or state in _UNAVAILABLE_STATES
+    if isinstance(link, asyncpg.InterfaceError):
+        return "closed" in str(link)  # "connection is closed", "pool is closing"
+    if isinstance(link, asyncpg.exceptions.InternalClientError):
+        # What asyncpg raises, about a third of the time, for the next statement on a
+        # connection the server has just ended ("cannot switch to state ...").
+        return True
+    if hasattr(link, "sqlstate"):
+        # A driver's error that no server sent: for psycopg, an OperationalError without a
+        # SQLSTATE is a connection that could not be made or was lost.
+        return any(cls.__name__ == "OperationalError" for cls in type(link).__mro__)
+    # Refused, no such host, no answer in time: from the driver's code, not the app's own
+    # (an OSError from a file or another service is no database outage).
+    return isinstance(link, OSError) and _raised_by_a_driver(link)
+
+
+def _raised_by_a_driver(exc: BaseException) -> bool:
+    frame = exc.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_globals.get("__name__", "").partition(".")[0] in _DRIVERS:
+            return True
+        frame = frame.tb_next
+    return False
 
 
 def _one_line(text: object) -> str:
@@ -206,19 +256,20 @@ def where(dsn: str) -> str:
 
 
 def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
-    """A driver error as the library's error, when it is one the operator can act on: the
-    database cannot be reached (or refuses us), or it has no pgoutbox schema."""
-    for cause in _causes(exc):
-        if isinstance(cause, _UNREACHABLE):
-            reason = _one_line(cause) or (
-                f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
-                if isinstance(cause, TimeoutError)
-                else type(cause).__name__
-            )
-            return DatabaseUnavailable(f"cannot reach the database at {where(dsn)}: {reason}")
-        if isinstance(cause, asyncpg.exceptions.UndefinedTableError):
+    """A driver error as the library's error, when it is one an operator can act on: the
+    database cannot be used (see is_database_unavailable), or it has no pgoutbox schema."""
+    cause = _unavailable_cause(exc)
+    if cause is not None:
+        reason = _one_line(cause) or (
+            f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
+            if isinstance(cause, TimeoutError)
+            else type(cause).__name__
+        )
+        return DatabaseUnavailable(f"cannot reach the database at {where(dsn)}: {reason}")
+    for link in _causes(exc):
+        if isinstance(link, asyncpg.exceptions.UndefinedTableError):
             return ConfigError(
-                f"the database at {where(dsn)} has no pgoutbox schema ({_one_line(cause)}): "
+                f"the database at {where(dsn)} has no pgoutbox schema ({_one_line(link)}): "
                 "run `alembic upgrade head`"
             )
     return None

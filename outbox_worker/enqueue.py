@@ -13,7 +13,7 @@ import math
 import operator
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -34,7 +34,7 @@ from outbox_worker.errors import (
     QueueFull,
     UnknownTask,
 )
-from outbox_worker.jobs import Job, JobState
+from outbox_worker.jobs import MAX_JSON_DEPTH, Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import Registry, TaskSpec
 
@@ -145,25 +145,35 @@ def _text_option(name: str, value: str | None, limit: int) -> str | None:
     return value
 
 
-def _has_non_str_key(value: object) -> bool:
-    """json.dumps turns nested non-string keys into strings (and merges colliding ones)
-    without a word; refuse them instead. Iterative, so depth cannot overflow the stack."""
-    stack = [value]
-    seen: set[int] = set()  # a circular structure is json.dumps' to refuse, not a hang here
+_NOT_AN_OBJECT = "must be a JSON object (dicts with str keys)"
+
+
+def _shape_problem(args: dict[Any, Any]) -> str | None:
+    """What json.dumps lets through but must be refused: a nested non-string key (json.dumps
+    turns it into a string, and merges colliding ones, without a word), or nesting deeper than
+    MAX_JSON_DEPTH, which readers could not show. Iterative, so depth cannot overflow the
+    stack."""
+    stack: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int]] = [(args, 1)]
+    # The deepest level each container was walked at: a shared one is walked again only
+    # deeper, and a circular one ends past the limit instead of hanging.
+    walked: dict[int, int] = {}
     while stack:
-        item = stack.pop()
-        if id(item) in seen:
+        item, level = stack.pop()
+        if level > MAX_JSON_DEPTH:
+            return f"nest deeper than {MAX_JSON_DEPTH} levels (or contain themselves)"
+        if walked.get(id(item), 0) >= level:
             continue
-        seen.add(id(item))
+        walked[id(item)] = level
         if isinstance(item, dict):
-            for key, child in item.items():
-                if not isinstance(key, str):
-                    return True
-                if isinstance(child, dict | list | tuple):
-                    stack.append(child)
-        elif isinstance(item, list | tuple):
-            stack.extend(child for child in item if isinstance(child, dict | list | tuple))
-    return False
+            if not all(isinstance(key, str) for key in item):
+                return _NOT_AN_OBJECT
+            children: Iterable[Any] = item.values()
+        else:
+            children = item
+        stack.extend(
+            (child, level + 1) for child in children if isinstance(child, dict | list | tuple)
+        )
+    return None
 
 
 def _int_option(name: str, value: int, low: int) -> int:
@@ -178,10 +188,11 @@ def _flat_with_str_keys(args: Mapping[Any, Any]) -> bool:
 
 
 def _encode_args(task: str, args: object, limit: int) -> str:
-    if not (type(args) is dict or isinstance(args, Mapping)) or (
-        not _flat_with_str_keys(args) and _has_non_str_key(dict(args))
-    ):
-        raise InvalidArgs(f"args of {task!r} must be a JSON object (dicts with str keys)")
+    if not (type(args) is dict or isinstance(args, Mapping)):
+        raise InvalidArgs(f"args of {task!r} {_NOT_AN_OBJECT}")
+    problem = None if _flat_with_str_keys(args) else _shape_problem(dict(args))
+    if problem is not None:
+        raise InvalidArgs(f"args of {task!r} {problem}")
     try:
         encoded = _ENCODER.encode(args)
         size = len(encoded) if encoded.isascii() else len(encoded.encode())

@@ -5,9 +5,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from collections.abc import Mapping
 from datetime import datetime
+from itertools import accumulate
 from typing import Any
+
+# How deep args may nest, the object itself being the first level: enqueue refuses deeper.
+# Python's JSON readers recurse (json, pydantic, the CLI's and the dashboard's encoders) and
+# give out between 300 and 1000 levels, while jsonb holds thousands; so readers cut anything
+# deeper (a handler's result, a row written by plain SQL) and show TOO_DEEP in its place.
+MAX_JSON_DEPTH = 100
+TOO_DEEP = f"(nested deeper than {MAX_JSON_DEPTH} levels: not shown)"
 
 
 class JobState(enum.StrEnum):
@@ -78,6 +87,63 @@ class Job:
         values = {name: row[name] for name in JOB_COLUMNS}
         values["state"] = JobState(values["state"])
         # sql.JOB_SELECT_LIST hands JSON columns over as text so every driver path agrees.
-        values["args"] = json.loads(values["args"]) if args is None else args
-        values["result"] = None if values["result"] is None else json.loads(values["result"])
+        values["args"] = _read_json(values["args"]) if args is None else args
+        values["result"] = None if values["result"] is None else _read_json(values["result"])
         return cls(**values, duplicate=duplicate)
+
+
+# Only brackets outside strings change the depth (not numbers, literals, commas, colons).
+_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'
+_STRINGS = re.compile(_JSON_STRING)
+_NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
+_JSON_TOKEN = re.compile(rf"{_JSON_STRING}|[\[\]{{}}]")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_TOO_DEEP_JSON = json.dumps(TOO_DEEP)
+
+
+def _depth(text: str) -> int:
+    """How deep ``text`` (valid JSON) nests, found by C loops alone: large shallow args pay
+    little for the check."""
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def _cut_too_deep(text: str) -> str:
+    """``text`` (valid JSON, as jsonb prints it) with every array and object deeper than
+    MAX_JSON_DEPTH replaced by TOO_DEEP. A scan, not a recursion: no depth overflows it."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH or _depth(text) <= MAX_JSON_DEPTH:
+        return text  # the common case, small args, costs two counts
+    kept: list[str] = []
+    copied_to = 0
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text):
+        bracket = text[token.start()]
+        if bracket == '"':
+            continue
+        if bracket in "[{":
+            depth += 1
+            if depth == MAX_JSON_DEPTH + 1:
+                kept += (text[copied_to : token.start()], _TOO_DEEP_JSON)
+        else:
+            if depth == MAX_JSON_DEPTH + 1:
+                copied_to = token.end()
+            depth -= 1
+    kept.append(text[copied_to:])
+    return "".join(kept)
+
+
+def _integer(digits: str) -> int | str:
+    try:
+        return int(digits)
+    except ValueError:  # more digits than int() converts (sys.get_int_max_str_digits)
+        return f"(integer of {len(digits.lstrip('-'))} digits: not shown)"
+
+
+def _read_json(text: str) -> Any:
+    """A JSON column as every reader can show it: what Python's JSON cannot hold (too deep,
+    an integer too long) becomes a marker rather than an error."""
+    text = _cut_too_deep(text)
+    try:
+        return json.loads(text)
+    except ValueError:  # jsonb's text is valid JSON: only an integer can fail; mark those
+        return json.loads(text, parse_int=_integer)

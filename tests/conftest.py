@@ -99,6 +99,18 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+async def crowded_user(pool: asyncpg.Pool) -> AsyncIterator[str]:
+    """A role the server refuses every connection to with "too many connections" (its
+    CONNECTION LIMIT is 0); roles belong to the whole server, so each test has its own."""
+    name = f"crowded_{os.getpid()}_{next(_numbers)}"
+    await pool.execute(f"CREATE ROLE {name} LOGIN CONNECTION LIMIT 0")
+    try:
+        yield name
+    finally:
+        await pool.execute(f"DROP ROLE {name}")
+
+
+@pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(sqlalchemy_url(database_url), pool_size=10, max_overflow=40)
     try:
@@ -198,6 +210,24 @@ async def wait_until(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
         await asyncio.sleep(interval)
+
+
+def deep_json(depth: int) -> str:
+    """A JSON object nested ``depth`` levels deep (the object is the first level), one
+    container per level, as plain SQL may store it."""
+    return '{"a": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+
+def levels(value: Any) -> tuple[int, Any]:
+    """How many containers lead down to the innermost value of a one-child-per-level
+    structure (what deep_json builds), and that value."""
+    count = 0
+    while isinstance(value, dict | list):
+        count += 1
+        if not value:
+            break
+        value = next(iter(value.values())) if isinstance(value, dict) else value[0]
+    return count, value
 
 
 @pytest.fixture

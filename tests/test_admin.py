@@ -3,22 +3,31 @@ metrics and readiness."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from outbox_worker import QueueFull, enqueue, sql
+from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
+from outbox_worker.db import is_database_unavailable
+from outbox_worker.devdb import PostgresServer
 from outbox_worker.enqueue import _backpressure
+from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
+from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, cookie_value
-from tests.conftest import WorkerProcess, wait_until
+from outbox_worker.web.router import RETRY_AFTER_SECONDS
+from tests.conftest import WorkerProcess, deep_json, levels, wait_until
 
 TOKEN = "s3cret-admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -114,6 +123,10 @@ async def test_list_filters_and_keyset_pagination(
         ({"queue": "no such; queue"}, "queue"),
         ({"task": "'; DROP TABLE x"}, "task"),
         ({"cursor": "abc"}, "cursor"),
+        ({"cursor": "²"}, "cursor"),  # a digit to str.isdigit, not to int()
+        ({"cursor": "１２"}, "cursor"),  # fullwidth digits: int() reads them, no id has them
+        ({"cursor": str(2**63)}, "cursor"),  # 19 digits, past bigint
+        ({"cursor": "9" * 19}, "cursor"),
         ({"limit": 0}, "limit"),
         ({"limit": 501}, "limit"),
     ],
@@ -135,6 +148,38 @@ async def test_unknown_job_is_404(admin_app: FastAPI, client: httpx.AsyncClient)
         response = await client.request(method, path, headers=AUTH)
         assert response.status_code == 404
         assert response.json()["detail"] == "no job 999"
+
+
+@pytest.mark.parametrize(
+    ("job_id", "status"),
+    [
+        ("0", 404),
+        ("-1", 404),
+        (str(2**63), 404),  # past bigint: never sent to the database
+        ("9" * 30, 404),
+        ("9" * 5000, 422),  # longer than pydantic reads an integer
+    ],
+)
+async def test_an_id_no_job_can_have_is_a_4xx(
+    admin_app: FastAPI, client: httpx.AsyncClient, job_id: str, status: int
+) -> None:
+    for method, path in [
+        ("GET", f"/jobs/{job_id}"),
+        ("POST", f"/jobs/{job_id}/retry"),
+        ("POST", f"/jobs/{job_id}/cancel"),
+    ]:
+        response = await client.request(method, path, headers=AUTH)
+        assert response.status_code == status, (path[:40], response.text[:300])
+        assert response.json()["detail"]
+
+
+async def test_the_largest_cursor_is_accepted(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    job_id = await insert_job(pool, "echo")
+    response = await client.get("/jobs", params={"cursor": str(2**63 - 1)}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert [item["id"] for item in response.json()["items"]] == [job_id]
 
 
 async def test_retry_and_cancel_follow_the_state_machine(
@@ -375,3 +420,240 @@ async def test_jobs_at_the_edges_of_run_at_list_and_show(
     for job_id in (first, last):
         shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
         assert shown.status_code == 200, shown.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs carrying more than Python's JSON readers take: shown with markers, never a 500
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1000, 5000])
+async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
+) -> None:
+    """Plain SQL stores what jsonb takes (thousands of levels); every answer cuts it to
+    MAX_JSON_DEPTH levels and says so, and the job can still be retried and cancelled."""
+    job_id = await insert_job(
+        pool, "echo", args=deep_json(depth), result=deep_json(depth), state="dead", attempts=1
+    )
+    cut = (MAX_JSON_DEPTH, TOO_DEEP)
+
+    listed = await client.get("/jobs", headers=AUTH)
+    assert listed.status_code == 200, listed.text[:300]
+    [item] = listed.json()["items"]
+    assert (levels(item["args"]), levels(item["result"])) == (cut, cut)
+    shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text[:300]
+    assert levels(shown.json()["args"]) == cut
+
+    retried = await client.post(f"/jobs/{job_id}/retry", headers=AUTH)
+    assert retried.status_code == 200, retried.text[:300]
+    assert (retried.json()["state"], levels(retried.json()["args"])) == ("queued", cut)
+    cancelled = await client.post(f"/jobs/{job_id}/cancel", headers=AUTH)
+    assert cancelled.status_code == 200, cancelled.text[:300]
+    assert cancelled.json()["state"] == "cancelled"
+    # Only the answers are cut: the row keeps what was written.
+    stored = await pool.fetchval("SELECT args::text FROM outbox_jobs WHERE id = $1", job_id)
+    assert stored == deep_json(depth)
+
+
+async def test_args_as_deep_as_enqueue_takes_come_back_whole(
+    admin_app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    args = json.loads(deep_json(MAX_JSON_DEPTH))
+    async with engine.begin() as conn:
+        job = await enqueue(conn, "echo", args)
+    shown = await client.get(f"/jobs/{job.id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text[:300]
+    assert shown.json()["args"] == args
+    assert levels(shown.json()["args"]) == (MAX_JSON_DEPTH, [])
+
+
+async def test_numbers_longer_than_python_reads_are_shown_as_markers(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    job_id = await insert_job(
+        pool, "echo", args='{"big": 1e5000, "fine": 10, "small": 1e-5000}', result="-1e5000"
+    )
+    shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text[:300]
+    body = shown.json()
+    assert body["args"]["big"] == "(integer of 5001 digits: not shown)"
+    assert (body["args"]["fine"], body["args"]["small"]) == (10, 0.0)
+    assert body["result"] == "(integer of 5001 digits: not shown)"
+    assert (await client.get("/jobs", headers=AUTH)).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Caching: no admin answer may be kept by a browser or a proxy
+# ---------------------------------------------------------------------------------------------
+
+
+async def test_every_admin_answer_says_no_store(
+    app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+) -> None:
+    dead = await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
+    queued = await insert_job(pool, "echo")
+    done = await insert_job(pool, "echo", state="succeeded", attempts=1)
+    app.state.settings.admin_token = None
+    disabled = await client.get("/jobs", headers=AUTH)
+    app.state.settings.admin_token = TOKEN
+    answers = [
+        (disabled, 403),
+        (await client.get("/jobs"), 401),
+        (await client.get("/jobs", headers=AUTH), 200),
+        (await client.get("/jobs", params={"state": "bogus"}, headers=AUTH), 422),
+        (await client.get("/jobs", params={"limit": 0}, headers=AUTH), 422),
+        (await client.get(f"/jobs/{queued}", headers=AUTH), 200),
+        (await client.get("/jobs/999", headers=AUTH), 404),
+        (await client.get("/jobs/abc", headers=AUTH), 422),
+        (await client.post(f"/jobs/{dead}/retry", headers=AUTH), 200),
+        (await client.post(f"/jobs/{done}/retry", headers=AUTH), 409),
+        (await client.post(f"/jobs/{queued}/cancel", headers=AUTH), 200),
+        (await client.post("/jobs/retry-dead", headers=AUTH), 200),
+        (await client.get("/queues", headers=AUTH), 200),
+        (await client.get("/queues", params={"window_seconds": 0}, headers=AUTH), 422),
+    ]
+    for response, status in answers:
+        where = f"{response.request.method} {response.request.url}"
+        assert response.status_code == status, (where, response.text)
+        assert response.headers.get("cache-control") == "no-store", where
+        if status >= 400:
+            assert response.json()["detail"], where
+    # Validation errors keep FastAPI's shape.
+    assert answers[4][0].json()["detail"][0]["loc"] == ["query", "limit"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The database down: 503 with Retry-After, not 500
+# ---------------------------------------------------------------------------------------------
+
+UNREACHABLE_URL = "postgresql+asyncpg://nobody@127.0.0.1:1/nothing"
+
+
+async def test_admin_routes_answer_503_when_the_database_is_unreachable() -> None:
+    """The router alone (no handler installed by the app) says the database is away."""
+    engine = create_async_engine(UNREACHABLE_URL)
+
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        async with AsyncSession(engine) as session, session.begin():
+            yield session
+
+    bare = FastAPI()
+    bare.include_router(create_admin_router(get_session=get_session, admin_token=TOKEN))
+    transport = httpx.ASGITransport(app=bare)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            for method, path in [
+                ("GET", "/jobs"),
+                ("GET", "/jobs/1"),
+                ("POST", "/jobs/1/retry"),
+                ("POST", "/jobs/1/cancel"),
+                ("POST", "/jobs/retry-dead"),
+                ("GET", "/queues"),
+            ]:
+                response = await client.request(method, path, headers=AUTH)
+                assert response.status_code == 503, (path, response.text)
+                assert response.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+                assert response.headers["cache-control"] == "no-store"
+                assert "database" in response.json()["detail"]
+    finally:
+        await engine.dispose()
+
+
+async def _raised(call: Callable[[], Awaitable[object]]) -> BaseException:
+    try:
+        await call()
+    except Exception as exc:
+        return exc
+    raise AssertionError("no error raised")
+
+
+async def test_what_counts_as_the_database_being_unavailable(
+    pg_server: PostgresServer,
+    database_url: str,
+    pool: asyncpg.Pool,
+    crowded_user: str,
+    tmp_path: Path,
+) -> None:
+    """Real errors, from asyncpg and through SQLAlchemy: a connection that cannot be had or
+    was lost is an outage; a bad statement, a constraint or a file is not."""
+    engine = create_async_engine(sqlalchemy_url(database_url))
+    tight = create_async_engine(
+        sqlalchemy_url(database_url), pool_size=1, max_overflow=0, pool_timeout=0.01
+    )
+    away = create_async_engine(UNREACHABLE_URL)
+
+    async def statement(sql: str) -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text(sql))
+
+    async def use_closed() -> None:
+        conn = await asyncpg.connect(database_url)
+        await conn.close()
+        await conn.fetch("SELECT 1")
+
+    async def use_terminated() -> None:
+        conn = await asyncpg.connect(database_url)
+        await pool.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await conn.fetch("SELECT 1")
+
+    async def sqlalchemy_terminated() -> None:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            await pool.execute("SELECT pg_terminate_backend($1)", pid)
+            await conn.execute(text("SELECT 1"))
+
+    async def pool_exhausted() -> None:
+        async with tight.connect(), tight.connect():  # a pool of one has no second
+            pass
+
+    async def sqlalchemy_refused() -> None:
+        async with away.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def statement_timeout() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SET statement_timeout = '1ms'"))
+            await conn.execute(text("SELECT pg_sleep(5)"))
+
+    async def missing_file() -> None:
+        await asyncio.to_thread((tmp_path / "none").read_text)
+
+    async def bad_value() -> None:
+        int("x")
+
+    try:
+        unavailable = {
+            "refused": await _raised(lambda: asyncpg.connect(asyncpg_dsn(UNREACHABLE_URL))),
+            "refused-through-sqlalchemy": await _raised(sqlalchemy_refused),
+            "no-such-database": await _raised(
+                lambda: asyncpg.connect(pg_server.url_for("no_such_database_here"))
+            ),
+            "too-many-connections": await _raised(
+                lambda: asyncpg.connect(database_url, user=crowded_user)
+            ),
+            "connection-closed": await _raised(use_closed),
+            "connection-terminated": await _raised(use_terminated),
+            "terminated-through-sqlalchemy": await _raised(sqlalchemy_terminated),
+            "pool-exhausted": await _raised(pool_exhausted),
+        }
+        available = {
+            "syntax": await _raised(lambda: statement("SELEC 1")),
+            "division-by-zero": await _raised(lambda: statement("SELECT 1 / 0")),
+            "unique-violation": await _raised(
+                lambda: statement("INSERT INTO outbox_jobs (id, task) VALUES (1, 'a'), (1, 'a')")
+            ),
+            "statement-timeout": await _raised(statement_timeout),
+            "missing-file": await _raised(missing_file),
+            "bad-value": await _raised(bad_value),
+        }
+    finally:
+        for each in (engine, tight, away):
+            await each.dispose()
+    missed = {
+        name: repr(exc) for name, exc in unavailable.items() if not is_database_unavailable(exc)
+    }
+    assert missed == {}
+    mistaken = {name: repr(exc) for name, exc in available.items() if is_database_unavailable(exc)}
+    assert mistaken == {}

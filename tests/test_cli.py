@@ -1,17 +1,24 @@
 """``python -m outbox_worker run``: every mistake a user can make ends in one line on stderr.
 
-These run the real entry point in a subprocess. None of them reaches a database: a valid but
+These run the real entry point in a subprocess. Most never reach a database: a valid but
 unreachable DATABASE_URL is given so that only the error under test can stop the command.
+The last ones give it a database it cannot use: away, refusing it, or without the schema.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
+
+from outbox_worker.devdb import PostgresServer, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 # Valid syntax, nothing listening: the command must fail before it ever connects.
@@ -123,3 +130,76 @@ def test_help_exits_zero(args: list[str]) -> None:
     if args[0] == "run":
         for flag in ("--concurrency", "--queues", "--burst", "--lease-seconds", "--no-listen"):
             assert flag in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# run: a database that cannot be used ends the worker at start, in one line
+# ---------------------------------------------------------------------------------------------
+
+# Only the error line: the worker's own log (retries) would go to stderr too.
+QUIET = {"OUTBOX_LOG_LEVEL": "error"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param(UNREACHABLE_URL, id="refused"),
+        pytest.param("postgresql://nobody@no-such-host.invalid/nothing", id="unknown-host"),
+    ],
+)
+def test_an_unreachable_database_is_waited_for_then_one_line(url: str) -> None:
+    env = _env(DATABASE_URL=url, OUTBOX_STARTUP_TIMEOUT_SECONDS="1", **QUIET)
+    result = _run("run", "tests.workload:registry", env=env)
+    _assert_one_line_error(result, "cannot reach the database")
+    assert "(waited 1s)" in result.stderr
+    assert result.returncode == 1
+
+
+def test_sigterm_while_waiting_for_the_database_exits_zero() -> None:
+    """Start-up waits for a database that is not up yet; a stop request ends the wait."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "outbox_worker", "run", "tests.workload:registry"],
+        env=_env(OUTBOX_LOG_FORMAT="json"),
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the first retry says the wait has begun
+            if '"database_retry"' in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _with_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+
+
+async def test_a_database_that_refuses_us_or_lacks_the_schema_is_one_line(
+    pg_server: PostgresServer, database_url: str
+) -> None:
+    """Mistakes no wait can mend end the worker at once: no retries, no traceback."""
+    empty = f"no_schema_{os.getpid()}"
+    conn = await asyncpg.connect(pg_server.url_for("postgres"))
+    try:
+        await conn.execute(f"CREATE DATABASE {empty}")
+        cases = [
+            (with_database(database_url, "no_such_database"), 1, "does not exist"),
+            (_with_user(database_url, "no_such_role"), 1, "no_such_role"),
+            (pg_server.url_for(empty), 2, "no pgoutbox schema"),
+        ]
+        for url, code, mentions in cases:
+            env = _env(DATABASE_URL=url, **QUIET)
+            result = await asyncio.to_thread(_run, "run", "tests.workload:registry", env=env)
+            _assert_one_line_error(result, mentions)
+            assert result.returncode == code, result.stderr
+    finally:
+        await conn.execute(f"DROP DATABASE IF EXISTS {empty} WITH (FORCE)")
+        await conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox_worker import enqueue
-from outbox_worker.jobs import JOB_COLUMNS
-from tests.conftest import WorkerProcess, wait_until
+from outbox_worker.jobs import JOB_COLUMNS, MAX_JSON_DEPTH, TOO_DEEP
+from tests.conftest import WorkerProcess, deep_json, levels, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_PREFIX = "outbox-worker: error:"
@@ -55,11 +56,11 @@ def _env(database_url: str | None) -> dict[str, str]:
 
 
 def run_cli(
-    database_url: str | None, *args: str, cwd: Path = ROOT
+    database_url: str | None, *args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "outbox_worker", *args],
-        env=_env(database_url),
+        env=_env(database_url) | (env or {}),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -371,6 +372,81 @@ async def test_jobs_cancel(database_url: str, pool: asyncpg.Pool) -> None:
         assert await state_of(pool, job_id) == state
 
 
+async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """As deep as jsonb takes, from plain SQL: every command shows it cut to MAX_JSON_DEPTH
+    levels with a marker, and can still retry and cancel the job."""
+    job_id = await insert_job(pool, state="dead")
+    await pool.execute(
+        "UPDATE outbox_jobs SET args = $2::jsonb, result = $2::jsonb WHERE id = $1",
+        job_id,
+        deep_json(5000),
+    )
+    cut = (MAX_JSON_DEPTH, TOO_DEEP)
+
+    [item] = ok_json(await cli(database_url, "jobs", "list", "--json"))["items"]
+    assert (levels(item["args"]), levels(item["result"])) == (cut, cut)
+    shown = ok_json(await cli(database_url, "jobs", "show", str(job_id), "--json"))
+    assert (levels(shown["args"]), levels(shown["result"])) == (cut, cut)
+    assert str(job_id) in ok(await cli(database_url, "jobs", "list"))
+    assert TOO_DEEP in ok(await cli(database_url, "jobs", "show", str(job_id)))
+
+    retried = ok_json(await cli(database_url, "jobs", "retry", str(job_id), "--json"))
+    assert (retried["state"], levels(retried["args"])) == ("queued", cut)
+    assert "cancelled" in ok(await cli(database_url, "jobs", "cancel", str(job_id)))
+    assert await state_of(pool, job_id) == "cancelled"
+
+
+HOSTILE_TEXT = "boom\x1b[2J\x1b]0;pwned\x07\r\x9b31mred\x7f\u202eevil"
+SHOWN_TEXT = r"boom\x1b[2J\x1b]0;pwned\x07\r\x9b31mred\x7f\u202eevil"
+# What must never reach the terminal raw: C0 controls but tab and newline, DEL, C1
+# controls, and the bidirectional overrides and isolates.
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+async def test_control_characters_in_jobs_are_shown_not_obeyed(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    dead = await insert_job(
+        pool, state="dead", args={"text": HOSTILE_TEXT}, last_error=f"{HOSTILE_TEXT}\nline two"
+    )
+    await pool.execute(
+        "UPDATE outbox_jobs SET result = $2::jsonb, correlation_id = $3, dedupe_key = $3 "
+        "WHERE id = $1",
+        dead,
+        json.dumps([HOSTILE_TEXT]),
+        HOSTILE_TEXT,
+    )
+    running = await insert_job(pool, state="running")
+    await pool.execute("UPDATE outbox_jobs SET locked_by = $2 WHERE id = $1", running, HOSTILE_TEXT)
+    await pool.execute(
+        "INSERT INTO outbox_workers (id, queues, concurrency) VALUES ($1, '{default}', 1)",
+        HOSTILE_TEXT,
+    )
+
+    show = ok(await cli(database_url, "jobs", "show", str(dead)))
+    listed = ok(await cli(database_url, "jobs", "list"))
+    outputs = [
+        show,
+        ok(await cli(database_url, "jobs", "cancel", str(running))),
+        ok(await cli(database_url, "health", "--within", "1h")),
+    ]
+    for out in [*outputs, listed]:
+        assert not RAW_CONTROL.findall(out), out
+    for out in outputs:
+        assert SHOWN_TEXT in out, out
+    assert SHOWN_TEXT[:30] in listed, listed  # the start of the error's first line
+    # The args and result as JSON: what JSON escapes (C0), then the rest.
+    assert show.count(r'"boom\u001b[2J\u001b]0;pwned\u0007\r\x9b31mred\x7f\u202eevil"') == 2
+    # A traceback keeps its lines in `jobs show`.
+    assert any(line.strip() == "line two" for line in show.splitlines()), show
+    # JSON escapes what it must on its own, and keeps the text exact.
+    shown = ok_json(await cli(database_url, "jobs", "show", str(dead), "--json"))
+    assert shown["last_error"] == f"{HOSTILE_TEXT}\nline two"
+    assert (shown["args"], shown["result"]) == ({"text": HOSTILE_TEXT}, [HOSTILE_TEXT])
+
+
 async def test_jobs_retry_dead_by_filter(database_url: str, pool: asyncpg.Pool) -> None:
     mail_dead = [
         await insert_job(pool, task="send_email", queue="mail", state="dead") for _ in range(2)
@@ -616,6 +692,11 @@ def test_health_with_the_database_unreachable() -> None:
         pytest.param(["jobs", "list", "--limit", "0"], "limit", 1, id="limit-zero"),
         pytest.param(["jobs", "list", "--limit", "501"], "limit", 1, id="limit-too-big"),
         pytest.param(["jobs", "list", "--cursor", "xyz"], "xyz", 1, id="bad-cursor"),
+        pytest.param(["jobs", "list", "--cursor", "²"], "cursor", 1, id="cursor-superscript"),
+        pytest.param(["jobs", "list", "--cursor", str(2**63)], "cursor", 1, id="cursor-bigint"),
+        pytest.param(
+            ["jobs", "list", "--cursor", "9" * 19, "--json"], "cursor", 1, id="cursor-19-nines"
+        ),
         pytest.param(
             ["jobs", "retry-dead", "--queue", "bad name!"], "bad name!", 1, id="retry-dead-queue"
         ),
@@ -635,6 +716,15 @@ def test_health_with_the_database_unreachable() -> None:
         ),
         pytest.param(["prune"], "--older-than", 2, id="prune-without-age"),
         pytest.param(["health", "--within", "whenever"], "--within", 2, id="bad-within"),
+        pytest.param(
+            ["prune", "--older-than", "99999999999d"], "--older-than", 2, id="older-than-huge"
+        ),
+        pytest.param(["queues", "--window", "99999999999d"], "--window", 2, id="window-huge"),
+        pytest.param(["queues", "--window", "9" * 400], "--window", 2, id="window-past-float"),
+        pytest.param(["health", "--within", "1e400d"], "--within", 2, id="within-exponent"),
+        pytest.param(
+            ["health", "--within", "99999999999w", "--json"], "--within", 2, id="within-huge"
+        ),
         pytest.param(["jobs", "frobnicate"], "frobnicate", 2, id="unknown-command"),
     ],
 )
@@ -675,6 +765,26 @@ def test_database_unreachable_is_one_line_error(args: list[str]) -> None:
 
 def test_missing_database_url_is_one_line_error() -> None:
     assert_one_line_error(run_cli(None, "jobs", "list"), "DATABASE_URL", code=2)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OUTBOX_RETENTION_SUCCEEDED", "99999999999d"),
+        ("OUTBOX_RETENTION_DEAD", "9" * 400 + "w"),
+        ("OUTBOX_RETENTION_CANCELLED", "36601d"),
+    ],
+)
+@pytest.mark.parametrize("args", [["jobs", "list"], ["run", "tests.workload:registry"]])
+def test_a_retention_too_long_is_one_line_error(variable: str, value: str, args: list[str]) -> None:
+    result = run_cli(UNREACHABLE_URL, *args, env={variable: value})
+    assert_one_line_error(result, variable.removeprefix("OUTBOX_").lower(), code=2)
+
+
+@pytest.mark.parametrize("value", ["36600d", "", "0"])
+def test_a_retention_up_to_a_century_is_accepted(value: str) -> None:
+    result = run_cli(UNREACHABLE_URL, "jobs", "list", env={"OUTBOX_RETENTION_DEAD": value})
+    assert_one_line_error(result, "cannot reach the database", code=1)  # past the settings
 
 
 async def test_unmigrated_database_is_one_line_error(database_url: str, pool: asyncpg.Pool) -> None:

@@ -35,6 +35,7 @@ from outbox_worker.errors import (
     InvalidOption,
     UnknownTask,
 )
+from outbox_worker.jobs import MAX_JSON_DEPTH
 from outbox_worker.names import is_valid_name
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import CALM, settle, stop_workers
@@ -51,6 +52,11 @@ def nested(depth: int) -> list[Any]:
     for _ in range(depth):
         value = [value]
     return value
+
+
+def args_of_depth(depth: int) -> dict[str, Any]:
+    """An args object nested ``depth`` levels deep, the object itself being the first."""
+    return {"a": nested(depth - 2)}
 
 
 def circular() -> dict[str, Any]:
@@ -81,6 +87,8 @@ REFUSED: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ("args-nested-colliding-keys", {"args": {"a": {1: "x", "1": "y"}}}, InvalidArgs),
     ("args-circular", {"args": circular()}, InvalidArgs),
     ("args-too-deep", {"args": {"a": nested(5000)}}, InvalidArgs),
+    ("args-one-level-too-deep", {"args": args_of_depth(MAX_JSON_DEPTH + 1)}, InvalidArgs),
+    ("args-too-deep-in-a-tuple", {"args": {"a": (nested(MAX_JSON_DEPTH),)}}, InvalidArgs),
     ("args-int-5000-digits", {"args": {"a": 10**5000}}, InvalidArgs),
     ("args-nul-deep", {"args": {"a": [{"b": {"c": "\x00"}}]}}, InvalidArgs),
     ("args-surrogate-key", {"args": {"\udcff": 1}}, InvalidArgs),
@@ -226,7 +234,7 @@ async def test_odd_but_valid_values_are_stored_exactly(db: Executor, pool: async
         await enqueue(db, "echo", key="d-neg-zero", delay=-0.0),
         await enqueue(db, "echo", key="year-1", run_at=datetime(1, 1, 1, 1, tzinfo=UTC)),
         await enqueue(db, "echo", key="int-4000", args={"n": 10**4000}),
-        await enqueue(db, "echo", key="deep-200", args={"n": nested(200)}),
+        await enqueue(db, "echo", key="deepest", args=args_of_depth(MAX_JSON_DEPTH)),
     ]
     await db.commit()
     assert not any(job.duplicate for job in jobs + extremes)
@@ -252,7 +260,7 @@ async def test_odd_but_valid_values_are_stored_exactly(db: Executor, pool: async
     assert rows[extremes[1].id]["priority"] == -INT32_MAX
     assert rows[extremes[4].id]["run_at"] == datetime(1, 1, 1, 1, tzinfo=UTC)
     assert json.loads(rows[extremes[5].id]["args"]) == {"n": 10**4000}
-    assert json.loads(rows[extremes[6].id]["args"]) == {"n": nested(200)}
+    assert json.loads(rows[extremes[6].id]["args"]) == args_of_depth(MAX_JSON_DEPTH)
     assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == len(rows)
 
 

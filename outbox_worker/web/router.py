@@ -7,15 +7,24 @@ transaction of the session dependency the app provides.
 # No `from __future__ import annotations` here: the routes' annotations name a dependency
 # built inside create_admin_router, which FastAPI can only see if they are evaluated eagerly.
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+import asyncpg
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from outbox_worker import admin
+from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict, OutboxError
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.web.auth import AdminAuth, TokenSource
@@ -91,6 +100,78 @@ async def guarded(call: Awaitable[Any]) -> Any:
         raise http_error(exc) from exc
 
 
+# How long an answer to a database outage tells the client to wait before trying again.
+RETRY_AFTER_SECONDS = 5
+# The classes an outage arrives as, for the exception handlers that must name them.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    sa_exc.SQLAlchemyError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
+NO_STORE = {"Cache-Control": "no-store"}
+OUTAGE_DETAIL = "the database is unavailable; try again shortly"
+OUTAGE_HEADERS = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+
+
+class AdminRoute(APIRoute):
+    """Every answer of the JSON routes, errors included, says no-store: jobs carry arguments
+    and errors that no browser or proxy should keep. A database outage is a 503 with
+    Retry-After. Errors of the route go on as HTTPException rather than as an answer returned
+    here, so that the session dependency still sees them and rolls back."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except StarletteHTTPException as exc:
+                exc.headers = {**(exc.headers or {}), **NO_STORE}
+                raise
+            except RequestValidationError as exc:
+                # Raised before the route ran: the app's own answer to it (which may shape
+                # the detail), answered here to add no-store to it.
+                handle = request.app.exception_handlers.get(
+                    RequestValidationError, request_validation_exception_handler
+                )
+                response = handle(request, exc)
+                if inspect.isawaitable(response):
+                    response = await response
+            except Exception as exc:
+                if not is_database_unavailable(exc):
+                    raise
+                raise HTTPException(
+                    status.HTTP_503_SERVICE_UNAVAILABLE,
+                    OUTAGE_DETAIL,
+                    {**NO_STORE, **OUTAGE_HEADERS},
+                ) from exc
+            response.headers.update(NO_STORE)
+            return response
+
+        return answer
+
+
+async def answer_database_outage(request: Request, exc: Exception) -> Response:
+    """An exception handler: a database outage is a 503 with Retry-After; any other error
+    goes on to the app's own handling of unexpected errors."""
+    if not is_database_unavailable(exc):
+        raise exc
+    return JSONResponse(
+        {"detail": OUTAGE_DETAIL},
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers=OUTAGE_HEADERS,
+    )
+
+
+def handle_database_outages(app: FastAPI) -> None:
+    """Make every route of ``app`` answer a database outage with 503 and Retry-After, not
+    500: a handler for each class an outage arrives as, so routes need no change."""
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, answer_database_outage)
+
+
 def create_admin_router(
     *,
     get_session: SessionProvider,
@@ -103,7 +184,7 @@ def create_admin_router(
     auth = AdminAuth(admin_token)
     session_dep = Annotated[AsyncSession, Depends(get_session, scope="function")]
     router = APIRouter(tags=["admin"])
-    protected = APIRouter(dependencies=[Depends(auth)])
+    protected = APIRouter(dependencies=[Depends(auth)], route_class=AdminRoute)
 
     @protected.get("/jobs")
     async def list_jobs(
