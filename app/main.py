@@ -9,18 +9,20 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from app.api.deps import get_session
+from app.api.errors import invalid_request
 from app.api.main import api_router
 from app.core.config import Settings, get_settings
 from app.core.db import create_engine, create_sessionmaker
-from app.middleware import REQUEST_ID_HEADER, RequestIdMiddleware
+from app.middleware import REQUEST_ID_HEADER, BodySizeLimitMiddleware, RequestIdMiddleware
 from app.services.comments import SubscriberNotifier
 from app.services.errors import DomainError
 from app.tasks import registry
 from outbox_worker import EnqueueError, QueueFull
-from outbox_worker.web import create_admin_router
+from outbox_worker.web import create_admin_router, handle_database_outages
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
@@ -46,6 +48,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.engine.dispose()
 
     application = FastAPI(title="pgoutbox sample service", lifespan=lifespan)
+    application.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=lambda scope: scope["app"].state.settings.max_body_bytes,
+    )
+    # Added last, so outermost: refusals from the middleware above carry the id too.
     application.add_middleware(RequestIdMiddleware)
     application.include_router(api_router)
     application.include_router(
@@ -57,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         )
     )
+
+    application.exception_handler(RequestValidationError)(invalid_request)
+    # The database down: 503 with Retry-After on every route, not 500.
+    handle_database_outages(application)
 
     @application.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> JSONResponse:

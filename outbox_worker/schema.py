@@ -115,3 +115,11 @@ outbox_workers = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )
+
+# Dashboard sessions signed out before their cookie expires (outbox_worker.web.auth).
+outbox_revoked_sessions = Table(
+    "outbox_revoked_sessions",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)

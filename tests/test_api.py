@@ -7,10 +7,11 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -25,6 +26,7 @@ from app.services import reports as reports_service
 from app.services import signup as signup_service
 from outbox_worker import EnqueueError, Job, get_job
 from outbox_worker.devdb import PostgresServer
+from outbox_worker.web.router import RETRY_AFTER_SECONDS
 from tests.conftest import WorkerProcess, alembic_config, wait_until
 
 SpawnWorker = Callable[..., WorkerProcess]
@@ -371,6 +373,31 @@ async def test_post_reports_without_any_body_is_valid(
     assert done["result"]["total_users"] == 0
 
 
+async def test_the_widest_windows_a_report_accepts_are_ones_its_job_computes(
+    client: httpx.AsyncClient, spawn_worker: SpawnWorker
+) -> None:
+    """The edges of what POST /reports takes (year 1 to 9999, in UTC, whatever the offset)
+    all run: a window the job could not compute is refused with 422 instead."""
+    await comment(client, "ann", "inside every window")
+    windows = [
+        {"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59.999999Z"},
+        {"since": "0001-01-01T01:00:00+01:00", "until": "9999-12-31T18:59:59.999999-05:00"},
+        {"since": "0001-01-01T00:00:00-23:59", "until": "9999-12-31T23:59:59.999999+23:59"},
+    ]
+    report_ids = []
+    for window in windows:
+        response = await client.post("/reports", json=window)
+        assert response.status_code == 202, response.text
+        report_ids.append(response.json()["report_id"])
+
+    await run_burst_worker(spawn_worker)
+
+    for report_id in report_ids:
+        done = (await client.get(f"/reports/{report_id}")).json()
+        assert done["status"] == "done", done
+        assert done["result"]["comments"] == 1
+
+
 async def test_a_report_shows_failed_when_its_job_is_dead(
     client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
@@ -676,6 +703,29 @@ BAD_INPUT: list[tuple[str, str, dict[str, Any], int]] = [
         422,
     ),
     ("POST", "/reports", {"json": {"until": "yesterday"}}, 422),
+    # Moments before year 1 or after 9999 in UTC, which the report job cannot pass on.
+    ("POST", "/reports", {"json": {"since": "0001-01-01T00:59:59.999999+01:00"}}, 422),
+    ("POST", "/reports", {"json": {"until": "0001-01-01T00:30:00+00:31"}}, 422),
+    ("POST", "/reports", {"json": {"until": "9999-12-31T23:00:00-01:00"}}, 422),
+    (
+        "POST",
+        "/reports",
+        {"json": {"since": "2026-01-01T00:00:00Z", "until": "9999-12-31T20:00:00-05:00"}},
+        422,
+    ),
+    # Text PostgreSQL cannot store (NUL, unpaired surrogates), and a 422 that must not echo
+    # a surrogate back (it cannot be encoded).
+    ("POST", "/comments", {"content": rb'{"author": "a\u0000b", "body": "x"}'}, 422),
+    ("POST", "/comments", {"content": rb'{"author": "a", "body": "x\u0000"}'}, 422),
+    ("POST", "/comments", {"content": rb'{"author": "\ud800", "body": "x"}'}, 422),
+    ("POST", "/comments", {"content": rb'{"author": "a", "body": "\udfffx\ud800"}'}, 422),
+    ("POST", "/comments", {"content": rb'{"author": "a", "body": "b", "\ud800": 1}'}, 422),
+    ("POST", "/comments", {"content": rb'{"author": ["\ud800"], "body": "b"}'}, 422),
+    ("POST", "/signup", {"content": rb'{"email": "a@example.com", "name": "A\u0000"}'}, 422),
+    ("POST", "/signup", {"content": rb'{"email": "a@example.com", "name": "\udbff"}'}, 422),
+    ("POST", "/signup", {"content": rb'{"email": "a\u0000@example.com"}'}, 422),
+    ("POST", "/signup", {"content": rb'{"email": "\ud800@example.com"}'}, 422),
+    ("POST", "/reports", {"content": rb'{"since": "\ud800"}'}, 422),
     ("POST", "/comments", {"json": {"author": "", "body": "b"}}, 422),
     ("POST", "/comments", {"json": {"author": "a"}}, 422),
     ("POST", "/comments", {"json": {"author": "a", "body": "b", "likes": 1}}, 422),
@@ -711,6 +761,153 @@ async def test_bad_input_is_a_4xx_with_a_json_detail_and_writes_nothing(
         "sent_emails": 0,
         "jobs": 0,
     }
+
+
+UNSTORABLE_TEXT = [
+    pytest.param(
+        "/comments", rb'{"author": "a\u0000b", "body": "x"}', "author", "NUL", id="nul-author"
+    ),
+    pytest.param(
+        "/comments", rb'{"author": "a", "body": "\ud800"}', "body", "unicode", id="lone-body"
+    ),
+    pytest.param(
+        "/signup",
+        rb'{"email": "ann@example.com", "name": "Ann\udfff"}',
+        "name",
+        "unicode",
+        id="lone-name",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "field", "word"), UNSTORABLE_TEXT)
+async def test_text_the_database_cannot_store_is_a_422_that_names_the_field(
+    client: httpx.AsyncClient, path: str, raw: bytes, field: str, word: str
+) -> None:
+    response = await client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    [error] = assert_json_detail(response)
+    assert error["loc"] == ["body", field]
+    assert word in error["msg"]
+    assert "input" not in error
+
+
+# Bodies whose default 422 echoed them back: unencodable (a 500 instead), or as big as the
+# body itself (a 2.7 MB body of 200,000 unknown keys answered 20 MB).
+UNECHOABLE = [
+    pytest.param(rb'{"author": "a", "body": "b", "\ud800": 1}', id="lone-surrogate-key"),
+    pytest.param(rb'{"author": ["\udfff"], "body": "b"}', id="lone-surrogate-input"),
+    pytest.param(
+        b'{"author": "a", "body": "b", "' + b"k" * 200_000 + b'": 1}', id="200-kB-unknown-key"
+    ),
+    pytest.param(json.dumps({f"k{n}": n for n in range(60_000)}).encode(), id="60000-unknown-keys"),
+    pytest.param(
+        json.dumps([{"author": n} for n in range(20_000)]).encode(), id="a-20000-item-list"
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", UNECHOABLE)
+async def test_a_422_lists_a_few_errors_and_never_echoes_the_input(
+    client: httpx.AsyncClient, raw: bytes
+) -> None:
+    assert len(raw) < 1024 * 1024  # under the body limit: these reach validation
+    response = await client.post(
+        "/comments", content=raw, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text[:500]
+    detail = assert_json_detail(response)
+    assert len(response.content) < 4096, len(response.content)
+    assert 1 <= len(detail) <= 11
+    for error in detail:
+        assert set(error) <= {"type", "loc", "msg", "ctx"}, error
+        assert isinstance(error["msg"], str)
+
+
+# --------------------------------------------------------------------------- body size
+
+LIMIT = 1000
+MiB = 1024 * 1024
+
+
+class PulledBody:
+    """A request body handed to the app one chunk at a time, as it asks, counting the bytes
+    it took: what a server holds in memory for the app."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self.chunks = chunks
+        self.pulled = 0
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.pulled += len(chunk)
+            yield chunk
+
+
+@pytest.fixture
+def small_limit(app: FastAPI) -> int:
+    app.state.settings.max_body_bytes = LIMIT
+    return LIMIT
+
+
+BODY_ROUTES = [
+    ("/comments", "application/json"),
+    ("/signup", "application/json"),
+    ("/reports", "application/json"),
+    ("/dashboard/login", "application/x-www-form-urlencoded"),
+]
+
+
+@pytest.mark.parametrize(("path", "content_type"), BODY_ROUTES)
+@pytest.mark.parametrize(
+    "declared", [None, "10", str(50 * MiB)], ids=["chunked", "length-that-lies", "length"]
+)
+async def test_a_body_over_the_limit_is_a_413_read_no_further_than_the_limit(
+    client: httpx.AsyncClient,
+    pool: asyncpg.Pool,
+    small_limit: int,
+    path: str,
+    content_type: str,
+    declared: str | None,
+) -> None:
+    body = PulledBody(b"x" * 512 for _ in range(100_000))  # 50 MiB, if it were all read
+    headers = {"Content-Type": content_type}
+    if declared is not None:
+        headers["Content-Length"] = declared
+    response = await client.post(path, content=body, headers=headers)
+    assert response.status_code == 413, response.text
+    assert f"{small_limit} bytes" in assert_json_detail(response)
+    assert "x-request-id" in response.headers
+    if declared == str(50 * MiB):
+        assert body.pulled == 0, "refused on its Content-Length, before reading"
+    else:
+        assert body.pulled <= small_limit + 512
+    assert set((await table_counts(pool)).values()) == {0}
+
+
+async def test_a_body_exactly_at_the_limit_is_read_whole(
+    client: httpx.AsyncClient, small_limit: int
+) -> None:
+    prefix, suffix = b'{"author": "a", "body": "', b'"}'
+    raw = prefix + b"x" * (small_limit - len(prefix) - len(suffix)) + suffix
+    assert len(raw) == small_limit
+    body = PulledBody(raw[n : n + 100] for n in range(0, len(raw), 100))
+    response = await client.post(
+        "/comments", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 201, response.text
+    assert body.pulled == small_limit
+
+
+async def test_the_default_body_limit_is_one_mebibyte(client: httpx.AsyncClient) -> None:
+    body = PulledBody(b"x" for _ in range(MiB + 1))
+    response = await client.post(
+        "/comments",
+        content=body,
+        headers={"Content-Type": "application/json", "Content-Length": str(MiB + 1)},
+    )
+    assert response.status_code == 413, response.text
+    assert f"{MiB} bytes" in assert_json_detail(response)
 
 
 async def test_an_unknown_report_names_it_in_the_detail(client: httpx.AsyncClient) -> None:
@@ -780,6 +977,59 @@ async def test_readyz_is_503_when_the_database_is_unreachable(
     assert body["status"] == "unavailable"
     assert body["checks"]["database"].startswith("unreachable")
     assert "x-request-id" in ready.headers
+    assert alive.status_code == 200
+
+
+ADMIN = {"Authorization": "Bearer an-admin-token-for-the-outage-test"}
+EVERY_DATABASE_ROUTE: list[tuple[str, str, dict[str, Any]]] = [
+    ("POST", "/signup", {"json": {"email": "ann@example.com"}}),
+    ("POST", "/comments", {"json": {"author": "ann", "body": "hello"}}),
+    ("POST", "/reports", {"json": {}}),
+    ("GET", f"/reports/{uuid.UUID(int=1)}", {}),
+    ("GET", "/metrics", {}),
+    ("GET", "/jobs", {"headers": ADMIN}),
+    ("GET", "/jobs/1", {"headers": ADMIN}),
+    ("POST", "/jobs/1/retry", {"headers": ADMIN}),
+    ("POST", "/jobs/1/cancel", {"headers": ADMIN}),
+    ("POST", "/jobs/retry-dead", {"headers": ADMIN}),
+    ("GET", "/queues", {"headers": ADMIN}),
+    ("GET", "/dashboard", {"headers": ADMIN}),
+    ("GET", "/dashboard/jobs", {"headers": ADMIN}),
+    ("GET", "/dashboard/jobs/1", {"headers": ADMIN}),
+]
+
+
+def as_user(url: str, user: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+
+
+@pytest.mark.parametrize("outage", ["nothing-listens", "too-many-connections"])
+async def test_every_route_answers_503_with_retry_after_when_the_database_is_down(
+    database_url: str, crowded_user: str, outage: str
+) -> None:
+    if outage == "nothing-listens":
+        url = "postgresql://nobody@127.0.0.1:1/nothing"
+    else:
+        url = as_user(database_url, crowded_user)
+    down = create_app(Settings(database_url=url, admin_token=ADMIN["Authorization"][7:]))
+    async with down.router.lifespan_context(down):
+        transport = httpx.ASGITransport(app=down)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            answers = [
+                (method, path, await client.request(method, path, **kwargs))
+                for method, path, kwargs in EVERY_DATABASE_ROUTE
+            ]
+            ready = await client.get("/readyz")
+            alive = await client.get("/healthz")
+
+    for method, path, response in answers:
+        assert response.status_code == 503, (method, path, response.text)
+        assert response.headers["retry-after"] == str(RETRY_AFTER_SECONDS), (method, path)
+        assert "database" in assert_json_detail(response), (method, path)
+        assert "x-request-id" in response.headers, (method, path)
+    assert ready.status_code == 503
+    assert ready.json()["status"] == "unavailable"
     assert alive.status_code == 200
 
 

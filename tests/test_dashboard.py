@@ -8,8 +8,10 @@ dashboard-job.png (the retried job's page).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -23,13 +25,18 @@ import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
+from itsdangerous import TimestampSigner
 from playwright.async_api import Page, async_playwright, expect
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.core.config import Settings
+from app.main import create_app
+from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from outbox_worker.web import create_admin_router
-from outbox_worker.web.auth import COOKIE, cookie_value
+from outbox_worker.web.auth import COOKIE, SESSION_MAX_AGE, cookie_value, read_session
 from outbox_worker.web.dashboard import format_duration
-from tests.conftest import ROOT, WorkerProcess
+from tests.conftest import ROOT, WorkerProcess, deep_json
 
 TOKEN = "dashboard-token-for-the-e2e-test"
 CHROMIUM = "/usr/bin/chromium"
@@ -309,8 +316,9 @@ async def test_a_page_without_the_cookie_goes_to_login_and_back(served: Served, 
     await expect(page).to_have_url(f"{served.url}/dashboard/jobs?state=dead")
     await expect(page.locator("#no-jobs")).to_be_visible()
     [cookie] = [c for c in await page.context.cookies() if c["name"] == COOKIE]
-    assert cookie["value"] == cookie_value(TOKEN)
-    assert cookie["value"] != TOKEN
+    assert read_session(TOKEN, cookie["value"]) is not None
+    assert TOKEN not in cookie["value"]
+    assert cookie["expires"] > time.time() + SESSION_MAX_AGE - 3600  # the browser drops it too
     assert cookie["httpOnly"] is True
     assert cookie["sameSite"] == "Strict"
     assert cookie["path"] == "/"
@@ -509,7 +517,237 @@ async def test_login_never_redirects_off_the_dashboard(
     )
     assert response.status_code == 303
     assert response.headers["location"] == "/dashboard"
-    assert response.cookies[COOKIE] == cookie_value(TOKEN)
+    assert read_session(TOKEN, response.cookies[COOKIE]) is not None
+
+
+# --- sessions: their age, signing out, wrong tokens, hostile cookies ------------------------
+
+
+def cookie_header(**cookies: str) -> dict[str, str]:
+    return {"Cookie": "; ".join(f"{name}={value}" for name, value in cookies.items())}
+
+
+def session_signed(monkeypatch: pytest.MonkeyPatch, seconds_ago: int) -> str:
+    """A session cookie for TOKEN as if signed in ``seconds_ago`` seconds ago."""
+    signed_at = int(time.time()) - seconds_ago
+    with monkeypatch.context() as patch:
+        patch.setattr(TimestampSigner, "get_timestamp", lambda _: signed_at)
+        return cookie_value(TOKEN)
+
+
+async def sign_in_with_the_form(client: httpx.AsyncClient) -> str:
+    """The cookie a browser gets from the login form (kept out of the client's own jar)."""
+    response = await client.post(
+        "/dashboard/login", data={"token": TOKEN}, headers={"Origin": HOST}
+    )
+    assert response.status_code == 303, response.text
+    client.cookies.clear()
+    return response.cookies[COOKIE]
+
+
+def assert_sent_to_login(response: httpx.Response) -> None:
+    assert response.status_code == 303, response.text
+    assert response.headers["location"].startswith("/dashboard/login")
+    assert f'{COOKIE}=""' in response.headers["set-cookie"]  # the dead cookie is dropped
+    assert "max-age=0" in response.headers["set-cookie"].lower()
+
+
+@pytest.mark.parametrize(
+    ("seconds_ago", "valid"),
+    [
+        (SESSION_MAX_AGE - 60, True),
+        (SESSION_MAX_AGE + 1, False),
+        (30 * 86400, False),
+        (-3600, False),  # signed in the future: not by this server's clock
+    ],
+)
+async def test_a_session_lasts_twelve_hours_from_sign_in(
+    admin_app: FastAPI,
+    client: httpx.AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+    seconds_ago: int,
+    valid: bool,
+) -> None:
+    cookie = session_signed(monkeypatch, seconds_ago)
+    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=cookie))
+    if valid:
+        assert response.status_code == 200, response.text
+    else:
+        assert_sent_to_login(response)
+
+
+async def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
+) -> None:
+    copied = await sign_in_with_the_form(client)
+    elsewhere = await sign_in_with_the_form(client)  # another browser, signed in on its own
+    job_id = await insert_dead(pool)
+
+    response = await client.post(
+        "/dashboard/logout", headers={**cookie_header(outbox_admin=copied), "Origin": HOST}
+    )
+    assert response.status_code == 303, response.text
+    assert response.headers["location"] == "/dashboard/login"
+    assert "max-age=0" in response.headers["set-cookie"].lower()
+
+    # A copy of the cookie, sent after the sign-out, is a stranger's: to the login form.
+    assert_sent_to_login(await client.get("/dashboard", headers=cookie_header(outbox_admin=copied)))
+    response = await client.post(
+        f"/dashboard/jobs/{job_id}/retry",
+        headers={**cookie_header(outbox_admin=copied), "Origin": HOST},
+    )
+    assert_sent_to_login(response)
+    assert await job_state(pool, job_id) == "dead"
+    # The same in another process of the app: an app of its own on the same database.
+    other = create_app(Settings(database_url=database_url, admin_token=TOKEN))
+    async with (
+        other.router.lifespan_context(other),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url=HOST) as peer,
+    ):
+        assert_sent_to_login(
+            await peer.get("/dashboard", headers=cookie_header(outbox_admin=copied))
+        )
+        response = await peer.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
+        assert response.status_code == 200
+    # Only that session ended.
+    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
+    assert response.status_code == 200
+
+
+# Ids fixed by hand: a session cookie differs at every collection, and pytest-xdist needs
+# every worker to collect the same test ids.
+NOT_SESSIONS = [
+    pytest.param("", id="empty"),
+    pytest.param("x", id="one-character"),
+    pytest.param("a.b.c", id="three-parts"),
+    pytest.param("....", id="dots"),
+    pytest.param(cookie_value("another-token-entirely-0123456789"), id="another-tokens-session"),
+    pytest.param("A" * 20_000, id="huge"),
+    pytest.param("%00%ff%fe", id="escaped-bytes"),
+]
+
+
+@pytest.mark.parametrize("value", NOT_SESSIONS)
+async def test_a_cookie_that_is_no_session_goes_to_the_login_form(
+    admin_app: FastAPI, client: httpx.AsyncClient, value: str
+) -> None:
+    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=value))
+    assert response.status_code == 303, response.text
+    assert response.headers["location"].startswith("/dashboard/login")
+
+
+def client_at(app: FastAPI, address: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(address, 40000))
+    return httpx.AsyncClient(transport=transport, base_url=HOST)
+
+
+async def test_wrong_tokens_at_the_login_form_are_capped_per_address(admin_app: FastAPI) -> None:
+    async with client_at(admin_app, "203.0.113.7") as guesser:
+        for n in range(5):
+            response = await guesser.post(
+                "/dashboard/login", data={"token": f"guess-{n}"}, headers={"Origin": HOST}
+            )
+            assert response.status_code == 401, response.text
+        for token in ("guess-6", TOKEN):  # past the cap, even the right token is refused
+            response = await guesser.post(
+                "/dashboard/login", data={"token": token}, headers={"Origin": HOST}
+            )
+            assert response.status_code == 429, response.text
+            assert 1 <= int(response.headers["retry-after"]) <= 60
+            assert "Too many wrong admin tokens" in response.text
+            assert COOKIE not in response.cookies
+    async with client_at(admin_app, "203.0.113.8") as neighbour:
+        response = await neighbour.post(
+            "/dashboard/login", data={"token": TOKEN}, headers={"Origin": HOST}
+        )
+        assert response.status_code == 303, response.text
+        assert COOKIE in response.cookies
+
+
+async def test_wrong_bearer_tokens_are_capped_per_address(admin_app: FastAPI) -> None:
+    async with client_at(admin_app, "203.0.113.9") as guesser:
+        for n in range(5):
+            response = await guesser.get("/jobs", headers={"Authorization": f"Bearer guess-{n}"})
+            assert response.status_code == 401, response.text
+        response = await guesser.get("/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 429, response.text
+        assert "Too many wrong admin tokens" in response.json()["detail"]
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+    async with client_at(admin_app, "203.0.113.10") as neighbour:
+        response = await neighbour.get("/jobs", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 200, response.text
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+HOSTILE_FLASHES = [
+    pytest.param(b64(b"[" * 1400 + b"]" * 1400), id="nested-list"),
+    pytest.param(
+        b64(b'{"kind": "ok", "text": ' + b"[" * 1300 + b"]" * 1300 + b"}"), id="nested-text"
+    ),
+    pytest.param(b64(b'{"kind": "ok", "text": "\\ud800"}'), id="lone-surrogate"),
+    pytest.param(b64(b"\xff\xfe\x00\x81"), id="not-utf-8"),
+    pytest.param(b64(b'{"kind": "<b>", "text": "x"}'), id="unknown-kind"),
+    pytest.param(b64(b'"only a string"'), id="string"),
+    pytest.param("not base64 at all!", id="not-base64"),
+    pytest.param(b64(b'{"kind": "ok", "text": "' + b"x" * 60_000 + b'"}'), id="huge"),
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_FLASHES)
+async def test_a_flash_cookie_that_is_not_ours_is_ignored(
+    admin_app: FastAPI, client: httpx.AsyncClient, value: str
+) -> None:
+    signed_in = cookie_value(TOKEN)
+    for path, cookies in [
+        ("/dashboard", {"outbox_admin": signed_in, "outbox_flash": value}),
+        ("/dashboard/login", {"outbox_flash": value}),
+    ]:
+        response = await client.get(path, headers=cookie_header(**cookies))
+        assert response.status_code == 200, (path, response.text[:300])
+        assert 'id="flash"' not in response.text
+
+
+# --- the admin token ------------------------------------------------------------------------
+
+ANY_URL = "postgresql://localhost/any"
+
+
+@pytest.mark.parametrize(
+    "weak",
+    ["a" * 16, "ab" * 16, "abcd" * 8, "0123456789012345", "password12345678", "tooshort-123"],
+)
+def test_a_guessable_admin_token_stops_the_app_with_a_clear_message(weak: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(database_url=ANY_URL, admin_token=weak)
+    message = str(refused.value)
+    assert "OUTBOX_ADMIN_TOKEN" in message
+    assert weak not in message  # the secret stays out of logs
+
+
+@pytest.mark.parametrize(
+    "strong",
+    [
+        # Ids fixed by hand: random values differ at every collection, and pytest-xdist
+        # needs every worker to collect the same test ids.
+        pytest.param(secrets.token_hex(32), id="token_hex"),
+        pytest.param(secrets.token_urlsafe(24), id="token_urlsafe"),
+        pytest.param(TOKEN, id="the-tests-token"),
+        pytest.param(f"  {TOKEN}\n", id="padded"),
+    ],
+)
+def test_a_random_admin_token_is_taken(strong: str) -> None:
+    assert Settings(database_url=ANY_URL, admin_token=strong).admin_token == strong.strip()
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_admin_token_means_admin_is_off(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("OUTBOX_ADMIN_TOKEN", value)
+    assert Settings(database_url=ANY_URL).admin_token is None
 
 
 async def test_job_list_pages_with_the_cursor_and_reports_bad_filters(
@@ -538,6 +776,9 @@ async def test_job_list_pages_with_the_cursor_and_reports_bad_filters(
         ({"state": "bogus"}, "state &#39;bogus&#39;"),
         ({"queue": "no such; queue"}, "is not a valid name"),
         ({"cursor": "abc"}, "cursor"),
+        ({"cursor": "²"}, "cursor"),
+        ({"cursor": str(2**63)}, "cursor"),
+        ({"cursor": "9" * 19}, "cursor"),
     ]:
         response = await client.get("/dashboard/jobs", params=params, headers=SIGNED_IN)
         assert response.status_code == 400, params
@@ -570,6 +811,46 @@ async def test_job_page_escapes_what_jobs_carry_and_unknown_jobs_are_404(
         "/dashboard/jobs/999999/retry", headers={**SIGNED_IN, "Origin": HOST}
     )
     assert response.status_code == 404
+
+
+@pytest.mark.parametrize("job_id", [str(2**63), "9" * 40])
+async def test_an_id_past_bigint_is_the_not_found_page(
+    admin_app: FastAPI, client: httpx.AsyncClient, job_id: str
+) -> None:
+    for method, path in [
+        ("GET", f"/dashboard/jobs/{job_id}"),
+        ("POST", f"/dashboard/jobs/{job_id}/retry"),
+        ("POST", f"/dashboard/jobs/{job_id}/cancel"),
+    ]:
+        response = await client.request(method, path, headers={**SIGNED_IN, "Origin": HOST})
+        assert response.status_code == 404, (method, path, response.text[:300])
+        assert response.headers["content-type"].startswith("text/html")
+        assert "Job not found" in response.text
+        assert f"no job {job_id}" in response.text
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 5000])
+async def test_jobs_nested_deeper_than_readers_go_show_and_can_be_acted_on(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
+) -> None:
+    job_id = await insert_dead(pool)
+    await pool.execute(
+        "UPDATE outbox_jobs SET args = $2::jsonb, result = $2::jsonb WHERE id = $1",
+        job_id,
+        deep_json(depth),
+    )
+    listed = await client.get("/dashboard/jobs", headers=SIGNED_IN)
+    assert listed.status_code == 200, listed.text[:300]
+    assert f'data-job-id="{job_id}"' in listed.text
+    page = await client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
+    assert page.status_code == 200, page.text[:300]
+    assert page.text.count(TOO_DEEP) == 2  # args and result
+    for action, state in [("retry", "queued"), ("cancel", "cancelled")]:
+        response = await client.post(
+            f"/dashboard/jobs/{job_id}/{action}", headers={**SIGNED_IN, "Origin": HOST}
+        )
+        assert response.status_code == 303, response.text[:300]
+        assert await job_state(pool, job_id) == state
 
 
 async def test_overview_with_no_jobs_and_no_worker(

@@ -5,11 +5,13 @@ service as the JSON routes and the CLI (:mod:`outbox_worker.admin`), so the face
 - ``/dashboard/jobs``: the job list, filtered by state, queue and task, a page at a time.
 - ``/dashboard/jobs/{id}``: one job, with Retry and Cancel.
 
-Signing in posts the admin token once; the browser then holds the ``outbox_admin`` cookie
-(derived from the token, never the token itself), HttpOnly and SameSite=Strict. Every page
-but the login page needs it, and every POST must also come from a page of the same host
-(its Origin, or else its Referer, names this host): a cross-site form cannot act.
-Behind a reverse proxy, keep the ``Host`` header as the browser sent it.
+Signing in posts the admin token once; the browser then holds the ``outbox_admin`` session
+cookie, HttpOnly and SameSite=Strict: signed with the token (never the token itself), good for
+12 hours, and dead everywhere once signed out (:mod:`outbox_worker.web.auth`, which also caps
+wrong tokens per client address). Every page but the login page needs it, and every POST must
+also come from a page of the same host (its Origin, or else its Referer, names this host): a
+cross-site form cannot act. Behind a reverse proxy, keep the ``Host`` header as the browser
+sent it.
 """
 
 # No `from __future__ import annotations` here: the routes' annotations name a dependency
@@ -20,19 +22,29 @@ import binascii
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request, Response, status
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined
+from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox_worker import admin
 from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict
 from outbox_worker.jobs import JobState
-from outbox_worker.web.auth import COOKIE, AdminAuth, cookie_value, token_matches
+from outbox_worker.web.auth import (
+    COOKIE,
+    SESSION_MAX_AGE,
+    AdminAuth,
+    cookie_value,
+    is_revoked,
+    revoke,
+    token_matches,
+    too_many_wrong_tokens,
+)
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
 RouteHandler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -41,6 +53,9 @@ REFRESH_SECONDS = 5
 PAGE_SIZE = 50
 STATS_WINDOW_SECONDS = 300.0
 FLASH_COOKIE = "outbox_flash"
+# What browsers keep of one cookie, and more than encode_flash writes: a longer value is not
+# one of ours, and is not decoded.
+MAX_FLASH_COOKIE = 4096
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSP = (
     "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -140,24 +155,25 @@ def link(request: Request, name: str, query: Mapping[str, Any] | None = None, **
     return f"{path}?{urlencode(kept)}" if kept else path
 
 
+class Flash(BaseModel):
+    kind: Literal["ok", "error"]
+    text: str
+
+
 def encode_flash(kind: str, text: str) -> str:
-    raw = json.dumps({"kind": kind, "text": text[:500]}).encode()
+    raw = json.dumps({"kind": kind, "text": text[:500]}, ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
-def decode_flash(value: str | None) -> dict[str, str] | None:
-    if not value:
+def decode_flash(value: str | None) -> Flash | None:
+    """The message a flash cookie holds, or None, whatever the cookie holds: pydantic's JSON
+    parser refuses what is not UTF-8 and nesting past its recursion limit."""
+    if not value or len(value) > MAX_FLASH_COOKIE:
         return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(value.encode()))
+        return Flash.model_validate_json(base64.urlsafe_b64decode(value))
     except (binascii.Error, ValueError):
         return None
-    if not isinstance(data, dict):
-        return None
-    kind, text = data.get("kind"), data.get("text")
-    if kind not in ("ok", "error") or not isinstance(text, str):
-        return None
-    return {"kind": kind, "text": text}
 
 
 def blank(value: str | None) -> str | None:
@@ -230,7 +246,8 @@ class Pages:
             status.HTTP_403_FORBIDDEN,
             "Admin is disabled",
             "No admin token is configured, so the dashboard and the admin API refuse every "
-            "request. Set OUTBOX_ADMIN_TOKEN (16 or more characters) and restart the service.",
+            "request. Set OUTBOX_ADMIN_TOKEN to a random secret (openssl rand -hex 32 makes "
+            "one) and restart the service.",
         )
 
     def cross_site(self, request: Request) -> HTMLResponse:
@@ -269,11 +286,53 @@ class Pages:
         except HTTPException as exc:
             if exc.status_code == status.HTTP_403_FORBIDDEN:
                 return self.disabled(request)
-            back = request.url.path if request.method in SAFE_METHODS else self.home(request)
-            if request.method in SAFE_METHODS and request.url.query:
-                back = f"{back}?{request.url.query}"
-            return self.redirect(request, link(request, LOGIN, {"next": back}))
+            if exc.status_code == status.HTTP_429_TOO_MANY_REQUESTS:
+                response = self.message(
+                    request, exc.status_code, "Too many wrong tokens", exc.detail
+                )
+                response.headers.update(exc.headers or {})
+                return response
+            return self.to_login(request)
         return None
+
+    def to_login(self, request: Request) -> RedirectResponse:
+        """To the login form, and back here after it. The session cookie that brought the
+        request here (expired, signed out, of another token) is of no more use: dropped."""
+        back = request.url.path if request.method in SAFE_METHODS else self.home(request)
+        if request.method in SAFE_METHODS and request.url.query:
+            back = f"{back}?{request.url.query}"
+        response = self.redirect(request, link(request, LOGIN, {"next": back}))
+        if COOKIE in request.cookies:
+            self.end_session(request, response)
+        return response
+
+    async def signed_in(self, request: Request, db: AsyncSession) -> bool:
+        """A right bearer token, or a session cookie that is fresh and not signed out."""
+        try:
+            session = self.auth(request)
+        except HTTPException:
+            return False
+        return session is None or not await is_revoked(db, session)
+
+    def start_session(self, request: Request, response: Response, token: str) -> None:
+        response.set_cookie(
+            COOKIE,
+            cookie_value(token),
+            max_age=SESSION_MAX_AGE,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+
+    def end_session(self, request: Request, response: Response) -> None:
+        response.delete_cookie(
+            COOKIE,
+            path="/",
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
 
     def safe_next(self, request: Request, target: str | None) -> str:
         """Where to go after signing in: a dashboard page of this site, never elsewhere."""
@@ -289,9 +348,14 @@ class Pages:
         return home
 
 
+class SignedOut(Exception):
+    """The request's session was signed out: a dependency finds it, the route answers."""
+
+
 def protected_route(pages: Pages) -> type[APIRoute]:
     """Routes that answer a login redirect (or a refusal) before resolving any dependency,
-    so an anonymous request never opens a database session."""
+    so an anonymous request never opens a database session; a signed-out session, which
+    takes the database to find, is sent to the login form too."""
 
     class ProtectedRoute(APIRoute):
         def get_route_handler(self) -> RouteHandler:
@@ -301,7 +365,10 @@ def protected_route(pages: Pages) -> type[APIRoute]:
                 refusal = pages.refusal(request)
                 if refusal is not None:
                     return refusal
-                return await handler(request)
+                try:
+                    return await handler(request)
+                except SignedOut:
+                    return pages.to_login(request)
 
             return guarded
 
@@ -323,9 +390,17 @@ def create_dashboard_router(
 
     pages = Pages(auth)
     session_dep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+    async def not_signed_out(request: Request, session: session_dep) -> None:
+        if not await pages.signed_in(request, session):
+            raise SignedOut
+
     public = APIRouter(tags=["dashboard"], include_in_schema=False)
     protected = APIRouter(
-        tags=["dashboard"], include_in_schema=False, route_class=protected_route(pages)
+        tags=["dashboard"],
+        include_in_schema=False,
+        route_class=protected_route(pages),
+        dependencies=[Depends(not_signed_out)],
     )
 
     # --- signing in and out -----------------------------------------------------------------
@@ -358,7 +433,20 @@ def create_dashboard_router(
         if expected is None:
             return pages.disabled(request)
         target = pages.safe_next(request, next_page)
+        retry_after = auth.wrong_tokens.retry_after(request)
+        if retry_after is not None:
+            refused = pages.render(
+                request,
+                "login.html",
+                status_code=status.HTTP_429_TOO_MANY_REQUESTS,
+                signed_in=False,
+                next=target,
+                error=f"{too_many_wrong_tokens(retry_after)}.",
+            )
+            refused.headers["Retry-After"] = str(retry_after)
+            return refused
         if not token_matches(expected, token.strip()):
+            auth.wrong_tokens.record(request)
             return pages.render(
                 request,
                 "login.html",
@@ -368,28 +456,16 @@ def create_dashboard_router(
                 error="That is not the admin token (OUTBOX_ADMIN_TOKEN). Try again.",
             )
         response = pages.redirect(request, target)
-        response.set_cookie(
-            COOKIE,
-            cookie_value(expected),
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        pages.start_session(request, response, expected)
         return response
 
-    @public.post("/dashboard/logout", name=LOGOUT)
-    async def logout(request: Request) -> Response:
-        if not same_origin(request):
-            return pages.cross_site(request)
+    @protected.post("/dashboard/logout", name=LOGOUT)
+    async def logout(request: Request, session: session_dep) -> Response:
+        signed_in = auth(request)
+        if signed_in is not None:  # a session cookie, not the bearer token
+            await revoke(session, signed_in)
         response = pages.redirect(request, link(request, LOGIN), flash=("ok", "Signed out."))
-        response.delete_cookie(
-            COOKIE,
-            path="/",
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
+        pages.end_session(request, response)
         return response
 
     # --- pages ------------------------------------------------------------------------------
