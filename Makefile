@@ -49,7 +49,7 @@ bench-bounds: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.bounds
 
-# The soak (issue 5): steady enqueueing through HTTP, Python and SQL while workers are
+# The soak: steady enqueueing through HTTP, Python and SQL while workers are
 # killed and stopped, PostgreSQL restarted and connections killed; then every invariant is
 # checked and a table printed. Not part of `make test`. A few minutes by default:
 # `make soak SOAK_ARGS="--minutes 20 --rate 110"` for the long run.

@@ -1,4 +1,4 @@
-"""``python -m bench.bounds``: what bounds the targets of issue 6 that pgoutbox misses, measured
+"""``python -m bench.bounds``: what bounds the speed targets that pgoutbox misses, measured
 in one process against one server, the ways interleaved.
 
 Each way puts one job in the database in a transaction of its own: the peers' (pgqueuer's

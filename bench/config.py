@@ -74,7 +74,7 @@ SMOKE = Config(
 )
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
-# Each peer with its documented fast settings and with its defaults (BENCHMARKS.md).
+# Each peer with its documented fast settings and with its defaults.
 VARIANTS = (
     Variant("pgoutbox", "pgoutbox", {"concurrency": 100}, workers=(1, 2, 4)),
     Variant("raw", "raw SQL", {"loops": 2, "batch_size": 100}, jobs_factor=3.0),

@@ -1,5 +1,5 @@
 """The table: medians with their spread, ratios to the best peer and to the raw baseline,
-and every target of issue 6 with its ratio, met or missed."""
+and every speed target with its ratio, met or missed."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def render(ctx: Context, header: str) -> str:
         "",
         table(ctx),
         "",
-        "Targets (issue 6):",
+        "Targets:",
         summary(ctx),
     ]
     if ctx.notes:

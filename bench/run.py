@@ -1,4 +1,4 @@
-"""``python -m bench.run [--quick]``: every measurement of issue 6 in one run, one table.
+"""``python -m bench.run [--quick]``: every measurement of the speed targets in one run, one table.
 
 Uses DATABASE_URL's server when set, else an embedded PostgreSQL in a temporary folder; every
 system gets its own fresh database on that server for every run. Peers that are not installed

@@ -19,7 +19,8 @@ PRUNE_LOCK_KEY = 0x6F7574626F78  # "outbox"
 
 
 class Rescuer:
-    """Puts back (or buries) jobs whose worker stopped renewing their lease (rule 1).
+    """Puts back (or buries) jobs whose worker stopped renewing their lease, within a bounded
+    time and with no task the user must write.
 
     Every worker runs one: SKIP LOCKED lets them share the work, and a job is back in the
     queue within one lease plus one rescue interval of its worker's death.

@@ -1,4 +1,5 @@
-"""The one LISTEN connection: outside the pool, re-armed after every loss (PRINCIPLES rule 5).
+"""The one LISTEN connection: outside the pool, re-armed after every loss. Notifications
+are hints: polling always runs, so a lost one costs latency, never a job.
 
 A notification only wakes the producer; polling goes on regardless, so a lost one costs
 latency, never a job.

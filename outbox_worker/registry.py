@@ -1,4 +1,4 @@
-"""Closed maps of task name → handler (PRINCIPLES rule 11: nothing is imported by name)."""
+"""Closed maps of task name → handler: nothing is imported by a name read from the database."""
 
 from __future__ import annotations
 

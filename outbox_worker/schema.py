@@ -88,7 +88,8 @@ outbox_jobs = Table(
     # Serves JOB_RESCUE_EXPIRED: only running rows, a handful. It leaves locked_until out of
     # every index so that a heartbeat (which changes only locked_until) is a HOT update.
     Index("outbox_jobs_running_idx", "id", postgresql_where=text("state = 'running'")),
-    # Unique job keys (PRINCIPLES rule 7): JOB_INSERT's ON CONFLICT names this index's columns.
+    # Unique job keys, decided by this index, not by a check then an insert: JOB_INSERT's
+    # ON CONFLICT names its columns.
     Index(
         "outbox_jobs_dedupe_idx",
         "task",

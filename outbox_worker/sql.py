@@ -138,8 +138,9 @@ JOIN unnest(CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[])) AS k(task, ded
 
 # The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: $1 queues text[], $2 how many
 # (the slots the worker reserved), $3 worker id, $4 lease seconds.
-# PRINCIPLES rule 3: lock in a MATERIALIZED CTE, then update, so that no more than $2 rows are
-# ever claimed. Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows; the
+# Lock in a MATERIALIZED CTE, then update, so that no more than $2 rows are ever claimed
+# (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL may run the subquery again and
+# lock more). Index: outbox_jobs_claim_idx, read in its order and stopped after $2 rows; the
 # update finds the rows by primary key (= ANY(ARRAY(...))).
 _CLAIMABLE = """
 claimable AS MATERIALIZED (
@@ -166,7 +167,7 @@ RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempt
 # See _CLAIMABLE for the parameters and the index.
 JOB_CLAIM = f"WITH {_CLAIMABLE}{_CLAIM_UPDATE}"
 
-# A success, fenced (rule 2): only rows the worker (%(worker)s) still holds for that very
+# A success, fenced: only rows the worker (%(worker)s) still holds for that very
 # attempt change; the ids that come back are the ones that did. Index: primary key.
 _COMPLETE = """
 UPDATE outbox_jobs AS j
@@ -318,7 +319,7 @@ RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 """
 
 # $1 how many at most. Jobs whose lease expired belong to a worker that died or stalled:
-# back to queued at once, or dead when that was their last attempt (rule 1), or cancelled
+# back to queued at once, or dead when that was their last attempt, or cancelled
 # when an operator asked for that meanwhile. Safe to run
 # from every worker at once (SKIP LOCKED). Index: outbox_jobs_running_idx.
 JOB_RESCUE_EXPIRED = """

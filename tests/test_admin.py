@@ -1,4 +1,4 @@
-"""The admin service through its HTTP face (CONTRACT §5), cancel of a running job, backpressure,
+"""The admin service through its HTTP face cancel of a running job, backpressure,
 metrics and readiness."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The sample service's HTTP routes (CONTRACT §5), through the ASGI app on real PostgreSQL,
+"""The sample service's HTTP routes, through the ASGI app on real PostgreSQL,
 with real ``outbox-worker run --burst`` processes running the jobs the routes enqueue."""
 
 from __future__ import annotations
@@ -1210,7 +1210,7 @@ async def test_an_unexpected_error_is_a_500_that_rolls_back_everything(
 async def test_a_500_response_carries_the_request_id(
     app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CONTRACT §5: *every* response carries X-Request-ID, errors nobody handled included
+    """*Every* response carries X-Request-ID, errors nobody handled included
     (that is when an operator most needs to find the request in the logs)."""
 
     async def crash(*args: Any, **kwargs: Any) -> Job:

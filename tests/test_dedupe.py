@@ -219,7 +219,7 @@ async def test_enqueue_many_all_duplicates_rolled_back(db: Executor, pool: async
 
 
 # ---------------------------------------------------------------------------------------------
-# Concurrent same-key enqueues, some of which roll back (PRINCIPLES rule 7)
+# Concurrent same-key enqueues, some of which roll back: the unique index decides
 # ---------------------------------------------------------------------------------------------
 
 CALLERS = 40

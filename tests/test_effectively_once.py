@@ -1,4 +1,4 @@
-"""A handler's database writes and its job's completion commit together (CONTRACT §3)."""
+"""A handler's database writes and its job's completion commit together."""
 
 from __future__ import annotations
 

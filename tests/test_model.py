@@ -75,7 +75,7 @@ class Job:
     result: Any = None
 
     def held_by(self, worker: str, attempt: int) -> bool:
-        """What every fenced write checks (PRINCIPLES rule 2)."""
+        """What every fenced write checks."""
         return self.state == "running" and self.locked_by == worker and self.attempts == attempt
 
 

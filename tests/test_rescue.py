@@ -1,4 +1,4 @@
-"""Rule 1: a job whose worker died is put back (or buried) without any task the user writes."""
+"""A job whose worker died is put back (or buried) without any task the user writes."""
 
 from __future__ import annotations
 

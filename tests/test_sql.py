@@ -1,6 +1,6 @@
-"""Every statement of ``outbox_worker.sql`` prepares against the migrated schema (PRINCIPLES
-rule 15: a typo fails the suite, not production), and the NOTIFY trigger fires once per
-inserting statement, without data."""
+"""Every statement of ``outbox_worker.sql`` prepares against the migrated schema (so that a
+typo fails the suite, not production), and the NOTIFY trigger fires once per inserting
+statement, without data."""
 
 from __future__ import annotations
 

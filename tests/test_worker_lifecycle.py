@@ -139,7 +139,7 @@ async def test_sigterm_after_drain_timeout_releases_jobs(
 async def test_leases_are_kept_alive_while_draining(
     pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    """Rule 1 + 10: a job still running in its grace period is still owned. If the heartbeat
+    """A job still running in its grace period is still owned. If the heartbeat
     stops with the producer, another worker's rescuer takes the job mid-drain and it runs
     twice."""
     a = spawn_worker("--lease-seconds", "1", "--drain-timeout-seconds", "10")

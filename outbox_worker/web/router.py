@@ -1,4 +1,4 @@
-"""The admin routes of CONTRACT §5 (and the dashboard), as one router any FastAPI app mounts.
+"""The admin routes (and the dashboard), as one router any FastAPI app mounts.
 
 Every route goes through :mod:`outbox_worker.admin`, as the CLI does, and runs in the
 transaction of the session dependency the app provides.
