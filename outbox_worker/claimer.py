@@ -70,9 +70,13 @@ class Claimer:
             self._settle(asked)
         return asked, self._take(rows, sent)
 
-    async def complete_and_claim(self, outcomes: Sequence[Succeeded]) -> list[asyncpg.Record]:
+    async def complete_and_claim(
+        self, outcomes: Sequence[Succeeded], *, answer_within: float | None = None
+    ) -> list[asyncpg.Record]:
         """Write successes and, in the same statement, claim jobs for the slots they free
-        (plus any free already). Returns the rows of the successes written."""
+        (plus any free already). Returns the rows of the successes written.
+        ``answer_within``: cancel the statement (TimeoutError) if it takes longer, waiting
+        on a locked row say."""
         asked = self._reserve(freed=len(outcomes))
         done = (
             [o.job_id for o in outcomes],
@@ -82,12 +86,14 @@ class Claimer:
         if not asked:
             async with self._pool.acquire(timeout=30) as conn:
                 written: list[asyncpg.Record] = await conn.fetch(
-                    sql.JOB_COMPLETE_MANY, *done, self._worker_id
+                    sql.JOB_COMPLETE_MANY, *done, self._worker_id, timeout=answer_within
                 )
             return written
         try:
             async with self._pool.acquire(timeout=30) as conn:
-                rows, sent = await self._send(conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done)
+                rows, sent = await self._send(
+                    conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done, answer_within=answer_within
+                )
         finally:
             self._settle(asked)
         self._take([row for row in rows if row["claimed"]], sent)
@@ -111,7 +117,12 @@ class Claimer:
             self._wake()  # the producer may now claim alone, and hand the orphans back
 
     async def _send(
-        self, conn: asyncpg.Connection, statement: str, asked: int, *more: object
+        self,
+        conn: asyncpg.Connection,
+        statement: str,
+        asked: int,
+        *more: object,
+        answer_within: float | None = None,
     ) -> tuple[list[asyncpg.Record], float]:
         """The statement's rows, and when it was sent (time.monotonic())."""
         if self._orphans_suspected and self._in_flight == 1:
@@ -128,7 +139,13 @@ class Claimer:
         sent = time.monotonic()
         try:
             rows: list[asyncpg.Record] = await conn.fetch(
-                statement, self._queues, asked, self._worker_id, self._lease_seconds, *more
+                statement,
+                self._queues,
+                asked,
+                self._worker_id,
+                self._lease_seconds,
+                *more,
+                timeout=answer_within,
             )
         except BaseException as exc:
             self._orphans_suspected = self._orphans_suspected or _outcome_unknown(exc)

@@ -8,6 +8,11 @@ bad outcome costs only its own job: each one that is refused alone is written in
 form (a success without its result, a failure with its error in ASCII), and only when even
 that is refused is it abandoned to the rescuer. An outcome is dropped unwritten only when
 the fence says the job is no longer ours.
+
+A write that waits too long (a row locked by another session, an operator's SELECT … FOR
+UPDATE in psql) is cancelled and its batch written one outcome at a time; the outcome that
+still waits is set aside and retried alone, apart from the batches, so that one locked row
+holds up only its own job.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import collections
 import functools
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 import structlog
@@ -33,11 +39,21 @@ from outbox_worker.outcomes import (
     Succeeded,
 )
 
+T = TypeVar("T")
+
 _COUNTERS = {
     "succeeded": metrics.SUCCEEDED,
     "failed": metrics.RETRIED,
     "cancelled": metrics.CANCELLED,
 }
+
+
+# How often outcomes set aside because their write waited too long are tried again.
+SET_ASIDE_RETRY_SECONDS = 0.5
+
+
+class _Stalled(Exception):
+    """A write waited longer than the completer allows, and was cancelled."""
 
 
 class Completer:
@@ -48,32 +64,58 @@ class Completer:
         worker_id: str,
         on_written: Callable[[list[Outcome], list[Outcome]], None],
         describe: Callable[[int], ClaimedJob | None],
-        complete: Callable[[Sequence[Succeeded]], Awaitable[list[asyncpg.Record]]],
+        complete: Callable[..., Awaitable[list[asyncpg.Record]]],
         give_up: asyncio.Event,
+        stall_after: float,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         """``on_written(done, abandoned)`` hears of every outcome once: done when written
-        or no longer ours, abandoned when it could not be written. ``give_up`` ends the
-        retrying of transient errors (a shutdown whose database is gone)."""
+        or no longer ours, abandoned when it could not be written. ``complete(successes,
+        answer_within=…)`` writes successes. ``give_up`` ends the retrying of transient errors (a
+        shutdown whose database is gone). A write that waits ``stall_after`` seconds is
+        cancelled (see the module's docstring)."""
         self._pool = pool
         self._worker_id = worker_id
         self._on_written = on_written
         self._describe = describe
         self._complete = complete
         self._give_up = give_up
+        self._stall_after = stall_after
         self._log = log
         self._queue: asyncio.Queue[Outcome] = asyncio.Queue()
+        self._set_aside: dict[tuple[int, int], Outcome] = {}
 
     def put(self, outcome: Outcome) -> None:
         self._queue.put_nowait(outcome)
 
     async def run(self) -> None:
-        """Flush until cancelled."""
+        """Flush until cancelled; outcomes set aside are retried beside the batches."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._retry_set_aside())
+            while True:
+                batch = [await self._queue.get()]
+                while not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                await self._write(batch)
+
+    async def _retry_set_aside(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            await self._write(batch)
+            await asyncio.sleep(SET_ASIDE_RETRY_SECONDS)
+            waiting = list(self._set_aside.values())
+            done: list[Outcome] = []
+            abandoned: list[Outcome] = []
+            for outcome in waiting:
+                await self._write_alone(_kind(outcome), outcome, done, abandoned)
+            for outcome in [*done, *abandoned]:
+                self._set_aside.pop((outcome.job_id, outcome.attempt), None)
+            if done or abandoned:
+                self._on_written(done, abandoned)
+
+    async def _unstalled(self, write: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await write()
+        except TimeoutError as exc:
+            raise _Stalled(f"no answer within {self._stall_after:g}s") from exc
 
     async def _write(self, batch: list[Outcome]) -> None:
         done: list[Outcome] = []
@@ -101,11 +143,24 @@ class Completer:
         unit: Callable[[], Awaitable[list[asyncpg.Record]]]
         if what == "succeeded":
             succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
-            unit = functools.partial(self._complete, succeeded)
+            unit = functools.partial(self._complete, succeeded, answer_within=self._stall_after)
         else:
             unit = functools.partial(self._send, outcomes)
         try:
-            rows = await db.retrying(what, unit, until=self._give_up)
+            rows = await db.retrying(
+                what, functools.partial(self._unstalled, unit), until=self._give_up
+            )
+        except _Stalled as exc:
+            self._log.warning(
+                "outcome_batch_stalled",
+                outcome=what,
+                jobs=[o.job_id for o in outcomes],
+                error=str(exc),
+                hint="a row of the batch is probably locked by another session",
+            )
+            for outcome in outcomes:
+                await self._write_alone(what, outcome, done, abandoned)
+            return
         except Exception as exc:
             if db.is_transient(exc):
                 # Only reachable once told to give up (shutdown with the database gone):
@@ -138,8 +193,13 @@ class Completer:
         for form in _forms(outcome):
             try:
                 rows = await db.retrying(
-                    what, functools.partial(self._send, [form]), until=self._give_up
+                    what,
+                    functools.partial(self._unstalled, functools.partial(self._send, [form])),
+                    until=self._give_up,
                 )
+            except _Stalled:
+                self._set_aside_once(what, outcome)
+                return
             except Exception as exc:
                 if db.is_transient(exc):
                     refusal = exc
@@ -168,6 +228,19 @@ class Completer:
         )
         abandoned.append(outcome)
 
+    def _set_aside_once(self, what: str, outcome: Outcome) -> None:
+        key = (outcome.job_id, outcome.attempt)
+        if key not in self._set_aside:
+            self._set_aside[key] = outcome
+            self._log.warning(
+                "outcome_set_aside",
+                job_id=outcome.job_id,
+                attempt=outcome.attempt,
+                outcome=what,
+                hint="its write waits (a row locked by another session?); it is retried "
+                "alone while the other outcomes go on",
+            )
+
     async def _send(self, outcomes: Sequence[Outcome]) -> list[asyncpg.Record]:
         """One fenced statement for outcomes of one kind, on a connection of its own."""
         ids = [o.job_id for o in outcomes]
@@ -184,6 +257,7 @@ class Completer:
                     [o.delay for o in failed],
                     [o.give_up for o in failed],
                     self._worker_id,
+                    timeout=self._stall_after,
                 )
             elif isinstance(first, Succeeded):
                 succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
@@ -193,12 +267,15 @@ class Completer:
                     attempts,
                     [o.result for o in succeeded],
                     self._worker_id,
+                    timeout=self._stall_after,
                 )
             else:
                 statement = (
                     sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_CANCEL_MANY
                 )
-                rows = await conn.fetch(statement, ids, attempts, self._worker_id)
+                rows = await conn.fetch(
+                    statement, ids, attempts, self._worker_id, timeout=self._stall_after
+                )
         return rows
 
     def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
@@ -238,6 +315,10 @@ _KINDS: tuple[tuple[str, type[Failed | Released | Cancelled | Succeeded]], ...] 
     ("cancelled", Cancelled),
     ("succeeded", Succeeded),
 )
+
+
+def _kind(outcome: Outcome) -> str:
+    return next(what for what, kind in _KINDS if isinstance(outcome, kind))
 
 
 def _forms(outcome: Outcome) -> list[Outcome]:

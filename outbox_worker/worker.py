@@ -60,8 +60,9 @@ class WorkerOptions:
     startup_timeout: float = 60.0
 
 
-# Producer (claims), completer, heartbeat, rescuer, pruner and gauges: one connection each.
-SERVICE_POOL_SIZE = 6
+# Producer (claims), completer, its retry of outcomes set aside, heartbeat, rescuer, pruner
+# and gauges: one connection each.
+SERVICE_POOL_SIZE = 7
 # After the drain timeout: how long cancelled handlers get to end, and then how long the
 # outcomes get to be written, before the worker stops regardless (an unwritten outcome's
 # lease lapses and a rescuer takes the job back).
@@ -234,6 +235,9 @@ class Worker:
             describe=self.held,
             complete=claimer.complete_and_claim,
             give_up=self._give_up_writes,
+            # Long past any healthy write, short enough that a locked row stalls the
+            # other outcomes but briefly.
+            stall_after=max(2.0, opts.lease_seconds / 10),
             log=self.log,
         )
         executor = Executor(

@@ -260,3 +260,53 @@ async def test_sigterm_with_the_database_away_still_ends_the_worker(
     await stop_workers([rescuer])
     report = await check_invariants(pool, workers=[worker, rescuer], expected_ids=jobs)
     assert report.states == {"succeeded": len(jobs)}
+
+
+async def test_a_locked_row_holds_up_only_its_own_outcome(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A job's handler has ended, and another session locks its row before the worker writes
+    its outcome. That write waits; the worker's other outcomes must not wait with it (they
+    used to: one statement at a time, every job behind the lock stalled, and their slots
+    with them). The waiting outcome lands once the lock is gone."""
+    worker = spawn_worker("--lease-seconds", "30", "--concurrency", "4")
+    await worker.wait_for_log("worker_ready")
+    [locked] = await insert_sleepy(pool, 1, 1.0)
+
+    async def running() -> bool:
+        return locked in (await busy_pids(pool, "sleepy")).get(worker.pid, [])
+
+    await wait_until(running, what="the sleepy job to start")
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT 1 FROM outbox_jobs WHERE id = $1 FOR UPDATE", locked)
+
+        async def handler_ended() -> bool:
+            return bool(
+                await pool.fetchval(
+                    "SELECT count(*) FROM test_executions WHERE job_id = $1 AND event = 'end'",
+                    locked,
+                )
+            )
+
+        await wait_until(handler_ended, what="the sleepy job's handler to end")
+        others = await insert_jobs(pool, "echo", 20)
+
+        async def others_done() -> bool:
+            n = await pool.fetchval(
+                "SELECT count(*) FROM outbox_jobs WHERE id = ANY($1::bigint[]) "
+                "AND state = 'succeeded'",
+                others,
+            )
+            return bool(n == len(others))
+
+        await wait_until(others_done, timeout=30, what="the other jobs, beside the lock")
+        state = await pool.fetchval("SELECT state FROM outbox_jobs WHERE id = $1", locked)
+        assert state == "running"  # its outcome still waits for the lock
+        assert [e["job_id"] for e in log_events(worker, "outcome_set_aside")] == [locked]
+    await settle(pool, timeout=30)
+    await stop_workers([worker])
+    row = await pool.fetchrow("SELECT state, attempts FROM outbox_jobs WHERE id = $1", locked)
+    assert (row["state"], row["attempts"]) == ("succeeded", 1)
+    report = await check_invariants(pool, workers=[worker], expected_ids=[locked, *others])
+    assert report.states == {"succeeded": len(others) + 1}
+    assert not report.repeats
