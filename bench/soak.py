@@ -7,16 +7,23 @@ It starts its own embedded PostgreSQL in a temporary folder (or uses DATABASE_UR
 must name a database dedicated to the soak; restarts are then skipped), migrates it, runs
 the API (``uvicorn app.main:app``) and several ``outbox-worker run bench.soak_tasks:registry``
 processes, and enqueues through ``POST /reports`` and ``POST /signup``, through
-``enqueue``/``enqueue_many`` and through plain SQL ``INSERT``s. Meanwhile it kills workers
-with SIGKILL (and starts replacements), stops them with SIGSTOP past their lease, restarts
-PostgreSQL (fast and immediate) and terminates worker and listener connections.
+``enqueue``/``enqueue_many`` and through plain SQL ``INSERT``s. A share of the Python and SQL
+jobs (``--hostile-share``) is hostile: results and errors the database cannot store, raises
+of what is not an Exception, args as deep as enqueue allows, and (by SQL) deeper than any
+reader decodes. Meanwhile it kills workers with SIGKILL (and starts replacements), stops them
+with SIGSTOP past their lease, restarts them with SIGTERM (a replacement first; the old one
+must drain and exit 0), locks running jobs' rows from a session of its own past the lease
+(and for less), restarts PostgreSQL (fast and immediate) and terminates worker and listener
+connections.
 
 At the end it stops enqueueing, waits for the queue to empty, drains the workers (SIGTERM)
 and checks the invariants against three records: the jobs table, the execution log the
 handlers write (``soak_executions``) and a trigger's log of every state change but the claim
-(``soak_transitions``). Every enqueue carries a unique marker (a dedupe key, an
-Idempotency-Key, an e-mail address), so an enqueue whose outcome a lost connection hid is
-retried safely and reconciled against the table: "committed" is what is in the table.
+(``soak_transitions``); the workers' logs say how often each defence was needed (a result
+made storable, a lease not extended, a handler stopped by the lease guard). Every enqueue
+carries a unique marker (a dedupe key, an Idempotency-Key, an e-mail address), so an enqueue
+whose outcome a lost connection hid is retried safely and reconciled against the table:
+"committed" is what is in the table.
 
 The subprocesses run a snapshot of the code taken at start, so that edits made to the
 working tree during a long soak cannot reach the replacement workers halfway through.
@@ -57,10 +64,11 @@ import bench.soak_tasks  # noqa: F401  (registers the task names enqueue checks 
 from alembic import command
 from bench.measure import ROOT, git_state
 from bench.soak_check import Fault, Ledger, RunFacts, check, print_table
-from bench.soak_tasks import SOAK_DDL
-from outbox_worker import EnqueueError, NewJob, enqueue, enqueue_many
+from bench.soak_tasks import HOSTILE_KINDS, SOAK_DDL
+from outbox_worker import EnqueueError, InvalidArgs, NewJob, enqueue, enqueue_many
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, start_embedded
+from outbox_worker.jobs import MAX_JSON_DEPTH
 
 REGISTRY = "bench.soak_tasks:registry"
 
@@ -76,12 +84,15 @@ class Options:
     rate: float
     http_share: float
     sql_share: float
+    hostile_share: float
     workers: int
     concurrency: int
     lease_seconds: float
     drain_seconds: float
     kill_every: float
     stop_every: float
+    term_every: float
+    row_lock_every: float
     restart_every: float
     long_outage_every: int
     conn_kill_every: float
@@ -103,12 +114,27 @@ def parse_options(argv: list[str] | None = None) -> Options:
     p.add_argument("--rate", type=float, default=60.0, help="jobs per second, all paths")
     p.add_argument("--http-share", type=float, default=0.1, help="part of --rate sent by HTTP")
     p.add_argument("--sql-share", type=float, default=0.4, help="part sent by plain SQL")
+    p.add_argument(
+        "--hostile-share",
+        type=float,
+        default=0.05,
+        help="part of the Python and SQL jobs that is hostile (default 0.05)",
+    )
     p.add_argument("--workers", type=int, default=4, help="worker processes")
     p.add_argument("--concurrency", type=int, default=16, help="--concurrency of each worker")
     p.add_argument("--lease-seconds", type=float, default=8.0)
     p.add_argument("--drain-seconds", type=float, default=10.0, help="workers' drain timeout")
     p.add_argument("--kill-every", type=float, default=18.0, help="seconds between kill -9s")
     p.add_argument("--stop-every", type=float, default=60.0, help="seconds between SIGSTOPs")
+    p.add_argument(
+        "--term-every", type=float, default=45.0, help="seconds between mid-run SIGTERMs"
+    )
+    p.add_argument(
+        "--row-lock-every",
+        type=float,
+        default=20.0,
+        help="seconds between locks of a running job's row by another session",
+    )
     p.add_argument("--restart-every", type=float, default=150.0, help="seconds between PG restarts")
     p.add_argument(
         "--long-outage-every",
@@ -141,6 +167,8 @@ def parse_options(argv: list[str] | None = None) -> Options:
     a = p.parse_args(argv)
     if a.http_share + a.sql_share > 1 or min(a.http_share, a.sql_share) < 0:
         p.error("--http-share plus --sql-share must be between 0 and 1")
+    if not 0 <= a.hostile_share <= 1:
+        p.error("--hostile-share must be between 0 and 1")
     if a.workers < 1 or a.rate <= 0 or a.minutes <= 0:
         p.error("--workers, --rate and --minutes must be positive")
     return Options(
@@ -148,12 +176,15 @@ def parse_options(argv: list[str] | None = None) -> Options:
         rate=a.rate,
         http_share=a.http_share,
         sql_share=a.sql_share,
+        hostile_share=a.hostile_share,
         workers=a.workers,
         concurrency=a.concurrency,
         lease_seconds=a.lease_seconds,
         drain_seconds=a.drain_seconds,
         kill_every=a.kill_every,
         stop_every=a.stop_every,
+        term_every=a.term_every,
+        row_lock_every=a.row_lock_every,
         restart_every=a.restart_every,
         long_outage_every=a.long_outage_every,
         conn_kill_every=a.conn_kill_every,
@@ -212,6 +243,7 @@ class Child:
     stopped: bool = False  # SIGSTOPped right now
     expected_exit: bool = False  # we killed it or told it to stop
     sigterm_at: float | None = None
+    said_ready: bool = False
 
     @property
     def pid(self) -> int:
@@ -220,9 +252,26 @@ class Child:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def ready(self) -> bool:
+        """Whether it logged worker_ready. Its SIGTERM handler is in place by then: before,
+        a SIGTERM ends it at once, as it would any process still starting."""
+        if not self.said_ready:
+            with contextlib.suppress(OSError):
+                self.said_ready = '"worker_ready"' in self.log_path.read_text(errors="replace")
+        return self.said_ready
+
+    def sigterm(self) -> float:
+        """Tell it to stop (drain, then exit 0); when that was."""
+        self.expected_exit = True
+        self.sigterm_at = time.time()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        return self.sigterm_at
+
     def tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError):  # closed once the worker was retired
             self.log.flush()
+        with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
@@ -353,7 +402,7 @@ class Cluster:
 
     def stop_all(self) -> None:
         """Last resort on the way out: nothing we started may outlive us."""
-        for child in [*self.workers, *([self.api] if self.api else [])]:
+        for child in [*self.workers, *self.retired, *([self.api] if self.api else [])]:
             if child.alive():
                 with contextlib.suppress(OSError):
                     os.kill(child.pid, signal.SIGCONT)
@@ -387,25 +436,70 @@ class Pacer:
         self.issued += n
 
 
-def job_mix(
-    rng: random.Random, marker: str, unknown_share: float = 0.0
-) -> tuple[str, dict[str, Any]]:
-    """Mostly quick jobs, some slow ones, a few that fail once or twice, a few poison ones."""
-    r = rng.random()
-    if r < unknown_share:
-        return "soak_unregistered", {"marker": marker}
-    if r < unknown_share + 0.004:
-        return "soak_poison", {"marker": marker}
-    d = rng.random()
-    if d < 0.70:
-        ms = rng.randint(0, 20)
-    elif d < 0.95:
-        ms = rng.randint(20, 200)
-    else:
-        ms = rng.randint(500, 3000)  # likely in flight when a fault strikes
-    f = rng.random()
-    fail = 1 if f < 0.04 else 2 if f < 0.05 else 0  # planned transient failures
-    return "soak_work", {"marker": marker, "ms": ms, "fail": fail}
+@dataclass(frozen=True, slots=True)
+class JobMix:
+    """Mostly quick jobs, some slow ones, a few longer than the lease (for a row lock or a
+    SIGTERM drain to catch mid-run), a few that fail once or twice, a few poison ones, and
+    ``hostile_share`` of hostile ones. Only plain SQL writes a task no registry has, or args
+    nested past what enqueue accepts."""
+
+    rng: random.Random
+    lease_seconds: float
+    hostile_share: float
+
+    def pick(self, marker: str, *, via_sql: bool) -> tuple[str, dict[str, Any]]:
+        rng = self.rng
+        r = rng.random()
+        unknown_share = 0.001 if via_sql else 0.0
+        if r < unknown_share:
+            return "soak_unregistered", {"marker": marker}
+        if r < unknown_share + self.hostile_share:
+            return "soak_hostile", self._hostile(marker, via_sql)
+        if r < unknown_share + self.hostile_share + 0.004:
+            return "soak_poison", {"marker": marker}
+        d = rng.random()
+        if d < 0.70:
+            ms = rng.randint(0, 20)
+        elif d < 0.95:
+            ms = rng.randint(20, 200)
+        elif d < 0.995:
+            ms = rng.randint(500, 3000)  # likely in flight when a fault strikes
+        else:
+            ms = int(min(100.0, self.lease_seconds * rng.uniform(1.2, 2.5)) * 1000)
+        f = rng.random()
+        fail = 1 if f < 0.04 else 2 if f < 0.05 else 0  # planned transient failures
+        return "soak_work", {"marker": marker, "ms": ms, "fail": fail}
+
+    def _hostile(self, marker: str, via_sql: bool) -> dict[str, Any]:
+        kind = self.rng.choice([k for k in HOSTILE_KINDS if via_sql or k != "too_deep"])
+        args: dict[str, Any] = {"marker": marker, "kind": kind}
+        if kind == "deep":
+            args["levels"] = MAX_JSON_DEPTH - 1  # the args object itself is the first level
+        elif kind == "too_deep":
+            # Past json's recursion limit (about 1000 levels), within what jsonb stores.
+            args["levels"] = self.rng.randint(2_000, 8_000)
+        return args
+
+
+def args_json(args: dict[str, Any]) -> str:
+    """The args as JSON text, with ``levels`` of nested lists under "deep" when they ask for
+    it, spliced in as text: json.dumps gives up near 1000 levels."""
+    text = json.dumps(args)
+    levels = args.get("levels", 0)
+    if not levels:
+        return text
+    return f'{text[:-1]}, "deep": {"[" * levels}{"]" * levels}}}'
+
+
+def args_object(args: dict[str, Any]) -> dict[str, Any]:
+    """The args as enqueue takes them, with ``levels`` of nested lists under "deep"."""
+    levels = args.get("levels", 0)
+    if not levels:
+        return args
+    deep: list[Any] = []
+    for _ in range(levels - 1):
+        deep = [deep]
+    return {**args, "deep": deep}
 
 
 async def sleep_or(event: asyncio.Event, seconds: float) -> bool:
@@ -426,6 +520,7 @@ class Enqueuers:
         self.api_base = api_base
         self.ledger = ledger
         self.rng = rng
+        self.mix = JobMix(rng, opts.lease_seconds, opts.hostile_share)
         self.stop = asyncio.Event()  # no new jobs
         self.give_up = asyncio.Event()  # no more retries either
 
@@ -519,8 +614,8 @@ class Enqueuers:
             jobs = []
             for _ in range(n):
                 marker = self.ledger.marker(path)
-                task, args = job_mix(self.rng, marker)
-                jobs.append(NewJob(task, args, key=marker))
+                task, args = self.mix.pick(marker, via_sql=False)
+                jobs.append(NewJob(task, args_object(args), key=marker))
             await self._python_tx(engine, jobs, one, rollback=self.rng.random() < 0.02)
 
     async def _python_tx(
@@ -541,6 +636,8 @@ class Enqueuers:
                 for marker in markers:
                     ledger.status[marker] = "rolled_back"
                 return
+            except InvalidArgs:
+                raise  # the mix wrote args enqueue refuses: a bug of the soak, not a fault
             except EnqueueError as exc:  # refused before any SQL (e.g. backpressure)
                 ledger.error("python", exc)
             except Exception as exc:
@@ -605,8 +702,8 @@ class Enqueuers:
         rows = []
         for _ in range(n):
             marker = ledger.marker("sql-keyed")
-            task, args = job_mix(self.rng, marker, unknown_share=0.001)
-            rows.append((task, json.dumps(args), marker))
+            task, args = self.mix.pick(marker, via_sql=True)
+            rows.append((task, args_json(args), marker))
         for tries in itertools.count():
             try:
                 if conn is None or conn.is_closed():
@@ -651,12 +748,12 @@ class Enqueuers:
         ledger = self.ledger
         for _ in range(n):
             marker = ledger.marker("sql-bare")
-            task, args = job_mix(self.rng, marker, unknown_share=0.001)
+            task, args = self.mix.pick(marker, via_sql=True)
             try:
                 await conn.execute(
                     "INSERT INTO outbox_jobs (task, args) VALUES ($1, $2::jsonb)",
                     task,
-                    json.dumps(args),
+                    args_json(args),
                     timeout=30,
                 )
             except Exception as exc:
@@ -696,18 +793,23 @@ async def database_answers(url: str) -> bool:
 
 
 class FaultInjector:
-    """One fault at a time, each kind on its own jittered schedule; every fault is logged
-    with its time and its victim's pid, which is what explains a repeat afterwards."""
+    """Each kind of fault on its own jittered schedule, one started at a time; those that
+    last (a SIGSTOP, a row lock, a SIGTERM drain) go on beside the schedule. Every fault is
+    logged with its time and its victim (a worker's pid, a job's id), which is what explains
+    a repeat afterwards."""
 
-    def __init__(self, cluster: Cluster, opts: Options, rng: random.Random) -> None:
+    def __init__(self, cluster: Cluster, opts: Options, rng: random.Random, first_id: int) -> None:
         self.cluster = cluster
         self.opts = opts
         self.rng = rng
+        self.first_id = first_id
         self.stop = asyncio.Event()
         self.faults: list[Fault] = []
         self.errors: list[str] = []
+        self.exit_problems: list[str] = []  # workers told to stop that did not exit 0
         self.fatal: str | None = None
         self._resumers: dict[Child, asyncio.Task[None]] = {}
+        self._lasting: set[asyncio.Task[None]] = set()
         self._restarts = 0
         self._conn_kills = 0
 
@@ -716,6 +818,8 @@ class FaultInjector:
         plan = {
             "kill9": opts.kill_every,
             "sigstop": opts.stop_every,
+            "sigterm": opts.term_every,
+            "row_lock": opts.row_lock_every,
             "pg_restart": opts.restart_every if self.cluster.server is not None else 0.0,
             "conn_kill": opts.conn_kill_every,
         }
@@ -723,6 +827,8 @@ class FaultInjector:
         actions: dict[str, Callable[[], Awaitable[None]]] = {
             "kill9": self._kill9,
             "sigstop": self._sigstop,
+            "sigterm": self._sigterm,
+            "row_lock": self._row_lock,
             "pg_restart": self._pg_restart,
             "conn_kill": self._conn_kill,
         }
@@ -733,13 +839,31 @@ class FaultInjector:
             if await sleep_or(self.stop, due[kind] - time.monotonic()):
                 return
             due[kind] = max(due[kind], time.monotonic()) + plan[kind] * self.rng.uniform(0.7, 1.3)
-            try:
-                await actions[kind]()
-            except Exception as exc:
-                self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
-                say(f"fault {kind} failed: {type(exc).__name__}: {exc}")
+            await self._attempt(kind, actions[kind]())
             if self.fatal:
                 return
+
+    async def _attempt(self, kind: str, fault: Awaitable[None]) -> None:
+        try:
+            await fault
+        except Exception as exc:
+            self.errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+            say(f"fault {kind} failed: {type(exc).__name__}: {exc}")
+
+    def _beside(self, kind: str, fault: Awaitable[None]) -> None:
+        """Let a lasting fault go on while the schedule moves on."""
+        task = asyncio.create_task(self._attempt(kind, fault))
+        self._lasting.add(task)
+        task.add_done_callback(self._lasting.discard)
+
+    async def wind_down(self) -> None:
+        """After the schedule: resume the stopped workers, let the row locks end and the
+        SIGTERMed workers finish their drains."""
+        for victim, task in list(self._resumers.items()):
+            task.cancel()
+            fault = next(f for f in reversed(self.faults) if f.pid == victim.pid)
+            self._resume(victim, fault)
+        await asyncio.gather(*self._lasting)
 
     def _victims(self) -> list[Child]:
         return [w for w in self.cluster.workers if w.alive() and not w.stopped]
@@ -780,11 +904,72 @@ class FaultInjector:
         fault.until = time.time()
         self._resumers.pop(victim, None)
 
-    async def resume_all(self) -> None:
-        for victim, task in list(self._resumers.items()):
-            task.cancel()
-            fault = next(f for f in reversed(self.faults) if f.pid == victim.pid)
-            self._resume(victim, fault)
+    async def _sigterm(self) -> None:
+        """A rolling restart: a replacement first, then SIGTERM; the old worker must finish
+        or release its jobs (a release counts the attempt) and exit 0."""
+        victims = [w for w in self._victims() if w.ready()]
+        if not victims:
+            return
+        victim = self.rng.choice(victims)
+        self.cluster.spawn_worker()
+        fault = Fault("sigterm", victim.sigterm(), victim.pid, detail=victim.name)
+        self.faults.append(fault)
+        self.cluster.retire(victim)
+        self._beside("sigterm", self._exited(victim, fault))
+
+    async def _exited(self, victim: Child, fault: Fault) -> None:
+        problem = await sigterm_exit(victim, self.opts.drain_seconds + 30)
+        fault.until = time.time()
+        if problem is not None:
+            self.exit_problems.append(problem)
+            say(problem.splitlines()[0])
+
+    async def _row_lock(self) -> None:
+        """Another session (an operator in psql, a migration) holds a running job's row FOR
+        UPDATE. Mostly past the lease: the heartbeat cannot extend it, the lease guard must
+        stop the handler before it lapses, and a rescuer may take the job back only once the
+        lock is gone. Sometimes for a fraction of the lease, which must be waited out."""
+        lease = self.opts.lease_seconds
+        past = self.rng.random() < 0.7
+        hold = lease + self.rng.uniform(1.0, 4.0) if past else lease * self.rng.uniform(0.15, 0.4)
+        # Half the time the job planned to run longest, whose handler outlasts the guard's
+        # margin; else any, whose handler may end (and its outcome wait) while the lock holds.
+        order = "(args->>'ms')::int DESC NULLS LAST" if self.rng.random() < 0.5 else "random()"
+        self._beside("row_lock", self._hold_row(order, hold, past))
+
+    async def _hold_row(self, order: str, hold: float, past: bool) -> None:
+        dsn = with_app_name(asyncpg_dsn(self.cluster.url), "soak-row-lock")
+        conn = await asyncpg.connect(dsn, timeout=10)
+        fault: Fault | None = None
+        try:
+            async with conn.transaction():
+                row = await conn.fetchrow(
+                    "SELECT id, locked_by FROM outbox_jobs WHERE state = 'running' AND id > $1 "
+                    f"ORDER BY {order} LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    self.first_id,
+                    timeout=10,
+                )
+                if row is None:
+                    return
+                fault = Fault(
+                    "row_lock",
+                    time.time(),
+                    detail=f"job {row['id']} of {row['locked_by']}, {hold:.1f}s"
+                    + (" (past the lease)" if past else ""),
+                    job_id=row["id"],
+                )
+                self.faults.append(fault)
+                await asyncio.sleep(hold)
+        except Exception:
+            if fault is None:
+                raise
+            # Taken, then ended early with its connection (a restart): a shorter lock.
+        finally:
+            # Until here at the latest: a restart that broke the connection ended it sooner.
+            if fault is not None:
+                fault.until = time.time()
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
 
     async def _pg_restart(self) -> None:
         server = self.cluster.server
@@ -869,12 +1054,13 @@ async def prepare_database(url: str, server: PostgresServer | None, code: Path) 
         await conn.close()
 
 
-async def wait_ready(child: Child, within: float = 60.0) -> None:
+async def wait_ready(child: Child, within: float = 60.0) -> bool:
     deadline = time.monotonic() + within
-    while '"worker_ready"' not in child.log_path.read_text(errors="replace"):
+    while not child.ready():
         if not child.alive() or time.monotonic() > deadline:
-            raise SystemExit(f"worker {child.name} did not become ready:\n{child.tail()}")
+            return False
         await asyncio.sleep(0.2)
+    return True
 
 
 async def supervise(
@@ -951,28 +1137,29 @@ async def settle(url: str, first_id: int, within: float) -> bool:
         await asyncio.sleep(1.0)
 
 
+async def sigterm_exit(child: Child, within: float) -> str | None:
+    """Wait for a worker told to stop; what was wrong with its exit, if anything."""
+    try:
+        code = await asyncio.to_thread(child.proc.wait, within)
+    except subprocess.TimeoutExpired:
+        child.proc.kill()
+        await asyncio.to_thread(child.proc.wait)
+        return f"{child.name} (pid {child.pid}) still running {within:.0f}s after SIGTERM"
+    if code != 0:
+        return f"{child.name} (pid {child.pid}) exited {code} on SIGTERM:\n{child.tail()}"
+    return None
+
+
 async def drain(cluster: Cluster, within: float) -> list[str]:
     """SIGTERM every worker and the API; the exits that were not a clean 0."""
     problems: list[str] = []
     for worker in cluster.workers:
-        worker.expected_exit = True
-        worker.sigterm_at = time.time()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, signal.SIGTERM)
+        await wait_ready(worker)  # a replacement just started: its SIGTERM handler first
+        worker.sigterm()
     for worker in list(cluster.workers):
-        try:
-            code = await asyncio.to_thread(worker.proc.wait, within)
-        except subprocess.TimeoutExpired:
-            worker.proc.kill()
-            worker.proc.wait()
-            problems.append(
-                f"{worker.name} (pid {worker.pid}) still running {within:.0f}s after SIGTERM"
-            )
-        else:
-            if code != 0:
-                problems.append(
-                    f"{worker.name} (pid {worker.pid}) exited {code} on SIGTERM:\n{worker.tail()}"
-                )
+        problem = await sigterm_exit(worker, within)
+        if problem is not None:
+            problems.append(problem)
         cluster.retire(worker)
     if cluster.api is not None and cluster.api.alive():
         cluster.api.expected_exit = True
@@ -988,6 +1175,21 @@ async def drain(cluster: Cluster, within: float) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
+
+def count_events(children: list[Child]) -> Counter[str]:
+    """How many lines of each event the workers logged (JSON, one object a line)."""
+    counts: Counter[str] = Counter()
+    for child in children:
+        with contextlib.suppress(OSError):
+            for line in child.log_path.read_text(errors="replace").splitlines():
+                if not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    entry = json.loads(line)
+                    if isinstance(entry, dict) and isinstance(entry.get("event"), str):
+                        counts[entry["event"]] += 1
+    return counts
 
 
 def code_version() -> str:
@@ -1029,7 +1231,8 @@ async def soak(opts: Options) -> int:
             cluster.spawn_worker()
         await cluster.start_api()
         for worker in list(cluster.workers):
-            await wait_ready(worker)
+            if not await wait_ready(worker):
+                raise SystemExit(f"worker {worker.name} did not become ready:\n{worker.tail()}")
         say(
             f"API on {cluster.api_base}, {opts.workers} workers ready; "
             f"enqueueing for {opts.minutes:g} min"
@@ -1037,7 +1240,7 @@ async def soak(opts: Options) -> int:
 
         ledger = Ledger(run)
         enqueuers = Enqueuers(opts, url, cluster.api_base, ledger, rng)
-        injector = FaultInjector(cluster, opts, rng)
+        injector = FaultInjector(cluster, opts, rng, first_id)
         crashes: list[str] = []
         watch = asyncio.Event()
         started = time.monotonic()
@@ -1057,7 +1260,7 @@ async def soak(opts: Options) -> int:
         enqueuers.stop.set()
         injector.stop.set()
         await injecting
-        await injector.resume_all()
+        await injector.wind_down()
         if server is not None and not await database_answers(url):
             await asyncio.to_thread(server.start_server)
         done, _ = await asyncio.wait({enqueueing}, timeout=60)
@@ -1082,10 +1285,11 @@ async def soak(opts: Options) -> int:
             faults=injector.faults,
             fault_errors=injector.errors,
             crashes=crashes + ([injector.fatal] if injector.fatal else []),
-            drain_problems=drain_problems,
+            drain_problems=injector.exit_problems + drain_problems,
             sigterm_at=sigterm_at,
             enqueue_seconds=enqueue_seconds,
             settled=settled,
+            worker_events=count_events(cluster.retired),
         )
         with (work / "faults.jsonl").open("w") as log:
             for fault in injector.faults:
@@ -1095,7 +1299,7 @@ async def soak(opts: Options) -> int:
         title = (
             f"pgoutbox soak {run}: {enqueue_seconds / 60:.1f} min at {opts.rate:g} jobs/s, "
             f"{opts.workers} workers x {opts.concurrency}, lease {opts.lease_seconds:g} s, "
-            f"seed {opts.seed}, code {version}"
+            f"hostile {opts.hostile_share:.0%}, seed {opts.seed}, code {version}"
         )
         print_table(verdict, title)
         if opts.summary_json is not None:

@@ -8,6 +8,9 @@ the two leaves a started execution without an end, which is what lets ``bench.so
 
 The sample service's own tasks (``send_welcome_email``, ``generate_report``) are registered
 here too, wrapped with the same log, so the jobs the HTTP API enqueues are checked as well.
+``soak_hostile`` is what one bad job looks like: a result or an error the database cannot
+store, a raise of what is not an Exception, args nested as deep as enqueue allows; the soak
+checks that each costs its own job only, and is stored as bench.soak_check expects.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ registry = Registry()
 # Created by bench.soak before any worker starts. soak_transitions is filled by a trigger on
 # outbox_jobs: every state change but the claim (queued -> running), with the row's owner
 # and attempt before the change, so a rescue, a failure, a release or a completion can be
-# matched to the execution it ended.
+# matched to the execution it ended; and any lowering of attempts, which only the hand-back
+# of a claim never started may do.
 SOAK_DDL = """
 DROP TRIGGER IF EXISTS soak_transitions ON outbox_jobs;
 DROP FUNCTION IF EXISTS soak_log_transition();
@@ -157,27 +161,13 @@ async def log_end(exec_id: uuid.UUID, outcome: str) -> None:
     )
 
 
-@registry.task(max_attempts=5, timeout=60)
-async def soak_work(ctx: JobContext, marker: str, ms: int = 0, fail: int = 0) -> None:
-    """Takes ``ms`` milliseconds; fails its first ``fail`` attempts."""
-    exec_id = await log_start(ctx)
-    await asyncio.sleep(ms / 1000)
-    if ctx.attempt <= fail:
-        await log_end(exec_id, "fail")
-        raise PlannedFailure(f"planned failure {ctx.attempt} of {fail} ({marker})")
-    await log_end(exec_id, "ok")
+def logged(handler: Handler) -> Handler:
+    """The handler, its execution written down: started, then how it ended.
 
-
-@registry.task(max_attempts=3, timeout=60)
-async def soak_poison(ctx: JobContext, marker: str) -> None:
-    """Fails every attempt: ends dead."""
-    exec_id = await log_start(ctx)
-    await log_end(exec_id, "fail")
-    raise PoisonFailure(f"poison job always fails ({marker})")
-
-
-def _logged(handler: Handler) -> Handler:
-    """The app's handler, its execution written down like the soak's own."""
+    "cancelled" is a stop by the worker (a drain, a lease guard, a timeout): the task was
+    asked to cancel. A CancelledError nobody asked for is the handler's own doing, and the
+    worker fails the attempt for it, so it is logged as "fail" like any other raise.
+    """
 
     @functools.wraps(handler)
     async def run(ctx: JobContext, **kwargs: Any) -> Any:
@@ -185,12 +175,14 @@ def _logged(handler: Handler) -> Handler:
         try:
             value = await handler(ctx, **kwargs)
         except asyncio.CancelledError:
-            await log_end(exec_id, "cancelled")  # released by a draining worker
+            task = asyncio.current_task()
+            stopped = task is not None and task.cancelling() > 0
+            await log_end(exec_id, "cancelled" if stopped else "fail")
             raise
         except LeaseLost:
             await log_end(exec_id, "lease_lost")
             raise
-        except Exception:
+        except BaseException:
             await log_end(exec_id, "fail")
             raise
         await log_end(exec_id, "ok")
@@ -199,9 +191,89 @@ def _logged(handler: Handler) -> Handler:
     return run
 
 
+@registry.task(max_attempts=5, timeout=120)
+@logged
+async def soak_work(ctx: JobContext, marker: str, ms: int = 0, fail: int = 0) -> None:
+    """Takes ``ms`` milliseconds; fails its first ``fail`` attempts. The longest ones (past
+    the lease) are the ones a row lock or a SIGTERM drain catches mid-run."""
+    await asyncio.sleep(ms / 1000)
+    if ctx.attempt <= fail:
+        raise PlannedFailure(f"planned failure {ctx.attempt} of {fail} ({marker})")
+
+
+@registry.task(max_attempts=3, timeout=60)
+@logged
+async def soak_poison(ctx: JobContext, marker: str) -> None:
+    """Fails every attempt: ends dead."""
+    raise PoisonFailure(f"poison job always fails ({marker})")
+
+
+# Text PostgreSQL cannot store, in a jsonb result or a text error: the worker must store it
+# with U+FFFD in place of the bad character (bench.soak_check knows what to expect).
+UNSTORABLE = {"nul": "before\x00after", "surrogate": "before\ud800after"}
+
+
+class HandlerEscape(BaseException):
+    """What a library may raise that is not an Exception."""
+
+
+# The hostile kinds, named as tests/workload.py names them, plus args nested as deep as
+# enqueue accepts ("deep") and deeper than any Python reader decodes ("too_deep", written by
+# plain SQL only: the worker must bury it without running it).
+HOSTILE_KINDS = (
+    "nul_result",
+    "surrogate_result",
+    "nul_error",
+    "surrogate_error",
+    "base_exception",
+    "system_exit",
+    "keyboard_interrupt",
+    "cancels_itself",
+    "deep",
+    "too_deep",
+)
+
+
+def nesting(value: Any) -> int:
+    """How many levels of lists ``value`` holds; a loop, so no depth overflows it."""
+    levels = 0
+    while isinstance(value, list):
+        levels += 1
+        value = value[0] if value else None
+    return levels
+
+
+@registry.task(max_attempts=3, timeout=60)
+@logged
+async def soak_hostile(
+    ctx: JobContext, marker: str, kind: str, levels: int = 0, deep: Any = None
+) -> Any:
+    """Returns what the database cannot store, raises what a handler should not, or reports
+    how deep the args it was given nest (``levels`` is how deep they were written)."""
+    if kind in ("deep", "too_deep"):
+        return nesting(deep)
+    if kind == "nul_result":
+        return {"text": UNSTORABLE["nul"]}
+    if kind == "surrogate_result":
+        return {"text": UNSTORABLE["surrogate"]}
+    if kind == "nul_error":
+        raise ValueError(UNSTORABLE["nul"])
+    if kind == "surrogate_error":
+        raise ValueError(UNSTORABLE["surrogate"])
+    if kind == "base_exception":
+        raise HandlerEscape("hostile")
+    if kind == "system_exit":
+        raise SystemExit("hostile")
+    if kind == "keyboard_interrupt":
+        raise KeyboardInterrupt("hostile")
+    if kind == "cancels_itself":
+        raise asyncio.CancelledError("hostile")
+    raise LookupError(f"no hostile kind {kind!r} ({marker})")
+
+
 for _spec in app_tasks.registry:
     registry.add(
-        _logged(_spec.handler),
+        logged(_spec.handler),
         name=_spec.name,
         queue=_spec.queue,
         max_attempts=_spec.max_attempts,
