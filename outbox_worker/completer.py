@@ -201,10 +201,9 @@ class Completer:
                 self._set_aside_once(what, outcome)
                 return
             except Exception as exc:
-                if db.is_transient(exc):
-                    refusal = exc
-                    break
                 refusal = exc
+                if db.is_transient(exc):
+                    break  # only once told to give up: no plainer form will fare better
                 continue
             if form is not outcome:
                 self._log.error(

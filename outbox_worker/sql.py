@@ -235,19 +235,24 @@ WHERE j.id = f.id
 RETURNING j.id, j.state
 """
 
+# Where an interrupted attempt (released on shutdown, or its lease expired) leaves its job:
+# cancelled if an operator asked for that, dead if it was the last attempt (it started, so
+# it counts), else due again now. The SET list of JOB_RELEASE_MANY and JOB_RESCUE_EXPIRED.
+_INTERRUPTED = """state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
+    run_at = now(),
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.attempts >= j.max_attempts THEN now() END,"""
+
 # $1 ids bigint[], $2 attempts int[], $3 worker id. On shutdown, hands unfinished jobs back
 # for an immediate retry elsewhere. The interrupted attempt did start, so it counts: a job
 # interrupted on its last attempt goes dead (as a crash would leave it), so that no job ever
 # starts more than max_attempts times. A job whose cancel was requested ends cancelled.
 # Fenced. Index: primary key.
-JOB_RELEASE_MANY = """
+JOB_RELEASE_MANY = f"""
 UPDATE outbox_jobs AS j
-SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                 WHEN j.attempts >= j.max_attempts THEN 'dead'
-                 ELSE 'queued' END,
-    run_at = now(),
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                         OR j.attempts >= j.max_attempts THEN now() END,
+SET {_INTERRUPTED}
     last_error = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.last_error
                       ELSE format('interrupted: worker %s shut down during attempt %s of %s',
                                   $3::text, j.attempts, j.max_attempts) END,
@@ -322,7 +327,7 @@ RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 # back to queued at once, or dead when that was their last attempt, or cancelled
 # when an operator asked for that meanwhile. Safe to run
 # from every worker at once (SKIP LOCKED). Index: outbox_jobs_running_idx.
-JOB_RESCUE_EXPIRED = """
+JOB_RESCUE_EXPIRED = f"""
 WITH expired AS MATERIALIZED (
     SELECT id
     FROM outbox_jobs
@@ -332,12 +337,7 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE outbox_jobs AS j
-SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                 WHEN j.attempts >= j.max_attempts THEN 'dead'
-                 ELSE 'queued' END,
-    run_at = now(),
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                         OR j.attempts >= j.max_attempts THEN now() END,
+SET {_INTERRUPTED}
     last_error = format('lease expired: worker %s stopped renewing it (attempt %s of %s)',
                         j.locked_by, j.attempts, j.max_attempts),
     locked_by = NULL,
