@@ -49,9 +49,10 @@ bench-bounds: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python -m bench.bounds
 
-# The soak: steady enqueueing through HTTP, Python and SQL while workers are
-# killed and stopped, PostgreSQL restarted and connections killed; then every invariant is
-# checked and a table printed. Not part of `make test`. A few minutes by default:
+# The soak: steady enqueueing through HTTP, Python and SQL, with a share of hostile jobs,
+# while workers are killed, stopped and restarted, PostgreSQL restarted, connections killed
+# and rows locked from another session; then every invariant is checked and a table
+# printed. Not part of `make test` (a short one is). A few minutes by default:
 # `make soak SOAK_ARGS="--minutes 20 --rate 110"` for the long run.
 .PHONY: soak
 SOAK_ARGS ?=
