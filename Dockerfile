@@ -11,7 +11,10 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY outbox_worker ./outbox_worker
 COPY app ./app
-RUN /opt/venv/bin/pip install ".[app,uvloop]"
+# The library with its web and uvloop extras, then the sample service's own dependencies
+# (a dependency group of this repository, not an extra of the library); --group needs pip 25.1.
+RUN /opt/venv/bin/pip install --upgrade pip \
+    && /opt/venv/bin/pip install ".[web,uvloop]" --group sample
 
 FROM python:3.11-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

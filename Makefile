@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[web,uvloop,embedded]" --group dev
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,14 +39,14 @@ run: $(STAMP)
 .PHONY: bench
 BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -e ".[web,uvloop,embedded]" --group bench
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # What bounds the targets `make bench` misses: the ways of enqueueing one job side by side
 # (bench/README.md, "What bounds the targets missed"), about 40 s.
 .PHONY: bench-bounds
 bench-bounds: $(STAMP)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet -e ".[web,uvloop,embedded]" --group bench
 	$(BIN)/python -m bench.bounds
 
 # The soak: steady enqueueing through HTTP, Python and SQL, with a share of hostile jobs,

@@ -2,7 +2,7 @@
 
 Uses DATABASE_URL's server when set, else an embedded PostgreSQL in a temporary folder; every
 system gets its own fresh database on that server for every run. Peers that are not installed
-(``pip install -e '.[bench]'``), and the Redis-based ones when no Redis answers on
+(``pip install -e . --group bench``), and the Redis-based ones when no Redis answers on
 127.0.0.1:6379, are left out with a note.
 """
 

@@ -21,7 +21,7 @@ class Pgqueuer(System):
 
     def missing(self) -> str | None:
         if importlib.util.find_spec("pgqueuer") is None:
-            return "not installed (pip install -e '.[bench]')"
+            return "not installed (pip install -e . --group bench)"
         return None
 
     async def prepare(self, url: str) -> None:

@@ -35,7 +35,7 @@ class Procrastinate(System):
 
     def missing(self) -> str | None:
         if importlib.util.find_spec("procrastinate") is None:
-            return "not installed (pip install -e '.[bench]')"
+            return "not installed (pip install -e . --group bench)"
         return None
 
     async def prepare(self, url: str) -> None:

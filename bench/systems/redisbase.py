@@ -25,7 +25,7 @@ def redis_answers() -> bool:
 def missing(*packages: str) -> str | None:
     for package in packages:
         if importlib.util.find_spec(package) is None:
-            return f"{package} not installed (pip install -e '.[bench]')"
+            return f"{package} not installed (pip install -e . --group bench)"
     if not redis_answers():
         return f"no Redis server answers on {REDIS_HOST}:{REDIS_PORT}"
     return None
