@@ -6,7 +6,7 @@ import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, overload
 
 from outbox_worker.errors import TaskDefinitionError
 from outbox_worker.names import NAME_PATTERN, is_valid_name
@@ -81,6 +81,10 @@ class Registry:
         self._tasks: dict[str, TaskSpec] = {}
         Registry._live.add(self)
 
+    @overload
+    def task(self, name: H, /) -> H: ...
+
+    @overload
     def task(
         self,
         name: str | None = None,
@@ -89,9 +93,25 @@ class Registry:
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
-    ) -> Callable[[H], H]:
+    ) -> Callable[[H], H]: ...
+
+    def task(
+        self,
+        name: str | H | None = None,
+        *,
+        queue: str = "default",
+        max_attempts: int = 5,
+        timeout: float | None = None,
+        priority: int = 0,
+    ) -> H | Callable[[H], H]:
         """Register an ``async def handler(ctx: JobContext, **args)``; the name defaults to
-        the function's."""
+        the function's. ``@registry.task`` and ``@registry.task()`` are the same: written
+        bare, as Celery and procrastinate allow, it must not register nothing in silence."""
+        if callable(name):
+            self.add(name)
+            return name
+        if name is not None and not isinstance(name, str):
+            raise TaskDefinitionError(f"a task name is text, not {type(name).__name__}")
 
         def register(handler: H) -> H:
             self.add(

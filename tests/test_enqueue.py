@@ -30,6 +30,7 @@ from outbox_worker import (
     NewJob,
     OutboxError,
     Registry,
+    TaskDefinitionError,
     UnknownTask,
     current_correlation_id,
     enqueue,
@@ -870,3 +871,29 @@ async def test_check_constraints_accept_valid_plain_inserts(pool: asyncpg.Pool) 
     )
     states = [r["state"] for r in await pool.fetch("SELECT state FROM outbox_jobs ORDER BY id")]
     assert states == ["queued", "dead", "running", "succeeded", "cancelled"]
+
+
+def test_a_task_decorator_written_without_parentheses_registers_the_task() -> None:
+    """``@registry.task`` bare, as Celery and procrastinate allow, registers like
+    ``@registry.task()``; it used to register nothing, and the worker then buried every job
+    of the task as unknown."""
+    registry = Registry()
+
+    @registry.task
+    async def bare(ctx: JobContext, n: int) -> int:
+        return n
+
+    @registry.task()
+    async def called(ctx: JobContext) -> None:
+        return None
+
+    @registry.task("named", queue="elsewhere")
+    async def renamed(ctx: JobContext) -> None:
+        return None
+
+    assert sorted(spec.name for spec in registry) == ["bare", "called", "named"]
+    assert registry.get("named") is not None
+    assert registry.get("named").queue == "elsewhere"  # type: ignore[union-attr]
+    assert bare.__name__ == "bare"  # the decorator hands the function back
+    with pytest.raises(TaskDefinitionError, match="text"):
+        registry.task(42)  # type: ignore[call-overload]
