@@ -17,12 +17,17 @@ from app.api.errors import invalid_request
 from app.api.main import api_router
 from app.core.config import Settings, get_settings
 from app.core.db import create_engine, create_sessionmaker
-from app.middleware import REQUEST_ID_HEADER, BodySizeLimitMiddleware, RequestIdMiddleware
+from app.middleware import BodySizeLimitMiddleware
 from app.services.comments import SubscriberNotifier
 from app.services.errors import DomainError
 from app.tasks import registry
 from outbox_worker import EnqueueError, QueueFull
-from outbox_worker.web import create_admin_router, handle_database_outages
+from outbox_worker.web import (
+    REQUEST_ID_HEADER,
+    RequestIdMiddleware,
+    create_admin_router,
+    handle_database_outages,
+)
 
 ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
