@@ -19,7 +19,9 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -144,24 +146,35 @@ def _settings(**overrides: Any) -> WorkerSettings:
         raise ConfigError(f"invalid {where}: {first['msg']}") from exc
 
 
-def _abandon_stuck_handlers(worker: Worker) -> None:
-    """Exit now if handlers are still running: tasks that ignored their cancellation, or
-    threads left behind (asyncio.to_thread past a timeout).
+# How long the threads of asyncio.to_thread get to finish once the worker has stopped.
+THREADS_GRACE_SECONDS = 1.0
+
+
+async def _abandon_stuck_handlers(worker: Worker, threads: ThreadPoolExecutor) -> None:
+    """Exit at once if handlers are still running: tasks that ignored their cancellation, or
+    threads still busy (asyncio.to_thread past a timeout, a thread a handler started).
 
     Every outcome that could be written is written; the leases of the rest lapse and a
     rescuer takes their jobs back. The interpreter would otherwise wait for those threads at
     exit (and asyncio for those tasks), and a SIGTERM'd worker must not outlive its drain
-    timeout by minutes.
+    timeout by minutes. Idle threads of the pool are no reason: they are let go first, and
+    a clean stop then exits normally, exit hooks and all.
     """
-    stuck = [
-        thread
-        for thread in threading.enumerate()
-        if thread is not threading.current_thread() and not thread.daemon and thread.is_alive()
-    ]
-    if stuck or worker.stuck:
+    threads.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + THREADS_GRACE_SECONDS
+    while True:
+        busy = [
+            thread
+            for thread in threading.enumerate()
+            if thread is not threading.current_thread() and not thread.daemon and thread.is_alive()
+        ]
+        if not busy or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    if busy or worker.stuck:
         worker.log.warning(
             "handlers_abandoned",
-            threads=[t.name for t in stuck],
+            threads=[t.name for t in busy],
             tasks=len(worker.stuck),
         )
         sys.stdout.flush()
@@ -440,10 +453,13 @@ def run(
     async def main() -> None:
         worker = Worker(registry, options)
         loop = asyncio.get_running_loop()
+        # asyncio.to_thread's pool, held here so that the stop can let its idle threads go.
+        threads = ThreadPoolExecutor(thread_name_prefix="outbox-handler")
+        loop.set_default_executor(threads)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         await worker.run()
-        _abandon_stuck_handlers(worker)
+        await _abandon_stuck_handlers(worker, threads)
 
     try:
         _run_async(main, settings.uvloop)

@@ -1,4 +1,6 @@
-"""Every log line written inside a job carries job_id, task, attempt and correlation_id."""
+"""Every log line written inside a job carries job_id, task, attempt and correlation_id,
+whether the handler logs through ctx.log, structlog or the standard library, whose INFO
+lines the worker must not silence."""
 
 from __future__ import annotations
 
@@ -24,13 +26,16 @@ async def test_job_log_lines_carry_the_job_fields(
     lines: list[dict[str, Any]] = [
         json.loads(line) for line in worker.output().splitlines() if line.startswith("{")
     ]
-    for event in ("chatty_ctx_log", "chatty_plain_log"):
+    for event in ("chatty_ctx_log", "chatty_plain_log", "chatty_stdlib_log"):
         [line] = [entry for entry in lines if entry["event"] == event]
         assert line["job_id"] == job_id
         assert line["task"] == "chatty"
         assert line["attempt"] == 1
         assert line["correlation_id"] == "req-42"
-        assert "worker_id" in line or event == "chatty_plain_log"
+        assert line["level"] == "info"
+        assert "worker_id" in line or event != "chatty_ctx_log"
+    [stdlib] = [entry for entry in lines if entry["event"] == "chatty_stdlib_log"]
+    assert stdlib["logger"] == "user_code.stdlib"
     # The worker's own lines outside any job carry no job fields.
     [ready] = [entry for entry in lines if entry["event"] == "worker_ready"]
     assert "job_id" not in ready

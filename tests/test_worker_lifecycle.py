@@ -20,6 +20,7 @@ from outbox_worker.devdb import PostgresServer, start_embedded
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import DOWN, fetch_retrying
 from tests.faults.invariants import log_events
+from tests.workload import EXIT_HOOKS_RAN
 
 # With 5 s polling, a wake-up within this bound can only come from NOTIFY.
 NOTIFY_BOUND = timedelta(seconds=1)
@@ -89,6 +90,28 @@ async def test_sigterm_lets_in_flight_jobs_finish(
     assert log_events(w, "worker_stopping")
     assert log_events(w, "draining")
     assert not log_events(w, "job_released")
+
+
+async def test_a_clean_stop_after_handlers_used_threads_exits_normally(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """asyncio.to_thread leaves idle threads in its pool. They are no reason to leave
+    through os._exit: a clean stop exits normally, its exit hooks run, and nothing is
+    reported abandoned."""
+    w = spawn_worker()
+    await w.wait_for_log("worker_ready")
+    await pool.execute(
+        "INSERT INTO outbox_jobs (task) SELECT 'in_thread' FROM generate_series(1, 5)"
+    )
+
+    async def all_done() -> bool:
+        return await _states(pool) == {"succeeded": 5}
+
+    await wait_until(all_done, what="the jobs in threads to finish")
+    w.signal(signal.SIGTERM)
+    assert w.wait(30) == 0, w.output()
+    assert not log_events(w, "handlers_abandoned"), w.output()[-2000:]
+    assert EXIT_HOOKS_RAN in w.output()
 
 
 async def test_sigterm_after_drain_timeout_releases_jobs(

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -14,6 +17,14 @@ import structlog
 from outbox_worker import JobContext, Registry
 
 registry = Registry()
+
+# A worker process that exits normally runs its exit hooks; one that leaves through
+# os._exit (handlers it had to abandon) does not. Tests read this line to tell them apart
+# (the test process itself, which imports this module too, stays quiet).
+EXIT_HOOKS_RAN = "workload_exit_hooks_ran"
+atexit.register(
+    lambda: "pytest" in sys.modules or print(EXIT_HOOKS_RAN, file=sys.stderr, flush=True)
+)
 
 EXECUTIONS_DDL = """
 CREATE TABLE test_executions (
@@ -142,9 +153,11 @@ async def takes_id(ctx: JobContext, user_id: int) -> int:
 
 @registry.task()
 async def chatty(ctx: JobContext, child: bool = False) -> None:
-    """Logs through ctx.log and through a plain structlog logger, and may enqueue a child."""
+    """Logs through ctx.log, a plain structlog logger and the standard library's logging
+    (at INFO, which the worker must not silence), and may enqueue a child."""
     ctx.log.info("chatty_ctx_log")
     structlog.get_logger("user_code").info("chatty_plain_log")
+    logging.getLogger("user_code.stdlib").info("chatty_stdlib_log")
     if child:
         pool = await _pool()
         await pool.execute(
@@ -165,6 +178,13 @@ async def blocks_loop_once(ctx: JobContext, seconds: float) -> str:
         time.sleep(seconds)  # noqa: ASYNC251 -- blocking the event loop is the point
     await record(ctx, "end")
     return "unblocked"
+
+
+@registry.task()
+async def in_thread(ctx: JobContext, seconds: float = 0.05) -> str:
+    """Blocking work done the recommended way, in asyncio.to_thread."""
+    await asyncio.to_thread(time.sleep, seconds)
+    return "slept in a thread"
 
 
 @registry.task(timeout=0.5, max_attempts=2)
