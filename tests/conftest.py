@@ -187,6 +187,7 @@ def spawn_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Wo
             "OUTBOX_LOG_LEVEL": "debug",
             "OUTBOX_RETRY_BASE_SECONDS": "0.05",
             "OUTBOX_RETRY_CAP_SECONDS": "1",
+            "OUTBOX_TEST_EXIT_HOOK": "1",
             **(env or {}),
         }
         worker = WorkerProcess([target, *args], full_env, tmp_path / f"worker-{len(started)}.log")

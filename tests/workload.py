@@ -19,12 +19,11 @@ from outbox_worker import JobContext, Registry
 registry = Registry()
 
 # A worker process that exits normally runs its exit hooks; one that leaves through
-# os._exit (handlers it had to abandon) does not. Tests read this line to tell them apart
-# (the test process itself, which imports this module too, stays quiet).
+# os._exit (handlers it had to abandon) does not. Tests read this line to tell them apart;
+# only worker processes the tests spawn write it (others keep their stderr to one line).
 EXIT_HOOKS_RAN = "workload_exit_hooks_ran"
-atexit.register(
-    lambda: "pytest" in sys.modules or print(EXIT_HOOKS_RAN, file=sys.stderr, flush=True)
-)
+if os.environ.get("OUTBOX_TEST_EXIT_HOOK") == "1":
+    atexit.register(lambda: print(EXIT_HOOKS_RAN, file=sys.stderr, flush=True))
 
 EXECUTIONS_DDL = """
 CREATE TABLE test_executions (
