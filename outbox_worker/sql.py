@@ -550,3 +550,31 @@ ORDER BY id
 
 # $1 seconds: WORKERS_ALIVE for the worker's own gauges (asyncpg).
 WORKERS_ALIVE_PG = positional(WORKERS_ALIVE, "seconds")
+
+# ---------------------------------------------------------------------------------------------
+# Test helpers (outbox_worker.testing; SQLAlchemy, on the test's own session)
+# ---------------------------------------------------------------------------------------------
+
+# :task, :args (JSON text the job's args must contain, as jsonb's @> defines it), :queue,
+# :state, :priority, :max_attempts, :dedupe_key, :correlation_id (each but :task NULL for
+# any). Oldest first. Index: none serves every filter; a test's table holds few rows.
+JOB_FIND = f"""
+SELECT {JOB_SELECT_LIST}
+FROM outbox_jobs AS j
+WHERE j.task = :task
+  AND (CAST(:args AS jsonb) IS NULL OR j.args @> CAST(:args AS jsonb))
+  AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
+  AND (CAST(:state AS text) IS NULL OR j.state = :state)
+  AND (CAST(:priority AS integer) IS NULL OR j.priority = :priority)
+  AND (CAST(:max_attempts AS integer) IS NULL OR j.max_attempts = :max_attempts)
+  AND (CAST(:dedupe_key AS text) IS NULL OR j.dedupe_key = :dedupe_key)
+  AND (CAST(:correlation_id AS text) IS NULL OR j.correlation_id = :correlation_id)
+ORDER BY j.id
+"""
+
+# No parameters. Every job gone, for the next test; answers how many. A DELETE, not a
+# TRUNCATE: it waits for no lock a worker or an open transaction holds on the table.
+JOB_DELETE_ALL = """
+WITH gone AS (DELETE FROM outbox_jobs RETURNING 1)
+SELECT count(*) FROM gone
+"""

@@ -5,6 +5,10 @@ service as the JSON routes and the CLI (:mod:`outbox_worker.admin`), so the face
 - ``/dashboard/jobs``: the job list, filtered by state, queue and task, a page at a time.
 - ``/dashboard/jobs/{id}``: one job, with Retry and Cancel.
 
+Retry, Cancel and signing out commit their change before they flash it as done (as the JSON
+routes do, :func:`outbox_worker.web.router.commit`); a change the database refuses to commit
+is a 500 page that says so.
+
 Signing in posts the admin token once; the browser then holds the ``outbox_admin`` session
 cookie, HttpOnly and SameSite=Strict: signed with the token (never the token itself), good for
 12 hours, and dead everywhere once signed out (:mod:`outbox_worker.web.auth`, which also caps
@@ -45,6 +49,7 @@ from outbox_worker.web.auth import (
     token_matches,
     too_many_wrong_tokens,
 )
+from outbox_worker.web.router import NotCommitted, commit
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
 RouteHandler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -248,6 +253,15 @@ class Pages:
             "No admin token is configured, so the dashboard and the admin API refuse every "
             "request. Set OUTBOX_ADMIN_TOKEN to a random secret (openssl rand -hex 32 makes "
             "one) and restart the service.",
+        )
+
+    def not_committed(self, request: Request, title: str, exc: NotCommitted) -> HTMLResponse:
+        return self.message(
+            request,
+            status.HTTP_500_INTERNAL_SERVER_ERROR,
+            title,
+            f"{exc}. Nothing was changed.",
+            signed_in=True,
         )
 
     def cross_site(self, request: Request) -> HTMLResponse:
@@ -464,6 +478,11 @@ def create_dashboard_router(
         signed_in = auth(request)
         if signed_in is not None:  # a session cookie, not the bearer token
             await revoke(session, signed_in)
+            try:
+                await commit(session, "This session was not signed out")
+            except NotCommitted as exc:
+                # The cookie is kept: the session it holds was not ended, and still works.
+                return pages.not_committed(request, "Not signed out", exc)
         response = pages.redirect(request, link(request, LOGIN), flash=("ok", "Signed out."))
         pages.end_session(request, response)
         return response
@@ -542,12 +561,15 @@ def create_dashboard_router(
         back = link(request, JOB, job_id=job_id)
         try:
             job = await admin.retry_job(session, job_id)
+            await commit(session, f"Job {job_id} was not retried")
         except JobNotFound as exc:
             return pages.message(
                 request, status.HTTP_404_NOT_FOUND, "Job not found", str(exc), signed_in=True
             )
         except JobStateConflict as exc:
             return pages.redirect(request, back, flash=("error", f"Not retried: {exc}."))
+        except NotCommitted as exc:
+            return pages.not_committed(request, "Not retried", exc)
         return pages.redirect(
             request,
             back,
@@ -563,12 +585,15 @@ def create_dashboard_router(
         back = link(request, JOB, job_id=job_id)
         try:
             job = await admin.cancel_job(session, job_id)
+            await commit(session, f"Job {job_id} was not cancelled")
         except JobNotFound as exc:
             return pages.message(
                 request, status.HTTP_404_NOT_FOUND, "Job not found", str(exc), signed_in=True
             )
         except JobStateConflict as exc:
             return pages.redirect(request, back, flash=("error", f"Not cancelled: {exc}."))
+        except NotCommitted as exc:
+            return pages.not_committed(request, "Not cancelled", exc)
         if job.state == JobState.CANCELLED:
             text = f"Job {job.id} is cancelled."
         else:

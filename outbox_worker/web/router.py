@@ -1,7 +1,9 @@
 """The admin routes (and the dashboard), as one router any FastAPI app mounts.
 
 Every route goes through :mod:`outbox_worker.admin`, as the CLI does, and runs in the
-transaction of the session dependency the app provides.
+transaction of the session dependency the app provides. The routes that change jobs commit
+that transaction themselves before they answer (see :func:`commit`): a 2xx means the change is
+in the database.
 """
 
 # No `from __future__ import annotations` here: the routes' annotations name a dependency
@@ -82,8 +84,44 @@ class RetriedOut(BaseModel):
     retried: list[int]
 
 
+class NotCommitted(OutboxError):
+    """The database refused to commit an admin change: nothing changed."""
+
+
+async def commit(session: AsyncSession, failure: str) -> None:
+    """Commit the change a route made, before it is answered as done.
+
+    The route commits, not the app's dependency, because a dependency that yields a plain
+    session (``async with SessionLocal() as s: yield s``) never commits: the change would be
+    answered as done, then rolled back when the session closes. A dependency that opened the
+    transaction itself (``session.begin()``) finds it ended on the way out, so this stays the
+    request's one commit. A refusal (a deferred constraint, a trigger, a serialization
+    failure) raises :class:`NotCommitted`, which starts with ``failure``; a database outage
+    goes on as it came, for the outage handling to answer.
+    """
+    try:
+        await session.commit()
+    except Exception as exc:
+        if is_database_unavailable(exc):
+            raise
+        raise NotCommitted(
+            f"{failure}: the database refused to commit the change ({_reason(exc)})"
+        ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words, on one line: SQLAlchemy's wrapper adds the statement and a
+    link, and asyncpg's error is the innermost cause."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
+
+
 def http_error(exc: OutboxError) -> HTTPException:
-    """The library's errors as the client's 4xx: one translation, here."""
+    """The library's errors as the client's 4xx (a refused commit is a 500): one
+    translation, here."""
+    if isinstance(exc, NotCommitted):
+        return HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, str(exc))
     if isinstance(exc, JobNotFound):
         return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
     if isinstance(exc, JobStateConflict):
@@ -179,8 +217,9 @@ def create_admin_router(
     include_dashboard: bool = True,
     worker_seen_within_seconds: float | Callable[[Request], float] = 60.0,
 ) -> APIRouter:
-    """``get_session`` is the app's dependency that yields a session inside a transaction;
-    ``admin_token`` the token, or a function of the request that returns it."""
+    """``get_session`` is the app's dependency that yields a session, inside a transaction
+    it opened or not: the routes that change jobs commit it themselves. ``admin_token`` is
+    the token, or a function of the request that returns it."""
     auth = AdminAuth(admin_token)
     session_dep = Annotated[AsyncSession, Depends(get_session, scope="function")]
     router = APIRouter(tags=["admin"])
@@ -214,15 +253,20 @@ def create_admin_router(
     ) -> RetriedOut:
         """Every dead job matching the filters back to queued."""
         retried = await guarded(admin.retry_dead_jobs(session, queue=queue, task=task))
+        await guarded(commit(session, "the dead jobs were not retried"))
         return RetriedOut(retried=retried)
 
     @protected.post("/jobs/{job_id}/retry")
     async def retry_job(job_id: int, session: session_dep) -> JobOut:
-        return JobOut.of(await guarded(admin.retry_job(session, job_id)))
+        job = await guarded(admin.retry_job(session, job_id))
+        await guarded(commit(session, f"job {job_id} was not retried"))
+        return JobOut.of(job)
 
     @protected.post("/jobs/{job_id}/cancel")
     async def cancel_job(job_id: int, session: session_dep) -> JobOut:
-        return JobOut.of(await guarded(admin.cancel_job(session, job_id)))
+        job = await guarded(admin.cancel_job(session, job_id))
+        await guarded(commit(session, f"job {job_id} was not cancelled"))
+        return JobOut.of(job)
 
     @protected.get("/queues")
     async def queues(
