@@ -1,7 +1,7 @@
 # One image for the API (default), the worker and migrations:
 #   docker run IMAGE                                        → uvicorn app.main:app
 #   docker run IMAGE outbox-worker run app.tasks:registry   → a worker
-#   docker run IMAGE alembic upgrade head                   → migrations
+#   docker run IMAGE alembic upgrade heads                  → migrations (the sample's and pgoutbox's)
 # Not exercised by CI (no Docker engine there); see README.
 
 FROM python:3.11-slim AS build

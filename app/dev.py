@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _migrate(url: str) -> None:
     config = Config(str(ROOT / "alembic.ini"))
     config.attributes["database_url"] = url
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
 
 
 def _stop(processes: list[subprocess.Popen[bytes]], timeout: float) -> None:

@@ -33,6 +33,8 @@ ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
 
 
 def schema_heads() -> frozenset[str]:
+    """The revisions this code's schema is at: the head of the sample's own branch and the
+    head of pgoutbox's, which alembic_version holds side by side once migrated."""
     return frozenset(ScriptDirectory.from_config(Config(str(ALEMBIC_INI))).get_heads())
 
 

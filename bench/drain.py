@@ -92,7 +92,7 @@ def main() -> None:
         config = Config(str(ROOT / "alembic.ini"))
         config.attributes["database_url"] = url
         config.attributes["configure_logging"] = False
-        command.upgrade(config, "head")
+        command.upgrade(config, "heads")
         rates = []
         for i in range(opts.repeat):
             asyncio.run(fill(url, opts.jobs))

@@ -1044,7 +1044,7 @@ async def prepare_database(url: str, server: PostgresServer | None, code: Path) 
     config.attributes["database_url"] = url
     config.attributes["configure_logging"] = False
     # In a thread: the async Alembic environment runs its own event loop.
-    await asyncio.to_thread(command.upgrade, config, "head")
+    await asyncio.to_thread(command.upgrade, config, "heads")
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await conn.execute(SOAK_DDL)

@@ -6,7 +6,8 @@ Errors a user can cause end in one line on stderr and a non-zero exit, never a t
 The operator's commands (``jobs``, ``queues``, ``prune``, ``health``) go through
 :mod:`outbox_worker.admin`, the one implementation the HTTP routes use too, each in a
 transaction of its own on an engine made from ``DATABASE_URL``. ``--json`` prints what the
-HTTP routes answer, to stdout, and nothing else.
+HTTP routes answer, to stdout, and nothing else. ``migrate`` is
+:mod:`outbox_worker.migrate`'s.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 from typer.exceptions import TyperException
 
-from outbox_worker import admin, db
+from outbox_worker import admin, db, migrate
 from outbox_worker.config import WorkerSettings, parse_duration, sqlalchemy_url
 from outbox_worker.db import database_error
 from outbox_worker.errors import ConfigError, DatabaseUnavailable, OutboxError
@@ -829,7 +830,7 @@ async def _health(
             except Exception as exc:
                 if not isinstance(database_error(exc, dsn), ConfigError):
                     raise
-                workers["detail"] = "no outbox_workers table: run `alembic upgrade head`"
+                workers["detail"] = "no outbox_workers table: run `outbox-worker migrate`"
                 workers["status"] = "failing"
             else:
                 workers["alive"] = len(alive)
@@ -924,6 +925,54 @@ def _print_health(report: dict[str, Any]) -> None:
     console.print(table)
     status = report["status"]
     console.print(Text(status, style="bold green" if status == "healthy" else "bold red"))
+
+
+# ---------------------------------------------------------------------------------------------
+# migrate
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command("migrate")
+def migrate_schema(
+    sql: Annotated[
+        bool,
+        typer.Option(
+            "--sql",
+            help="Print the SQL that brings an empty database to head (bookkeeping included) "
+            "instead of running it; needs no database.",
+        ),
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Change nothing: exit 0 if the schema is at head, 1 with the command to run "
+            "if not.",
+        ),
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Bring pgoutbox's tables to this version's head, recorded in pgoutbox_alembic_version
+    (never in your alembic_version). Running it again, or from two deploys at once, is safe."""
+    if sql and check:
+        raise typer.BadParameter("give --sql or --check, not both", param_hint="--sql")
+    if sql:
+        migrate.offline_sql()
+        return
+    dsn = _database_url(database_url)
+    where = db.where(dsn)
+    if check:
+        state = _with_engine(dsn, migrate.check)
+        if state.status != "head":
+            raise migrate.SchemaNotAtHead(state.summary(where))
+        print(_visible(state.summary(where)))
+        return
+    applied = _with_engine(dsn, lambda engine: migrate.upgrade(engine, where))
+    # Plain lines, unwrapped: deploy logs keep each one whole.
+    for revision in applied:
+        print(f"applied {revision}: {migrate.describe(revision)}")
+    done = "" if applied else ": nothing to do"
+    print(_visible(f"the pgoutbox schema at {where} is at {migrate.head()} (head){done}"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -270,6 +270,6 @@ def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
         if isinstance(link, asyncpg.exceptions.UndefinedTableError):
             return ConfigError(
                 f"the database at {where(dsn)} has no pgoutbox schema ({_one_line(link)}): "
-                "run `alembic upgrade head`"
+                "run `outbox-worker migrate`"
             )
     return None

@@ -22,11 +22,11 @@ from datetime import timedelta
 import asyncpg
 import structlog
 
-from outbox_worker import db, metrics, sql
+from outbox_worker import db, metrics, migrate, sql
 from outbox_worker.backoff import retry_delay
 from outbox_worker.claimer import Claimer
 from outbox_worker.completer import Completer
-from outbox_worker.errors import DatabaseUnavailable
+from outbox_worker.errors import ConfigError, DatabaseUnavailable
 from outbox_worker.executor import Executor, describe_error
 from outbox_worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker.maintenance import Pruner, Rescuer
@@ -185,11 +185,19 @@ class Worker:
         """Reach the database and find the schema before serving: a wrong URL, password or
         database name, or a missing schema, is a one-line error at start rather than a
         worker that retries for ever. An unreachable server is waited for, up to the
-        start-up timeout or a stop. False when stopped while waiting."""
+        start-up timeout or a stop. False when stopped while waiting.
+
+        A schema recorded at an older revision than this code's is refused too; one recorded
+        nowhere (tables made by hand, or by an application revision that depends on the
+        library's) is taken as it is, and one newer than this code (migrated ahead of a
+        rolling deploy) is served."""
 
         async def probe() -> None:
             async with pool.acquire(timeout=opts.startup_timeout) as conn:
                 await conn.execute(sql.SCHEMA_PROBE)
+                state = await migrate.recorded_state(conn)
+            if state.status == "behind":
+                raise ConfigError(state.summary(db.where(opts.dsn)))
 
         opts = self.options
         reached = asyncio.ensure_future(

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def template_url(pg_server: PostgresServer) -> str:
     asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
     asyncio.run(_admin(pg_server, f"CREATE DATABASE {TEMPLATE}"))
     url = pg_server.url_for(TEMPLATE)
-    command.upgrade(alembic_config(url), "head")
+    command.upgrade(alembic_config(url), "heads")
 
     async def add_test_tables() -> None:
         conn = await asyncpg.connect(url)
@@ -87,6 +87,25 @@ async def database_url(pg_server: PostgresServer, template_url: str) -> AsyncIte
         yield pg_server.url_for(name)
     finally:
         await _admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+async def empty_databases(pg_server: PostgresServer) -> AsyncIterator[Callable[[], Awaitable[str]]]:
+    """Make databases with no schema at all (for the tests that install it), as many as the
+    test asks for; all are dropped at the end."""
+    names: list[str] = []
+
+    async def create() -> str:
+        name = f"e_{os.getpid()}_{next(_numbers)}"
+        await _admin(pg_server, f"CREATE DATABASE {name} TEMPLATE template0")
+        names.append(name)
+        return pg_server.url_for(name)
+
+    try:
+        yield create
+    finally:
+        for name in names:
+            await _admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

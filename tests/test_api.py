@@ -942,7 +942,7 @@ async def test_readyz_is_200_when_migrated(client: httpx.AsyncClient) -> None:
 async def test_readyz_is_503_when_the_schema_is_behind(
     client: httpx.AsyncClient, database_url: str
 ) -> None:
-    await asyncio.to_thread(command.downgrade, alembic_config(database_url), "0001")
+    await asyncio.to_thread(command.downgrade, alembic_config(database_url), "pgoutbox@-1")
 
     response = await client.get("/readyz")
 
@@ -951,13 +951,13 @@ async def test_readyz_is_503_when_the_schema_is_behind(
     body = response.json()
     assert body["status"] == "unavailable"
     assert body["checks"]["database"] == "ok"
-    assert "0001" in body["checks"]["schema"]
+    assert "pgoutbox_0004" in body["checks"]["schema"]
     for head in schema_heads():
         assert head in body["checks"]["schema"]
     # Alive nonetheless.
     assert (await client.get("/healthz")).status_code == 200
 
-    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "head")
+    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "heads")
     assert (await client.get("/readyz")).status_code == 200
 
 

@@ -639,13 +639,16 @@ async def test_health_counts_only_recent_heartbeats(database_url: str, pool: asy
 async def test_health_reports_a_schema_behind_its_migrations(
     database_url: str, pool: asyncpg.Pool
 ) -> None:
-    await pool.execute("UPDATE alembic_version SET version_num = '0002'")
+    await pool.execute(
+        "UPDATE alembic_version SET version_num = 'pgoutbox_0004' "
+        "WHERE version_num = 'pgoutbox_0005'"
+    )
     result = await cli(database_url, "health", "--json")
     assert result.returncode == 1, _report(result)
     schema = json.loads(result.stdout)["checks"]["schema"]
     assert schema["status"] == "failing"
-    assert schema["current"] == ["0002"]
-    assert schema["expected"] != ["0002"]
+    assert schema["current"] == ["pgoutbox_0004", "sample_0001"]
+    assert schema["expected"] == ["pgoutbox_0005", "sample_0001"]
 
 
 def test_health_with_the_database_unreachable() -> None:
@@ -789,7 +792,9 @@ def test_a_retention_up_to_a_century_is_accepted(value: str) -> None:
 
 async def test_unmigrated_database_is_one_line_error(database_url: str, pool: asyncpg.Pool) -> None:
     await pool.execute("DROP TABLE outbox_jobs")
-    assert_one_line_error(await cli(database_url, "jobs", "list"), "alembic upgrade head", code=2)
+    assert_one_line_error(
+        await cli(database_url, "jobs", "list"), "run `outbox-worker migrate`", code=2
+    )
 
 
 # ---------------------------------------------------------------------------------------------

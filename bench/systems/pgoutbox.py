@@ -23,7 +23,7 @@ def migrate(url: str) -> None:
     config = Config(str(Path(ROOT) / "alembic.ini"))
     config.attributes["database_url"] = url
     config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
+    command.upgrade(config, "heads")
 
 
 async def fill_jobs(url: str, jobs: int) -> None:

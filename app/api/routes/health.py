@@ -20,7 +20,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"description": "not ready"}})
 async def readyz(request: Request) -> JSONResponse:
-    """Ready when the database answers and its schema is at this code's migration head.
+    """Ready when the database answers and its schema is at this code's migration heads (the
+    sample's branch and pgoutbox's).
 
     ``workers`` reports whether a worker's heartbeat was seen recently; it informs (an API
     can take requests while its workers restart: jobs wait in the table) and does not fail
