@@ -9,6 +9,7 @@ router needs.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -23,11 +24,13 @@ REPOSITORY_ONLY = ("app/", "tests/", "bench/", "alembic/", "deploy/")
 
 
 def _run(*args: str | Path, cwd: Path | None = None) -> str:
-    """Run a command away from the repository (by default), so that nothing of it is
-    importable from the current directory."""
+    """Run a command away from the repository (by default) and without PYTHONPATH, so that
+    nothing of the repository is importable."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
     result = subprocess.run(
         [str(arg) for arg in args],
         cwd=cwd or Path(args[0]).parent,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
