@@ -72,6 +72,12 @@ def test_the_wheel_holds_the_library_and_nothing_of_the_repository(wheel: Path) 
     assert {"outbox_worker/web/templates/base.html", "outbox_worker/web/templates/job.html"} <= set(
         names
     )
+    # The schema ships with the library: outbox-worker migrate needs nothing else.
+    assert {
+        "outbox_worker/migrations/env.py",
+        "outbox_worker/migrations/script.py.mako",
+        "outbox_worker/migrations/versions/pgoutbox_0001_outbox_jobs.py",
+    } <= set(names)
     strays = [name for name in names if name.startswith(REPOSITORY_ONLY)]
     assert strays == []
     requires = [line for line in lines if line.startswith("Requires-Dist:")]
@@ -104,6 +110,9 @@ def test_the_library_imports_and_its_command_runs_without_fastapi(fresh_venv: Pa
     )
     assert out.startswith("None None "), out
     assert "Usage: outbox-worker" in _run(fresh_venv / "bin" / "outbox-worker", "--help")
+    schema = _run(fresh_venv / "bin" / "outbox-worker", "migrate", "--sql")
+    assert "CREATE TABLE outbox_jobs" in schema
+    assert "pgoutbox_alembic_version" in schema
 
 
 def test_the_web_extra_mounts_the_admin_router(fresh_venv: Path, wheel: Path) -> None:
