@@ -1,8 +1,9 @@
 """pgoutbox: a durable job queue for FastAPI services that needs nothing but PostgreSQL."""
 
 from outbox_worker.admin import get_job
+from outbox_worker.client import Outbox, SyncOutbox, enqueue, enqueue_many
 from outbox_worker.context import JobContext, current_correlation_id
-from outbox_worker.enqueue import NewJob, enqueue, enqueue_many
+from outbox_worker.enqueue import NewJob
 from outbox_worker.errors import (
     ArgsTooLarge,
     ConfigError,
@@ -18,15 +19,17 @@ from outbox_worker.errors import (
     QueueFull,
     TaskDefinitionError,
     UnknownTask,
+    WrongSession,
 )
 from outbox_worker.jobs import Job, JobState
-from outbox_worker.registry import Registry
+from outbox_worker.registry import DeclaredTask, Registry, Task
 from outbox_worker.worker import Worker, WorkerOptions
 
 __all__ = [
     "ArgsTooLarge",
     "ConfigError",
     "DatabaseUnavailable",
+    "DeclaredTask",
     "EnqueueError",
     "InvalidArgs",
     "InvalidName",
@@ -38,13 +41,17 @@ __all__ = [
     "JobStateConflict",
     "LeaseLost",
     "NewJob",
+    "Outbox",
     "OutboxError",
     "QueueFull",
     "Registry",
+    "SyncOutbox",
+    "Task",
     "TaskDefinitionError",
     "UnknownTask",
     "Worker",
     "WorkerOptions",
+    "WrongSession",
     "current_correlation_id",
     "enqueue",
     "enqueue_many",

@@ -1,25 +1,30 @@
-"""Enqueue inside the caller's SQLAlchemy transaction: the job exists iff that transaction commits.
+"""What an enqueue does, the same whatever session or connection runs it.
 
-Nothing here commits. Every check runs before any SQL, so a refused job leaves the caller's
-transaction untouched and usable.
+Two halves, neither of which touches a database: the checks that turn a call's arguments
+into the row to insert (every refusal is raised here, so a refused job leaves the caller's
+transaction untouched and usable), and the statements that write it as a sans-IO plan: a
+generator that yields each statement with its parameters and is sent back the rows, so the
+insert, the key dedupe and the backpressure count exist once for every driver
+(outbox_worker.drivers runs them). Nothing here commits: the job exists iff the caller's
+transaction does.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import json
 import math
 import operator
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import Counter
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker import metrics, sql
@@ -32,12 +37,13 @@ from outbox_worker.errors import (
     InvalidName,
     InvalidOption,
     QueueFull,
-    UnknownTask,
 )
-from outbox_worker.jobs import MAX_JSON_DEPTH, Job, JobState
+from outbox_worker.jobs import JOB_COLUMNS, MAX_JSON_DEPTH, Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
-from outbox_worker.registry import Registry, TaskSpec
 
+T = TypeVar("T")
+
+# The sessions the admin helpers and the worker-less tools take (SQLAlchemy, async).
 Executor = AsyncSession | AsyncConnection
 
 INT32_MAX = 2**31 - 1
@@ -53,18 +59,10 @@ _QUEUED = JobState.QUEUED
 _INFINITIES = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
-# Built once: text() parses its bind parameters on construction.
-_JOB_INSERT = text(sql.JOB_INSERT)
-_JOB_INSERT_MANY = text(sql.JOB_INSERT_MANY)
-_JOB_INSERT_MANY_UNIFORM = text(sql.JOB_INSERT_MANY_UNIFORM)
-_JOB_GET_BY_KEY = text(sql.JOB_GET_BY_KEY)
-_JOB_GET_BY_KEYS = text(sql.JOB_GET_BY_KEYS)
-_QUEUE_DEPTH_UPTO = text(sql.QUEUE_DEPTH_UPTO)
-
-
 @dataclass(frozen=True, slots=True)
 class NewJob:
-    """One job for :func:`enqueue_many`; the fields mean what :func:`enqueue`'s arguments do."""
+    """One job to enqueue, as one value: for ``enqueue_many``, and what a task handle's
+    ``job()`` builds. The fields mean what :func:`enqueue`'s arguments do."""
 
     task: str
     args: Mapping[str, Any] = field(default_factory=dict)
@@ -76,6 +74,45 @@ class NewJob:
     run_at: datetime | None = None
     correlation_id: str | None = None
 
+    def with_options(
+        self,
+        *,
+        key: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        delay: float | timedelta | None = None,
+        run_at: datetime | None = None,
+        correlation_id: str | None = None,
+    ) -> NewJob:
+        """This job with the options given set and the others kept: how a job built by a
+        task handle, whose keyword arguments all belong to the handler, gets a key or a
+        delay (``send_welcome_email.job(user_id=42).with_options(key="welcome:42")``)."""
+        given: dict[str, Any] = {
+            "key": key,
+            "queue": queue,
+            "priority": priority,
+            "max_attempts": max_attempts,
+            "delay": delay,
+            "run_at": run_at,
+            "correlation_id": correlation_id,
+        }
+        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+
+
+class TaskDefaults(Protocol):
+    """What an enqueue takes from its task when the call does not say: a registered task's
+    TaskSpec, or a task an API process declared without its handler."""
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def priority(self) -> int: ...
+
+    @property
+    def max_attempts(self) -> int: ...
+
 
 @functools.cache
 def _enqueued(task: str, queue: str) -> Counter:
@@ -85,17 +122,29 @@ def _enqueued(task: str, queue: str) -> Counter:
 
 @functools.cache
 def _default_max_args_bytes() -> int:
+    """OUTBOX_MAX_ARGS_BYTES, read once, for the module-level enqueue functions only: an
+    Outbox is given its limit when it is built."""
     return WorkerSettings().max_args_bytes
 
 
 @functools.cache
 def _backpressure() -> Backpressure:
+    """The depth limits of OUTBOX_QUEUE_DEPTH_LIMITS, read once, for the module-level enqueue
+    functions only."""
     settings = WorkerSettings()
     return Backpressure(settings.queue_depth_limits, settings.queue_depth_cache_seconds)
 
 
+# One step of a plan: an app-side statement of outbox_worker.sql (``:name`` parameters) and its
+# parameters by name. The plan is sent back the statement's rows, each a sequence of columns
+# in SELECT order, whatever driver ran it.
+Query = tuple[str, Mapping[str, Any]]
+Rows = Sequence[Sequence[Any]]
+Plan = Generator[Query, Rows, T]
+
+
 class Backpressure:
-    """Per-queue depth limits (OUTBOX_QUEUE_DEPTH_LIMITS, JSON: {"reports": 10000}).
+    """Per-queue depth limits (``{"reports": 10000}``).
 
     The depth is counted no further than the limit, and the answer is kept for
     ``cache_seconds`` so that a busy API pays for one count a second per queue, not one per
@@ -109,18 +158,15 @@ class Backpressure:
         self._full_until: dict[str, float] = {}
         self._fine_until: dict[str, float] = {}
 
-    async def check(self, session: Executor, queues: set[str]) -> None:
-        if not self.limits:
-            return
+    def check(self, queues: Iterable[str]) -> Plan[None]:
+        """Count the queues whose last answer is out of date; raise QueueFull for a full one."""
         now = time.monotonic()
         for queue in sorted(queues):
             limit = self.limits.get(queue)
             if limit is None or self._fine_until.get(queue, 0.0) > now:
                 continue
             if self._full_until.get(queue, 0.0) <= now:
-                depth = (
-                    await session.execute(_QUEUE_DEPTH_UPTO, {"queue": queue, "limit": limit})
-                ).scalar_one()
+                [(depth,)] = yield sql.QUEUE_DEPTH_UPTO, {"queue": queue, "limit": limit}
                 cache = now + self.cache_seconds
                 if depth < limit:
                     self._fine_until[queue] = cache
@@ -209,15 +255,6 @@ def _encode_args(task: str, args: object, limit: int) -> str:
     return encoded
 
 
-def _find_task(task: str) -> TaskSpec:
-    if not is_valid_name(task):
-        raise InvalidName(f"task name {task!r} must match {NAME_PATTERN}")
-    spec = Registry.find(task)
-    if spec is None:
-        raise UnknownTask(f"no registry in this process has a task named {task!r}")
-    return spec
-
-
 class _Row(NamedTuple):
     """One checked job: JOB_INSERT's parameters, by name."""
 
@@ -232,7 +269,9 @@ class _Row(NamedTuple):
     correlation_id: str | None
 
 
-def _checked(job: NewJob, max_args_bytes: int, spec: TaskSpec, correlation_id: str | None) -> _Row:
+def _checked(
+    job: NewJob, max_args_bytes: int, spec: TaskDefaults, correlation_id: str | None
+) -> _Row:
     """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs.
 
     ``correlation_id``: the current one (checked), for a job that names none."""
@@ -333,115 +372,101 @@ def _written(row: _Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job
     )
 
 
-async def enqueue(
-    session: Executor,
-    task: str,
-    args: Mapping[str, Any] | None = None,
-    *,
-    key: str | None = None,
-    queue: str | None = None,
-    priority: int | None = None,
-    max_attempts: int | None = None,
-    delay: float | timedelta | None = None,
-    run_at: datetime | None = None,
-    correlation_id: str | None = None,
-    max_args_bytes: int | None = None,
-) -> Job:
-    """Add a job in the caller's transaction and return it; never commits.
+# Where JOB_GET_BY_KEYS' rows (sql.JOB_SELECT_LIST, in JOB_COLUMNS' order) hold their key.
+_TASK_AT = JOB_COLUMNS.index("task")
+_KEY_AT = JOB_COLUMNS.index("dedupe_key")
 
-    With ``key``, a second enqueue of the same ``(task, key)`` writes nothing and returns the
-    existing job with ``duplicate=True``. Without ``correlation_id``, the current request's
-    (or job's) id is used.
-    """
-    job = NewJob(
-        task,
-        {} if args is None else args,
-        key,
-        queue,
-        priority,
-        max_attempts,
-        delay,
-        run_at,
-        correlation_id,
+
+def _found(row: Sequence[Any]) -> Job:
+    """The job a key already names, read back by JOB_GET_BY_KEY(S)."""
+    return Job.from_row(dict(zip(JOB_COLUMNS, row, strict=True)), duplicate=True)
+
+
+def plan_one(
+    job: NewJob, spec: TaskDefaults, max_args_bytes: int, backpressure: Backpressure
+) -> Plan[Job]:
+    """Check ``job`` now, raising before any SQL, and return the plan that writes it.
+
+    With a key, a second enqueue of the same ``(task, key)`` writes nothing and returns the
+    existing job with ``duplicate=True``."""
+    return _insert_one(
+        _checked(job, max_args_bytes, spec, _current_correlation_id()), job.args, backpressure
     )
-    row = _checked(
-        job,
-        _default_max_args_bytes() if max_args_bytes is None else max_args_bytes,
-        _find_task(task),
-        _current_correlation_id(),
-    )
-    await _backpressure().check(session, {row.queue})
+
+
+def _insert_one(row: _Row, args: Mapping[str, Any], backpressure: Backpressure) -> Plan[Job]:
+    if backpressure.limits:
+        yield from backpressure.check((row.queue,))
     params = row._asdict()
     # A conflict makes the insert return nothing; the row it met is then read back. If that
     # row is gone by then (pruned in between), inserting again is the right answer.
     for _ in range(3):
-        inserted = (await session.execute(_JOB_INSERT, params)).first()
-        if inserted is not None:
+        inserted = yield sql.JOB_INSERT, params
+        if inserted:
             _enqueued(row.task, row.queue).inc()
-            return _written(row, job.args, inserted)
-        existing = (
-            (await session.execute(_JOB_GET_BY_KEY, {"task": task, "dedupe_key": row.dedupe_key}))
-            .mappings()
-            .first()
-        )
-        if existing is not None:
-            return Job.from_row(existing, duplicate=True)
-    raise EnqueueError(f"job key {key!r} of {task!r} kept conflicting with a vanishing job")
+            return _written(row, args, inserted[0])
+        existing = yield sql.JOB_GET_BY_KEY, {"task": row.task, "dedupe_key": row.dedupe_key}
+        if existing:
+            return _found(existing[0])
+    raise EnqueueError(
+        f"job key {row.dedupe_key!r} of {row.task!r} kept conflicting with a vanishing job"
+    )
+
+
+def plan_many(
+    jobs: Sequence[NewJob],
+    specs: Mapping[str, TaskDefaults],
+    max_args_bytes: int,
+    backpressure: Backpressure,
+) -> Plan[list[Job]]:
+    """Check every job now, raising before any SQL, and return the plan that writes them all
+    in one statement; ``specs`` holds the task of each job.
+
+    One Job per input, in input order. Keys dedupe as in :func:`plan_one`, also between jobs
+    of the same call: the first wins and the later ones come back as duplicates."""
+    correlation_id = _current_correlation_id()
+    rows = [_checked(job, max_args_bytes, specs[job.task], correlation_id) for job in jobs]
+    return _insert_many(rows, jobs, backpressure)
 
 
 # Every column of a _Row but args.
 _ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8)
+# JOB_INSERT_MANY's arrays, in _Row's order.
+_ARRAYS = (
+    "queues",
+    "tasks",
+    "args",
+    "priorities",
+    "max_attempts",
+    "run_ats",
+    "delays",
+    "dedupe_keys",
+    "correlation_ids",
+)
 
 
-async def _insert_many(session: Executor, rows: list[_Row]) -> Sequence[Sequence[Any]]:
-    """(id, run_at, created_at) per row, NULLs for a key that exists: JOB_INSERT_MANY_UNIFORM
-    for unkeyed jobs alike but for their args, else JOB_INSERT_MANY."""
+def _insert_many(
+    rows: list[_Row], jobs: Sequence[NewJob], backpressure: Backpressure
+) -> Plan[list[Job]]:
+    if not rows:
+        return []
+    if backpressure.limits:
+        yield from backpressure.check({row.queue for row in rows})
     first = rows[0]
     common = _ALL_BUT_ARGS(first)
+    answer: Rows
     if first.dedupe_key is None and all(_ALL_BUT_ARGS(row) == common for row in rows):
+        # Unkeyed jobs alike but for their args: JOB_INSERT_MANY_UNIFORM.
         params = first._asdict()
         del params["dedupe_key"]
         params["args"] = [row.args for row in rows]
-        ids, run_at, created_at = (await session.execute(_JOB_INSERT_MANY_UNIFORM, params)).one()
-        return [(job_id, run_at, created_at) for job_id in ids]
-    # zip(*rows) transposes the rows into columns, in _Row's order, without a dict per job.
-    arrays = (
-        "queues",
-        "tasks",
-        "args",
-        "priorities",
-        "max_attempts",
-        "run_ats",
-        "delays",
-        "dedupe_keys",
-        "correlation_ids",
-    )
-    params = dict(zip(arrays, map(list, zip(*rows, strict=True)), strict=True))
-    return (await session.execute(_JOB_INSERT_MANY, params)).all()
-
-
-async def enqueue_many(
-    session: Executor,
-    jobs: Sequence[NewJob],
-    *,
-    max_args_bytes: int | None = None,
-) -> list[Job]:
-    """Add many jobs in one statement, in the caller's transaction; never commits.
-
-    Returns one Job per input, in input order. Keys dedupe as in :func:`enqueue`, also
-    between jobs of the same call: the first wins and the later ones come back as duplicates.
-    """
-    limit = _default_max_args_bytes() if max_args_bytes is None else max_args_bytes
-    specs: dict[str, TaskSpec] = {}
-    for job in jobs:
-        if job.task not in specs:
-            specs[job.task] = _find_task(job.task)
-    correlation_id = _current_correlation_id()
-    rows = [_checked(job, limit, specs[job.task], correlation_id) for job in jobs]
-    if not rows:
-        return []
-    await _backpressure().check(session, {row.queue for row in rows})
-    answer = await _insert_many(session, rows)
+        [(ids, run_at, created_at)] = yield sql.JOB_INSERT_MANY_UNIFORM, params
+        answer = [(job_id, run_at, created_at) for job_id in ids]
+    else:
+        # zip(*rows) transposes the rows into columns without a dict per job; a key that
+        # exists comes back as NULLs.
+        columns = map(list, zip(*rows, strict=True))
+        answer = yield sql.JOB_INSERT_MANY, dict(zip(_ARRAYS, columns, strict=True))
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)
@@ -451,20 +476,14 @@ async def enqueue_many(
         _enqueued(task, queue).inc(count)
     missing = [i for i, job in enumerate(result) if job is None]
     if missing:
-        found = (
-            (
-                await session.execute(
-                    _JOB_GET_BY_KEYS,
-                    {
-                        "tasks": [rows[i].task for i in missing],
-                        "dedupe_keys": [rows[i].dedupe_key for i in missing],
-                    },
-                )
-            )
-            .mappings()
-            .all()
+        found = yield (
+            sql.JOB_GET_BY_KEYS,
+            {
+                "tasks": [rows[i].task for i in missing],
+                "dedupe_keys": [rows[i].dedupe_key for i in missing],
+            },
         )
-        by_key = {(r["task"], r["dedupe_key"]): r for r in found}
+        by_key = {(row[_TASK_AT], row[_KEY_AT]): row for row in found}
         for i in missing:
             existing = by_key.get((rows[i].task, rows[i].dedupe_key))
             if existing is None:
@@ -472,5 +491,5 @@ async def enqueue_many(
                     f"job key {rows[i].dedupe_key!r} of {rows[i].task!r} conflicted with "
                     "a job that is gone; nothing was lost, retry the transaction"
                 )
-            result[i] = Job.from_row(existing, duplicate=True)
+            result[i] = _found(existing)
     return [job for job in result if job is not None]

@@ -8,6 +8,9 @@
     │   ├── InvalidOption
     │   ├── ArgsTooLarge
     │   └── QueueFull           the queue is over its depth limit (backpressure)
+    ├── WrongSession            enqueue cannot use that session (sync for async, no
+    │                           transaction): a bug, not the request's fault, so not an
+    │                           EnqueueError; nothing was written
     ├── TaskDefinitionError     a registry was used wrongly at import time
     ├── JobNotFound
     ├── JobStateConflict        the job's state does not allow that (retry a succeeded job…)
@@ -59,6 +62,10 @@ class QueueFull(EnqueueError):
     def __init__(self, message: str | None = None, *, retry_after: int = 5) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class WrongSession(OutboxError):
+    """This session or connection cannot enqueue here; the message says what to call instead."""
 
 
 class TaskDefinitionError(OutboxError):

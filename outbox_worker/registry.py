@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, overload
+from typing import Any, ClassVar, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from outbox_worker.errors import TaskDefinitionError
+from outbox_worker.context import JobContext
+from outbox_worker.enqueue import INT32_MAX, NewJob
+from outbox_worker.errors import InvalidArgs, TaskDefinitionError
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 Handler = Callable[..., Awaitable[Any]]
-H = TypeVar("H", bound=Handler)
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class TaskHandler(Protocol[P, R_co]):
+    """A handler as mypy sees it: the context, then the arguments its jobs carry. The
+    context is a named parameter (``Concatenate`` would make it positional-only, which a
+    handler ``(ctx, **kwargs)`` does not match); a handler whose context is positional-only
+    is registered with :meth:`Registry.add`."""
+
+    def __call__(self, ctx: JobContext, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +83,103 @@ class TaskSpec:
         return None
 
 
+def _check_options(
+    task_name: str, queue: str, max_attempts: int, timeout: float | None, priority: int
+) -> None:
+    """What a task's definition must hold, registered with its handler or only declared."""
+    if not is_valid_name(task_name):
+        raise TaskDefinitionError(f"task name {task_name!r} must match {NAME_PATTERN}")
+    if not is_valid_name(queue):
+        raise TaskDefinitionError(f"queue name {queue!r} must match {NAME_PATTERN}")
+    if max_attempts < 1:
+        raise TaskDefinitionError(f"task {task_name!r}: max_attempts must be at least 1")
+    if timeout is not None and timeout <= 0:
+        raise TaskDefinitionError(f"task {task_name!r}: timeout must be positive")
+    if not -INT32_MAX <= priority <= INT32_MAX:
+        # Enqueue takes the task's priority unchecked: the table would refuse the job.
+        raise TaskDefinitionError(f"task {task_name!r}: priority must fit in 32 bits")
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredTask:
+    """A task that an API process enqueues by name without importing its handler (it lives
+    in the worker's codebase): ``Outbox(tasks=[DeclaredTask("send_welcome_email",
+    queue="emails", max_attempts=8)])``. Its options are what the worker's registry gives
+    the task: its jobs take them unless the call says otherwise."""
+
+    name: str
+    queue: str = "default"
+    max_attempts: int = 5
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        _check_options(self.name, self.queue, self.max_attempts, None, self.priority)
+
+
+class Task(Generic[P, R]):
+    """What ``@registry.task`` gives back: the handler, called as before, and a typed way to
+    build its jobs.
+
+    ``send_welcome_email.job(user_id=42)`` is the NewJob of that call: mypy checks the
+    arguments against the handler's signature after its context (and so does this method,
+    at run time, for callers mypy does not see). Options go on with
+    ``.with_options(key=…)``; an Outbox enqueues it: ``await outbox.enqueue(session, job)``.
+    """
+
+    # The handler's, as functools.wraps gives a wrapper: the task reads as its function.
+    __name__: str
+    __qualname__: str
+    __wrapped__: Handler
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        functools.update_wrapper(self, spec.handler)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __call__(self, ctx: JobContext, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        result: Awaitable[R] = self.spec.handler(ctx, *args, **kwargs)
+        return result
+
+    def job(self, *args: P.args, **kwargs: P.kwargs) -> NewJob:
+        """The job that runs the handler with these arguments (after its context)."""
+        if not args:
+            problem = self.spec.check_args(kwargs)
+            if problem is not None:
+                raise InvalidArgs(problem)
+            return NewJob(self.spec.name, kwargs)
+        try:
+            bound = self.spec.signature.bind(None, *args, **kwargs)
+        except TypeError as exc:
+            raise InvalidArgs(f"args do not fit {self.name}{self.spec.signature}: {exc}") from exc
+        # By name, as the worker passes them: the context out, a **kwargs parameter spread.
+        parameters = list(self.spec.signature.parameters.values())
+        named = dict(bound.arguments)
+        del named[parameters[0].name]
+        for parameter in parameters:
+            if parameter.kind is parameter.VAR_KEYWORD:
+                named.update(named.pop(parameter.name, {}))
+        return NewJob(self.spec.name, named)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} of {self.spec.handler!r}>"
+
+
+class _TaskDecorator(Protocol):
+    """What ``registry.task(...)`` gives: the decorator that registers a handler."""
+
+    def __call__(self, handler: TaskHandler[P, R], /) -> Task[P, R]: ...
+
+
 class Registry:
-    """A set of tasks. Every live registry in the process contributes its names to enqueue."""
+    """A set of tasks, what a worker runs.
+
+    An :class:`~outbox_worker.client.Outbox` looks task names up in the registry it was
+    given. The module-level ``enqueue`` looks them up in every live registry of the process
+    (the one added last wins a name two of them have), for apps that import theirs.
+    """
 
     _live: ClassVar[weakref.WeakSet[Registry]] = weakref.WeakSet()
     # Task name -> the registry that added it last: enqueue looks a name up on every call, and
@@ -82,7 +191,7 @@ class Registry:
         Registry._live.add(self)
 
     @overload
-    def task(self, name: H, /) -> H: ...
+    def task(self, name: TaskHandler[P, R], /) -> Task[P, R]: ...
 
     @overload
     def task(
@@ -93,36 +202,37 @@ class Registry:
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
-    ) -> Callable[[H], H]: ...
+    ) -> _TaskDecorator: ...
 
     def task(
         self,
-        name: str | H | None = None,
+        name: str | Handler | None = None,
         *,
         queue: str = "default",
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
-    ) -> H | Callable[[H], H]:
+    ) -> Task[Any, Any] | _TaskDecorator:
         """Register an ``async def handler(ctx: JobContext, **args)``; the name defaults to
         the function's. ``@registry.task`` and ``@registry.task()`` are the same: written
-        bare, as Celery and procrastinate allow, it must not register nothing in silence."""
+        bare, as Celery and procrastinate allow, it must not register nothing in silence.
+        The decorated name is a :class:`Task`: the handler, with ``job()`` besides."""
         if callable(name):
-            self.add(name)
-            return name
+            return Task(self.add(name))
         if name is not None and not isinstance(name, str):
             raise TaskDefinitionError(f"a task name is text, not {type(name).__name__}")
 
-        def register(handler: H) -> H:
-            self.add(
-                handler,
-                name=name,
-                queue=queue,
-                max_attempts=max_attempts,
-                timeout=timeout,
-                priority=priority,
+        def register(handler: Handler) -> Task[Any, Any]:
+            return Task(
+                self.add(
+                    handler,
+                    name=name,
+                    queue=queue,
+                    max_attempts=max_attempts,
+                    timeout=timeout,
+                    priority=priority,
+                )
             )
-            return handler
 
         return register
 
@@ -136,19 +246,14 @@ class Registry:
         timeout: float | None = None,
         priority: int = 0,
     ) -> TaskSpec:
+        if isinstance(handler, Task):  # a task of another registry: its handler
+            handler = handler.spec.handler
         task_name = name or handler.__name__
-        if not is_valid_name(task_name):
-            raise TaskDefinitionError(f"task name {task_name!r} must match {NAME_PATTERN}")
-        if not is_valid_name(queue):
-            raise TaskDefinitionError(f"queue name {queue!r} must match {NAME_PATTERN}")
+        _check_options(task_name, queue, max_attempts, timeout, priority)
         if task_name in self._tasks:
             raise TaskDefinitionError(f"task {task_name!r} is already registered")
         if not inspect.iscoroutinefunction(handler):
             raise TaskDefinitionError(f"task {task_name!r} must be an async def function")
-        if max_attempts < 1:
-            raise TaskDefinitionError(f"task {task_name!r}: max_attempts must be at least 1")
-        if timeout is not None and timeout <= 0:
-            raise TaskDefinitionError(f"task {task_name!r}: timeout must be positive")
         parameters = list(inspect.signature(handler).parameters.values())
         if not parameters or parameters[0].kind not in (
             inspect.Parameter.POSITIONAL_ONLY,
@@ -184,7 +289,8 @@ class Registry:
 
     @classmethod
     def find(cls, name: str) -> TaskSpec | None:
-        """The task of that name in any live registry of this process."""
+        """The task of that name in any live registry of this process (for the module-level
+        enqueue functions; an Outbox never looks here)."""
         owner = cls._by_name.get(name)
         registry = None if owner is None else owner()
         if registry is not None:

@@ -1,15 +1,20 @@
 """Every statement of the queue, one named constant each (River's Noun+Verb names).
 
 Worker-side statements run on asyncpg (``$n`` parameters, prepared and cached per connection
-unless OUTBOX_PREPARED_STATEMENTS is off). App-side statements run through the caller's
-SQLAlchemy session (``:name`` parameters; always ``CAST(:x AS type)``, never ``:x::type``,
-which SQLAlchemy's ``text()`` misreads). Each comment names the parameters and the index the
-statement relies on; ``tests/test_sql.py`` prepares every one against the migrated schema.
+unless OUTBOX_PREPARED_STATEMENTS is off). App-side statements run in the caller's
+transaction, written once with ``:name`` parameters (always ``CAST(:x AS type)``, never
+``:x::type``, which SQLAlchemy's ``text()`` misreads): as they are through a SQLAlchemy
+session, through :func:`positional` on a raw asyncpg connection, and through
+:func:`pyformat` on psycopg. Each comment names the parameters and the index the statement
+relies on; ``tests/test_sql.py`` prepares every one against the migrated schema.
 """
 
 from __future__ import annotations
 
 import re
+
+# ``:name``, but not the ``::type`` of a cast (nor the second colon of one).
+_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)\b")
 
 
 def positional(statement: str, *names: str) -> str:
@@ -19,9 +24,21 @@ def positional(statement: str, *names: str) -> str:
     """
     for number, name in enumerate(names, start=1):
         statement = re.sub(rf"(?<![:\w]):{name}\b", f"${number}", statement)
-    if re.search(r"(?<![:\w]):[a-z_]+\b", statement):
+    if _NAMED.search(statement):
         raise ValueError("a :name parameter was left unnumbered")
     return statement
+
+
+def parameter_names(statement: str) -> tuple[str, ...]:
+    """The ``:name`` parameters of an app-side statement, in the order they first appear:
+    the order :func:`positional` numbers them in for enqueue on a raw asyncpg connection."""
+    return tuple(dict.fromkeys(_NAMED.findall(statement)))
+
+
+def pyformat(statement: str) -> str:
+    """An app-side statement in psycopg's form, for enqueue on a raw psycopg connection:
+    ``:name`` becomes ``%(name)s`` and a literal ``%`` is doubled."""
+    return _NAMED.sub(r"%(\1)s", statement.replace("%", "%%"))
 
 
 # Columns of a Job, JSON columns as text so that every path decodes them the same way.
@@ -33,7 +50,7 @@ JOB_SELECT_LIST = """
 """
 
 # ---------------------------------------------------------------------------------------------
-# App side (SQLAlchemy, joins the caller's transaction)
+# App side (joins the caller's transaction: SQLAlchemy, asyncpg or psycopg)
 # ---------------------------------------------------------------------------------------------
 
 # What the database decides for a new job; enqueue knows every other column of the row it

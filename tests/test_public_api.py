@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import outbox_worker
+import outbox_worker.sync
 from outbox_worker import errors
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.names import NAME_PATTERN
@@ -19,6 +20,7 @@ EXPECTED_ALL = [
     "ArgsTooLarge",
     "ConfigError",
     "DatabaseUnavailable",
+    "DeclaredTask",
     "EnqueueError",
     "InvalidArgs",
     "InvalidName",
@@ -30,13 +32,17 @@ EXPECTED_ALL = [
     "JobStateConflict",
     "LeaseLost",
     "NewJob",
+    "Outbox",
     "OutboxError",
     "QueueFull",
     "Registry",
+    "SyncOutbox",
+    "Task",
     "TaskDefinitionError",
     "UnknownTask",
     "Worker",
     "WorkerOptions",
+    "WrongSession",
     "current_correlation_id",
     "enqueue",
     "enqueue_many",
@@ -58,6 +64,7 @@ EXPECTED_ERRORS = {
     "ConfigError",
     "DatabaseUnavailable",
     "QueueFull",
+    "WrongSession",
 }
 
 ENQUEUE_ERRORS = {
@@ -209,3 +216,46 @@ def test_job_states_are_the_contract_states() -> None:
     assert [s.value for s in JobState] == ["queued", "running", "succeeded", "dead", "cancelled"]
     assert isinstance(JobState.QUEUED, str)
     assert str(JobState.QUEUED) == "queued"
+
+
+def test_the_sync_module_offers_the_two_enqueue_functions() -> None:
+    assert outbox_worker.sync.__all__ == ["enqueue", "enqueue_many"]
+    namespace: dict[str, Any] = {}
+    exec("from outbox_worker.sync import *", namespace)
+    namespace.pop("__builtins__", None)
+    assert sorted(namespace) == ["enqueue", "enqueue_many"]
+
+
+@pytest.mark.parametrize(
+    ("function", "twins"),
+    [
+        (
+            outbox_worker.enqueue,
+            [
+                outbox_worker.sync.enqueue,
+                outbox_worker.Outbox.enqueue,
+                outbox_worker.SyncOutbox.enqueue,
+            ],
+        ),
+        (
+            outbox_worker.enqueue_many,
+            [
+                outbox_worker.sync.enqueue_many,
+                outbox_worker.Outbox.enqueue_many,
+                outbox_worker.SyncOutbox.enqueue_many,
+            ],
+        ),
+    ],
+    ids=["enqueue", "enqueue_many"],
+)
+def test_every_enqueue_takes_the_same_parameters(function: Any, twins: list[Any]) -> None:
+    """Async or sync, module-level or an Outbox's: one way to call them all."""
+
+    def parameters(f: Any) -> list[tuple[str, Any, Any]]:
+        values = list(inspect.signature(f).parameters.values())
+        return [(p.name, p.kind, p.default) for p in values if p.name != "self"]
+
+    expected = parameters(function)
+    assert [name for name, _, _ in expected][:2] in (["session", "task"], ["session", "jobs"])
+    for twin in twins:
+        assert parameters(twin) == expected, twin
