@@ -3,10 +3,11 @@ in one process against one server, the ways interleaved.
 
 Each way puts one job in the database in a transaction of its own: the peers' (pgqueuer's
 ``enqueue``, the raw baseline's INSERT, both autocommit), pgoutbox's (``enqueue`` inside an
-``AsyncSession`` transaction, as the enqueue and latency benches call it), and the steps
-between them: the raw INSERT inside an asyncpg transaction (BEGIN, INSERT, COMMIT), and an
-``AsyncSession`` transaction around ``SELECT 1``, around the sample app's report-row INSERT,
-and around pgoutbox's own INSERT sent as plain ``text()`` (no ``enqueue`` code at all).
+``AsyncSession`` transaction, as the enqueue and latency benches call it, and inside a raw
+asyncpg transaction), and the steps between them: the raw INSERT inside an asyncpg
+transaction (BEGIN, INSERT, COMMIT), and an ``AsyncSession`` transaction around ``SELECT 1``,
+around the sample app's report-row INSERT, and around pgoutbox's own INSERT sent as plain
+``text()`` (no ``enqueue`` code at all).
 
 Two ways of calling them:
 
@@ -188,7 +189,16 @@ async def open_ways(ctx: Context, stack: AsyncExitStack) -> tuple[list[Way], Asy
 
     ways.append(Way("raw INSERT in BEGIN ... COMMIT (asyncpg)", in_transaction))
 
-    engine = create_async_engine(sqlalchemy_url(await database("pgoutbox")))
+    pgoutbox_url = await database("pgoutbox")
+    pgoutbox_conn = await asyncpg.connect(pgoutbox_url)
+    stack.push_async_callback(pgoutbox_conn.close)
+
+    async def enqueue_in_transaction(i: int) -> None:
+        async with pgoutbox_conn.transaction():
+            await enqueue(pgoutbox_conn, "stamp", {"i": i})
+
+    ways.append(Way("asyncpg: enqueue() in BEGIN ... COMMIT (pgoutbox)", enqueue_in_transaction))
+    engine = create_async_engine(sqlalchemy_url(pgoutbox_url))
     stack.push_async_callback(engine.dispose)
     ways += [
         session_way("AsyncSession: SELECT 1", engine, select_one),

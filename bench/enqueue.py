@@ -1,5 +1,6 @@
-"""Enqueue throughput from one client process: one call and one transaction per job, then the
-batch API with 1,000 jobs per call (where the system has one), timed apart, in one fresh
+"""Enqueue throughput from one client process: one call and one transaction per job (and any
+other single-job way the system offers: pgoutbox's enqueue on a raw asyncpg connection), then
+the batch API with 1,000 jobs per call (where the system has one), timed apart, in one fresh
 process on a fresh database per system and repetition."""
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from bench.systems.base import Variant
 async def run_once(ctx: Context, variant: Variant) -> None:
     system = system_of(variant)
     cfg = ctx.config
-    mode = "both" if system.has_batch else "single"
+    modes = system.enqueue_modes
     async with ctx.fresh(await ctx.template(system)) as url:
         await system.reset()
         child = ctx.child(
             system.client_args(
                 url,
                 "enqueue",
-                "--mode",
-                mode,
+                "--modes",
+                ",".join(modes),
                 "--jobs",
                 str(cfg.enqueue_single),
                 "--batch-jobs",
@@ -30,9 +31,10 @@ async def run_once(ctx: Context, variant: Variant) -> None:
             tag=f"{variant.system}-enqueue",
         )
         child.start()
-        await child.wait_ok(120 + cfg.enqueue_single / 100 + cfg.enqueue_batch / 1000)
+        singles = len(modes) - ("batch" in modes)
+        await child.wait_ok(120 + singles * cfg.enqueue_single / 100 + cfg.enqueue_batch / 1000)
     answers = [e for e in child.events() if e.get("event") == "enqueued"]
-    if len(answers) != (2 if mode == "both" else 1):
+    if [answer["mode"] for answer in answers] != list(modes):
         raise BenchError(f"{variant.label}: no timing from the enqueue run:\n{child.output()}")
     for answer in answers:
         rate = int(answer["jobs"]) / float(answer["seconds"])

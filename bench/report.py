@@ -31,6 +31,12 @@ ROWS = (
     Row("lat_p99", "idle latency p99 (ms)", False),
     Row("lat_max", "idle latency max (ms)", False),
     Row("enqueue_single", "enqueue, one transaction per job (jobs/s)", True),
+    Row(
+        "enqueue_one_asyncpg",
+        "enqueue, one transaction per job, on a raw asyncpg connection (jobs/s)",
+        True,
+        compare=False,
+    ),
     Row("enqueue_batch", "enqueue, batch API, 1,000 per call (jobs/s)", True),
     Row("rss", "worker peak RSS while processing, 1 worker (MB)", False),
     Row("processing_4", "processing, 4 worker processes (jobs/s)", True, compare=False),
@@ -158,6 +164,16 @@ TARGETS = (
         "≥ 1.0× pgqueuer",
         lambda c: ratio(
             median(c, "enqueue_single", PGOUTBOX),
+            best_peer(c, "enqueue_single", True, pgqueuer_labels(c)),
+        ),
+        1.0,
+        True,
+    ),
+    Target(
+        "enqueue_one_asyncpg",
+        "≥ 1.0× pgqueuer's single enqueue",
+        lambda c: ratio(
+            median(c, "enqueue_one_asyncpg", PGOUTBOX),
             best_peer(c, "enqueue_single", True, pgqueuer_labels(c)),
         ),
         1.0,

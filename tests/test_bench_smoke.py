@@ -30,7 +30,14 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
     for row in ("lat_p50", "lat_p99", "enqueue_batch"):
         assert (row, "pgoutbox") in measured
         assert (row, "raw SQL") in measured
-    for row in ("growth_empty", "growth_big", "http_job_rps", "http_nojob_rps", "http_bare_rps"):
+    for row in (
+        "enqueue_one_asyncpg",
+        "growth_empty",
+        "growth_big",
+        "http_job_rps",
+        "http_nojob_rps",
+        "http_bare_rps",
+    ):
         assert (row, "pgoutbox") in measured, row
     for (row, column), sample in ctx.results.items():
         assert all(value > 0 for value in sample.values), (row, column, sample.values)
@@ -39,6 +46,7 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
     text = render(ctx, "smoke")
     assert "| processing, 1 worker process (jobs/s) |" in text
     assert "| POST /reports with its job (requests/s) |" in text
+    assert "| enqueue, one transaction per job, on a raw asyncpg connection (jobs/s) |" in text
     assert text.count("\n- ") >= len(TARGETS)
 
 
@@ -52,6 +60,7 @@ async def test_bounds_smoke_run_measures_every_way(
     labels = [way.label for way in ways]
     assert "raw INSERT (autocommit)" in labels
     assert "AsyncSession: enqueue() (pgoutbox)" in labels
+    assert "asyncpg: enqueue() in BEGIN ... COMMIT (pgoutbox)" in labels
     for way in ways:
         assert len(way.wall) == 3, way.label
         assert len(way.idle) == 3, way.label

@@ -40,6 +40,15 @@ class System(abc.ABC):
     name: str
     module: str
     has_batch: bool = True
+    # Single-job ways the system's client offers besides ``one`` (the one all systems share),
+    # each a method of its client taking ``one``'s argument and timed as its own row.
+    other_singles: tuple[str, ...] = ()
+
+    @property
+    def enqueue_modes(self) -> tuple[str, ...]:
+        """What the enqueue section times, in order: ``single`` (``one``), then
+        ``other_singles``, then ``batch`` where there is a batch API."""
+        return ("single", *self.other_singles, *(("batch",) if self.has_batch else ()))
 
     def missing(self) -> str | None:
         """Why the system cannot run here (a package not installed, no server), or None."""
@@ -125,18 +134,22 @@ class Client(Protocol):
 
 
 async def time_enqueue(client: Client, mode: str, jobs: int, batch: int) -> float:
-    """Seconds to enqueue ``jobs`` jobs, after an untimed warm-up."""
-    if mode == "single":
-        for _ in range(50):
-            await client.one(None)
-        began = time.perf_counter()
-        for _ in range(jobs):
-            await client.one(None)
-    else:
+    """Seconds to enqueue ``jobs`` jobs, after an untimed warm-up. ``mode``: ``single``
+    (``client.one``), ``batch`` or the name of another single-job method of the client."""
+    if mode == "batch":
         await client.batch(batch)
         began = time.perf_counter()
         for start in range(0, jobs, batch):
             await client.batch(min(batch, jobs - start))
+        return time.perf_counter() - began
+    one: Callable[[int | None], Awaitable[None]] = (
+        client.one if mode == "single" else getattr(client, mode)
+    )
+    for _ in range(50):
+        await one(None)
+    began = time.perf_counter()
+    for _ in range(jobs):
+        await one(None)
     return time.perf_counter() - began
 
 
@@ -169,7 +182,9 @@ def child_main(
     worker.add_argument("--loops", type=int, default=2)
     enqueue = commands.add_parser("enqueue")
     enqueue.add_argument("--dsn", required=True)
-    enqueue.add_argument("--mode", choices=("single", "batch", "both"), required=True)
+    enqueue.add_argument(
+        "--modes", required=True, help="comma-separated: single, batch, or a client's own"
+    )
     enqueue.add_argument("--jobs", type=int, required=True, help="jobs enqueued one by one")
     enqueue.add_argument("--batch-jobs", type=int, default=0, help="jobs through the batch API")
     enqueue.add_argument("--batch", type=int, default=1000)
@@ -195,9 +210,8 @@ def child_main(
         client = await connect(opts.dsn)
         try:
             if opts.command == "enqueue":
-                modes = ("single", "batch") if opts.mode == "both" else (opts.mode,)
-                for mode in modes:
-                    jobs = opts.jobs if mode == "single" else opts.batch_jobs
+                for mode in opts.modes.split(","):
+                    jobs = opts.batch_jobs if mode == "batch" else opts.jobs
                     seconds = await time_enqueue(client, mode, jobs, opts.batch)
                     emit("enqueued", mode=mode, seconds=seconds, jobs=jobs)
             else:

@@ -1,5 +1,6 @@
 """pgoutbox itself: the real ``outbox-worker`` CLI, and ``enqueue``/``enqueue_many`` with an
-``AsyncSession``, as an application uses them."""
+``AsyncSession``, as an application uses them; and ``enqueue`` on a raw asyncpg connection,
+one transaction per job, as a service without SQLAlchemy uses it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 from datetime import datetime
 from pathlib import Path
 
+import asyncpg
 from alembic.config import Config
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
@@ -46,6 +48,7 @@ def _log_time(child: Child, event: str) -> float | None:
 class Pgoutbox(System):
     name = "pgoutbox"
     module = "bench.systems.pgoutbox"
+    other_singles = ("one_asyncpg",)
 
     async def prepare(self, url: str) -> None:
         # Alembic runs its own event loop: give it a thread of its own.
@@ -93,8 +96,9 @@ SYSTEM = Pgoutbox()
 
 
 class PgoutboxClient:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, conn: asyncpg.Connection) -> None:
         self.engine = engine
+        self.conn = conn
 
     async def one(self, stamp: int | None) -> None:
         async with AsyncSession(self.engine) as session, session.begin():
@@ -103,16 +107,26 @@ class PgoutboxClient:
             else:
                 await enqueue(session, "stamp", {"i": stamp})
 
+    async def one_asyncpg(self, stamp: int | None) -> None:
+        """One job in its own transaction on a raw asyncpg connection (BEGIN, the INSERT,
+        COMMIT: the outbox's transaction, where pgqueuer's enqueue autocommits)."""
+        async with self.conn.transaction():
+            if stamp is None:
+                await enqueue(self.conn, "noop")
+            else:
+                await enqueue(self.conn, "stamp", {"i": stamp})
+
     async def batch(self, jobs: int) -> None:
         async with AsyncSession(self.engine) as session, session.begin():
             await enqueue_many(session, [NewJob("noop")] * jobs)
 
     async def close(self) -> None:
+        await self.conn.close()
         await self.engine.dispose()
 
 
 async def connect(dsn: str) -> Client:
-    return PgoutboxClient(create_async_engine(sqlalchemy_url(dsn)))
+    return PgoutboxClient(create_async_engine(sqlalchemy_url(dsn)), await asyncpg.connect(dsn))
 
 
 async def _no_worker(opts: WorkerOpts) -> None:
