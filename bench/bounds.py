@@ -3,11 +3,11 @@ in one process against one server, the ways interleaved.
 
 Each way puts one job in the database in a transaction of its own: the peers' (pgqueuer's
 ``enqueue``, the raw baseline's INSERT, both autocommit), pgoutbox's (``enqueue`` inside an
-``AsyncSession`` transaction, as the enqueue and latency benches call it, and inside a raw
-asyncpg transaction), and the steps between them: the raw INSERT inside an asyncpg
-transaction (BEGIN, INSERT, COMMIT), and an ``AsyncSession`` transaction around ``SELECT 1``,
-around the sample app's report-row INSERT, and around pgoutbox's own INSERT sent as plain
-``text()`` (no ``enqueue`` code at all).
+``AsyncSession`` transaction, as the enqueue and latency benches call it, inside a raw
+asyncpg transaction, and alone with ``autocommit=True``), and the steps between them: the
+raw INSERT inside an asyncpg transaction (BEGIN, INSERT, COMMIT), and an ``AsyncSession``
+transaction around ``SELECT 1``, around the sample app's report-row INSERT, and around
+pgoutbox's own INSERT sent as plain ``text()`` (no ``enqueue`` code at all).
 
 Two ways of calling them:
 
@@ -198,6 +198,11 @@ async def open_ways(ctx: Context, stack: AsyncExitStack) -> tuple[list[Way], Asy
             await enqueue(pgoutbox_conn, "stamp", {"i": i})
 
     ways.append(Way("asyncpg: enqueue() in BEGIN ... COMMIT (pgoutbox)", enqueue_in_transaction))
+
+    async def enqueue_alone(i: int) -> None:
+        await enqueue(pgoutbox_conn, "stamp", {"i": i}, autocommit=True)
+
+    ways.append(Way("asyncpg: enqueue(autocommit=True) (pgoutbox)", enqueue_alone))
     engine = create_async_engine(sqlalchemy_url(pgoutbox_url))
     stack.push_async_callback(engine.dispose)
     ways += [

@@ -33,7 +33,7 @@ ROWS = (
     Row("enqueue_single", "enqueue, one transaction per job (jobs/s)", True),
     Row(
         "enqueue_one_asyncpg",
-        "enqueue, one transaction per job, on a raw asyncpg connection (jobs/s)",
+        "enqueue, one job per statement (autocommit), raw asyncpg (jobs/s)",
         True,
         compare=False,
     ),

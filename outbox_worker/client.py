@@ -135,6 +135,14 @@ _Options = tuple[
 _NO_OPTIONS: _Options = (None,) * 7
 
 
+def _flag(autocommit: object) -> bool:
+    """``autocommit`` checked: a truthy string must not turn a job into one that commits on
+    its own."""
+    if not isinstance(autocommit, bool):
+        raise InvalidOption(f"autocommit must be True or False, not {autocommit!r}")
+    return autocommit
+
+
 class _Configured(_Core):
     """An Outbox's own: the settings it was given and the registry it was given."""
 
@@ -257,7 +265,13 @@ class Outbox:
 
     @overload
     def enqueue(
-        self, session: AsyncSessionLike, task: NewJob, /, *, max_args_bytes: int | None = None
+        self,
+        session: AsyncSessionLike,
+        task: NewJob,
+        /,
+        *,
+        max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]: ...
 
     @overload
@@ -275,6 +289,7 @@ class Outbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]: ...
 
     def enqueue(
@@ -291,6 +306,7 @@ class Outbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]:
         """Add a job in the caller's transaction and return it; never commits. Awaited.
 
@@ -300,8 +316,12 @@ class Outbox:
         ``correlation_id``, the current request's (or job's) id is used. A refusal
         (EnqueueError, or WrongSession for a sync session) is raised by the call itself,
         before any SQL.
+
+        ``autocommit=True``, on a raw connection outside a transaction only, lets the job
+        commit on its own in the statement that writes it: for a script or service with
+        nothing else to commit, in one round trip instead of BEGIN, INSERT and COMMIT.
         """
-        runner = drivers.async_runner(session, "enqueue")
+        runner = drivers.async_runner(session, "enqueue", _flag(autocommit))
         options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
@@ -311,6 +331,7 @@ class Outbox:
         jobs: Sequence[NewJob],
         *,
         max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Coroutine[Any, Any, list[Job]]:
         """Add many jobs in one statement, in the caller's transaction; never commits.
         Awaited.
@@ -319,7 +340,7 @@ class Outbox:
         between jobs of the same call: the first wins and the later ones come back as
         duplicates. One refused job refuses them all, before any SQL.
         """
-        runner = drivers.async_runner(session, "enqueue_many")
+        runner = drivers.async_runner(session, "enqueue_many", _flag(autocommit))
         return runner(session, self._core.plan_many(jobs, max_args_bytes))
 
 
@@ -333,7 +354,13 @@ class SyncOutbox:
 
     @overload
     def enqueue(
-        self, session: SyncSessionLike, task: NewJob, /, *, max_args_bytes: int | None = None
+        self,
+        session: SyncSessionLike,
+        task: NewJob,
+        /,
+        *,
+        max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Job: ...
 
     @overload
@@ -351,6 +378,7 @@ class SyncOutbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Job: ...
 
     def enqueue(
@@ -367,17 +395,23 @@ class SyncOutbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> Job:
         """:meth:`Outbox.enqueue` for a sync session or connection: the Job, not awaited."""
-        runner = drivers.sync_runner(session, "enqueue")
+        runner = drivers.sync_runner(session, "enqueue", _flag(autocommit))
         options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
     def enqueue_many(
-        self, session: SyncSessionLike, jobs: Sequence[NewJob], *, max_args_bytes: int | None = None
+        self,
+        session: SyncSessionLike,
+        jobs: Sequence[NewJob],
+        *,
+        max_args_bytes: int | None = None,
+        autocommit: bool = False,
     ) -> list[Job]:
         """:meth:`Outbox.enqueue_many` for a sync session or connection: not awaited."""
-        runner = drivers.sync_runner(session, "enqueue_many")
+        runner = drivers.sync_runner(session, "enqueue_many", _flag(autocommit))
         return runner(session, self._core.plan_many(jobs, max_args_bytes))
 
 

@@ -7,8 +7,10 @@ small loop per side, async and sync, sends each statement's rows back into the p
 
 Which runner fits is told by the session's type, looked up once per type. A session of the
 other side, or a raw connection whose INSERT would commit on its own (outside any
-transaction), is refused with WrongSession when the enqueue is called, before any SQL and
-even when the call is never awaited; the message names what to call instead.
+transaction) unless the caller said ``autocommit=True``, is refused with WrongSession when
+the enqueue is called, before any SQL and even when the call is never awaited; the message
+names what to call instead. ``autocommit=True`` is the other way round: only a raw
+connection outside a transaction can honour it, so every other session is refused.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class SyncRunner(Protocol):
 
 
 # A check of the session's state, made on every call (the type alone does not say whether a
-# raw connection is in a transaction); ``function`` names the enqueue function called.
-Check = Callable[[Any, str], None]
+# raw connection is in a transaction): ``function`` names the enqueue function called, and
+# the flag is its ``autocommit``, whether the caller wants the job to commit on its own.
+Check = Callable[[Any, str, bool], None]
 
 
 def _drive(plan: Plan[T], fetch: Callable[[C, str, Mapping[str, Any]], Rows], conn: C) -> T:
@@ -129,12 +132,19 @@ async def _run_asyncpg(conn: Any, plan: Plan[T]) -> T:
     return await _drive_async(plan, _fetch_asyncpg, conn)
 
 
-def _check_asyncpg(conn: Any, function: str) -> None:
-    if not conn.is_in_transaction():
+def _check_asyncpg(conn: Any, function: str, autocommit: bool) -> None:
+    in_transaction = conn.is_in_transaction()
+    if autocommit and in_transaction:
+        raise WrongSession(
+            f"{function}(autocommit=True) asks the job to commit on its own, and this asyncpg "
+            "connection is in a transaction, which the job would join: leave autocommit out, "
+            "or call it outside the transaction"
+        )
+    if not autocommit and not in_transaction:
         raise WrongSession(
             "this asyncpg connection is not in a transaction, so the job would commit on its "
             f"own, apart from your writes: call {function}() inside "
-            "`async with conn.transaction():`"
+            "`async with conn.transaction():`, or pass autocommit=True if it is meant to"
         )
 
 
@@ -178,13 +188,26 @@ async def _run_psycopg_async(conn: psycopg.AsyncConnection[Any], plan: Plan[T]) 
 
 
 def _autocommit_check(opener: str) -> Check:
-    def check(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any], function: str) -> None:
+    def check(
+        conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+        function: str,
+        autocommit: bool,
+    ) -> None:
         idle = sys.modules["psycopg"].pq.TransactionStatus.IDLE
-        if conn.autocommit and conn.info.transaction_status == idle:
+        commits_alone = conn.autocommit and conn.info.transaction_status == idle
+        if autocommit and not commits_alone:
+            raise WrongSession(
+                f"{function}(autocommit=True) asks the job to commit on its own, and on this "
+                "psycopg connection it would join a transaction (autocommit mode is off, or a "
+                f"`conn.transaction()` block is open): leave autocommit out and commit, or "
+                "call it on a connection in autocommit mode outside a transaction block"
+            )
+        if not autocommit and commits_alone:
             raise WrongSession(
                 "this psycopg connection is in autocommit mode outside a transaction, so the "
                 f"job would commit on its own, apart from your writes: call {function}() "
-                f"inside `{opener} conn.transaction():`, or turn autocommit off"
+                f"inside `{opener} conn.transaction():`, turn autocommit off, or pass "
+                "autocommit=True if it is meant to"
             )
 
     return check
@@ -202,28 +225,37 @@ _ASYNC: dict[type, tuple[AsyncRunner, Check | None]] = {}
 _SYNC: dict[type, tuple[SyncRunner, Check | None]] = {}
 
 
-def async_runner(session: object, function: str) -> AsyncRunner:
+def async_runner(session: object, function: str, autocommit: bool = False) -> AsyncRunner:
     """How to run plans on ``session``, for the async ``function`` (``enqueue``…); raises
     WrongSession when it cannot."""
     found = _ASYNC.get(type(session))
     if found is None:
         found = _ASYNC[type(session)] = _async_kind(session, function)
     runner, check = found
-    if check is not None:
-        check(session, function)
+    _check(session, function, autocommit, check)
     return runner
 
 
-def sync_runner(session: object, function: str) -> SyncRunner:
+def sync_runner(session: object, function: str, autocommit: bool = False) -> SyncRunner:
     """How to run plans on ``session``, for ``outbox_worker.sync``'s ``function``; raises
     WrongSession when it cannot."""
     found = _SYNC.get(type(session))
     if found is None:
         found = _SYNC[type(session)] = _sync_kind(session, function)
     runner, check = found
-    if check is not None:
-        check(session, function)
+    _check(session, function, autocommit, check)
     return runner
+
+
+def _check(session: object, function: str, autocommit: bool, check: Check | None) -> None:
+    if check is not None:
+        check(session, function, autocommit)
+    elif autocommit:
+        raise WrongSession(
+            f"{function}(autocommit=True) asks the job to commit on its own, and a SQLAlchemy "
+            f"{_name(session)} always runs it in a transaction: leave autocommit out and "
+            "commit the session"
+        )
 
 
 def _psycopg() -> Any:

@@ -46,7 +46,7 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
     text = render(ctx, "smoke")
     assert "| processing, 1 worker process (jobs/s) |" in text
     assert "| POST /reports with its job (requests/s) |" in text
-    assert "| enqueue, one transaction per job, on a raw asyncpg connection (jobs/s) |" in text
+    assert "| enqueue, one job per statement (autocommit), raw asyncpg (jobs/s) |" in text
     assert text.count("\n- ") >= len(TARGETS)
 
 
@@ -61,6 +61,7 @@ async def test_bounds_smoke_run_measures_every_way(
     assert "raw INSERT (autocommit)" in labels
     assert "AsyncSession: enqueue() (pgoutbox)" in labels
     assert "asyncpg: enqueue() in BEGIN ... COMMIT (pgoutbox)" in labels
+    assert "asyncpg: enqueue(autocommit=True) (pgoutbox)" in labels
     for way in ways:
         assert len(way.wall) == 3, way.label
         assert len(way.idle) == 3, way.label

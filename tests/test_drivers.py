@@ -564,3 +564,83 @@ async def test_what_is_no_session_at_all_is_refused(
     with pytest.raises(WrongSession, match="AsyncSession"):
         outbox_worker.enqueue("postgresql://", "echo")  # type: ignore[call-overload]
     assert await committed(pool) == []
+
+
+# --------------------------------------------------------------------------------------------
+# autocommit=True: a job that commits on its own, on a raw connection outside a transaction
+# --------------------------------------------------------------------------------------------
+
+
+async def test_autocommit_commits_each_job_at_once_on_a_raw_connection(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    outbox = Outbox(registry)
+    conn = await asyncpg.connect(database_url)
+    try:
+        first = await outbox.enqueue(conn, "echo", {"n": 1}, key="alone", autocommit=True)
+        assert [r["id"] for r in await committed(pool)] == [first.id]  # no commit needed
+        again = await outbox_worker.enqueue(conn, "echo", {"n": 2}, key="alone", autocommit=True)
+        many = await outbox.enqueue_many(
+            conn, [NewJob("noop"), NewJob("echo", key="alone")], autocommit=True
+        )
+        assert not conn.is_in_transaction()
+    finally:
+        await conn.close()
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as aconn:
+        async_job = await outbox.enqueue(aconn, "noop", autocommit=True)
+    with psycopg.Connection.connect(database_url, autocommit=True) as sconn:
+        sync_jobs = outbox.sync.enqueue_many(sconn, [NewJob("noop")], autocommit=True)
+        sync_job = outbox_worker.sync.enqueue(sconn, "noop", autocommit=True)
+
+    assert (again.duplicate, again.id, again.args) == (True, first.id, {"n": 1})
+    assert [j.duplicate for j in many] == [False, True]
+    assert many[1].id == first.id
+    rows = await committed(pool)
+    assert [r["id"] for r in rows] == [
+        first.id,
+        many[0].id,
+        async_job.id,
+        sync_jobs[0].id,
+        sync_job.id,
+    ]
+    for job, row in zip([first, many[0], async_job, *sync_jobs, sync_job], rows, strict=True):
+        assert_is_the_row(job, row)
+
+
+async def test_autocommit_is_refused_where_the_job_would_join_a_transaction(
+    engine: AsyncEngine, sync_engine: Engine, database_url: str, pool: asyncpg.Pool
+) -> None:
+    """A job asked to commit alone must not slip into a transaction that may roll back."""
+    async with AsyncSession(engine) as session:
+        with pytest.raises(WrongSession, match="SQLAlchemy"):
+            await outbox_worker.enqueue(session, "echo", autocommit=True)
+        assert not session.in_transaction()
+    with Session(sync_engine) as sync_session, pytest.raises(WrongSession, match="SQLAlchemy"):
+        outbox_worker.sync.enqueue_many(sync_session, [NewJob("echo")], autocommit=True)
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            with pytest.raises(WrongSession, match="in a transaction, which the job would join"):
+                await outbox_worker.enqueue(conn, "echo", autocommit=True)
+    finally:
+        await conn.close()
+    async with await psycopg.AsyncConnection.connect(database_url) as aconn:
+        with pytest.raises(WrongSession, match="autocommit mode is off"):
+            await outbox_worker.enqueue(aconn, "echo", autocommit=True)
+    with (
+        psycopg.Connection.connect(database_url, autocommit=True) as sconn,
+        sconn.transaction(),
+        pytest.raises(WrongSession, match="would join a transaction"),
+    ):
+        outbox_worker.sync.enqueue(sconn, "echo", autocommit=True)
+    assert await committed(pool) == []
+
+
+async def test_autocommit_must_be_a_bool(database_url: str, pool: asyncpg.Pool) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(InvalidOption, match="autocommit must be True or False"):
+            await outbox_worker.enqueue(conn, "echo", autocommit="yes")  # type: ignore[call-overload]
+    finally:
+        await conn.close()
+    assert await committed(pool) == []
