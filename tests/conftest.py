@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,39 @@ def spawn_worker(database_url: str, tmp_path: Path) -> Iterator[Callable[..., Wo
     yield spawn
     for worker in started:
         worker.kill()
+
+
+def run_apart(
+    *args: str | Path, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> str:
+    """Run a command away from the repository (in its own folder by default) and without
+    PYTHONPATH, so that nothing of the repository is importable; its stdout, or the test
+    fails with all its output."""
+    full_env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run(
+        [str(arg) for arg in args],
+        cwd=cwd or Path(args[0]).parent,
+        env={**full_env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"{args}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel and sdist, built as a release would build them."""
+    out = tmp_path_factory.mktemp("dist")
+    run_apart(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wheel(dist: Path) -> Path:
+    [found] = dist.glob("pgoutbox-*.whl")
+    return found
 
 
 async def wait_until(

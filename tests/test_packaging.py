@@ -9,8 +9,6 @@ router needs.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tarfile
 import zipfile
@@ -18,47 +16,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import run_apart
+
 # What only this repository uses: never in what an app installs.
 REPOSITORY_ONLY = ("app/", "tests/", "bench/", "alembic/", "deploy/")
-
-
-def _run(*args: str | Path, cwd: Path | None = None) -> str:
-    """Run a command away from the repository (by default) and without PYTHONPATH, so that
-    nothing of the repository is importable."""
-    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    result = subprocess.run(
-        [str(arg) for arg in args],
-        cwd=cwd or Path(args[0]).parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"{args}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel and sdist, built as a release would build them."""
-    out = tmp_path_factory.mktemp("dist")
-    _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, ROOT)
-    return out
-
-
-@pytest.fixture(scope="module")
-def wheel(dist: Path) -> Path:
-    [found] = dist.glob("pgoutbox-*.whl")
-    return found
 
 
 @pytest.fixture(scope="module")
 def fresh_venv(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Path:
     """A virtualenv holding the wheel and its declared dependencies, nothing else."""
     venv = tmp_path_factory.mktemp("venv")
-    _run(sys.executable, "-m", "venv", venv)
-    _run(venv / "bin" / "pip", "install", "--quiet", wheel)
+    run_apart(sys.executable, "-m", "venv", venv)
+    run_apart(venv / "bin" / "pip", "install", "--quiet", wheel)
     return venv
 
 
@@ -101,7 +70,7 @@ def test_the_sdist_builds_the_same_library(dist: Path) -> None:
 
 def test_the_library_imports_and_its_command_runs_without_fastapi(fresh_venv: Path) -> None:
     python = fresh_venv / "bin" / "python"
-    out = _run(
+    out = run_apart(
         python,
         "-c",
         "import importlib.util, outbox_worker; "
@@ -109,15 +78,15 @@ def test_the_library_imports_and_its_command_runs_without_fastapi(fresh_venv: Pa
         "sorted(outbox_worker.__all__)[:3])",
     )
     assert out.startswith("None None "), out
-    assert "Usage: outbox-worker" in _run(fresh_venv / "bin" / "outbox-worker", "--help")
-    schema = _run(fresh_venv / "bin" / "outbox-worker", "migrate", "--sql")
+    assert "Usage: outbox-worker" in run_apart(fresh_venv / "bin" / "outbox-worker", "--help")
+    schema = run_apart(fresh_venv / "bin" / "outbox-worker", "migrate", "--sql")
     assert "CREATE TABLE outbox_jobs" in schema
     assert "pgoutbox_alembic_version" in schema
 
 
 def test_the_web_extra_mounts_the_admin_router(fresh_venv: Path, wheel: Path) -> None:
-    _run(fresh_venv / "bin" / "pip", "install", "--quiet", f"{wheel}[web]")
-    out = _run(
+    run_apart(fresh_venv / "bin" / "pip", "install", "--quiet", f"{wheel}[web]")
+    out = run_apart(
         fresh_venv / "bin" / "python",
         "-c",
         "from fastapi import FastAPI\n"
