@@ -233,6 +233,21 @@ def _with_engine(dsn: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
     return asyncio.run(go())
 
 
+def _with_schema(dsn: str, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    """``_with_engine`` for the commands that read or change jobs, which first refuse, in one
+    line naming the command to run, a database whose pgoutbox schema is missing or recorded
+    behind this code's: they would fail on a missing table or column, or misread one."""
+
+    async def checked(engine: AsyncEngine) -> T:
+        async with engine.connect() as conn:
+            state = await conn.run_sync(migrate.state_of)
+        if state.status in ("absent", "behind"):
+            raise ConfigError(state.summary(db.where(dsn)))
+        return await work(engine)
+
+    return _with_engine(dsn, checked)
+
+
 def _in_transaction(dsn: str, call: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """One admin call inside ``engine.begin()``: it commits when the call returns."""
 
@@ -240,7 +255,7 @@ def _in_transaction(dsn: str, call: Callable[[AsyncConnection], Awaitable[T]]) -
         async with engine.begin() as conn:
             return await call(conn)
 
-    return _with_engine(dsn, work)
+    return _with_schema(dsn, work)
 
 
 def _stdout() -> Console:
@@ -740,7 +755,7 @@ def prune(
                 engine, older_than=age, states=states, batch=batch, progress=None
             )
 
-        deleted = _with_engine(dsn, quiet)
+        deleted = _with_schema(dsn, quiet)
         _print_json(
             {
                 "deleted": deleted,
@@ -762,9 +777,8 @@ def prune(
     )
 
     async def with_bar(engine: AsyncEngine) -> int:
-        # Connect before drawing the bar: an unreachable database is then one error line.
-        async with engine.connect():
-            pass
+        # _with_schema has connected before the bar is drawn: an unreachable database is
+        # one error line.
         with progress:
             bar = progress.add_task("prune", total=None, states=",".join(states))
 
@@ -777,7 +791,7 @@ def prune(
             progress.update(bar, total=max(total, 1), completed=max(total, 1))
             return total
 
-    deleted = _with_engine(dsn, with_bar)
+    deleted = _with_schema(dsn, with_bar)
     noun = "job" if deleted == 1 else "jobs"
     _stdout().print(
         f"deleted {deleted} finished {noun} ({', '.join(states)}) older than {older_than}"
@@ -808,23 +822,45 @@ def _current_heads(sync_conn: Connection) -> list[str]:
     return sorted(MigrationContext.configure(sync_conn).get_current_heads())
 
 
+# How health rates each state of the pgoutbox schema: "ahead" is a newer pgoutbox's schema,
+# which this version's workers serve (rolling deploys); "unrecorded", tables whose revision
+# no bookkeeping names, which they serve as they are.
+_SCHEMA_HEALTH = {
+    "head": "ok",
+    "ahead": "ok",
+    "unrecorded": "unknown",
+    "behind": "failing",
+    "absent": "failing",
+}
+
+
 async def _health(
     engine: AsyncEngine, dsn: str, *, within: float, heads: list[str] | None, ini: Path
 ) -> dict[str, Any]:
-    database: dict[str, Any] = {"status": "ok", "at": db.where(dsn)}
-    schema: dict[str, Any] = {"status": "unknown", "current": None, "expected": heads}
+    where = db.where(dsn)
+    database: dict[str, Any] = {"status": "ok", "at": where}
+    schema: dict[str, Any] = {"status": "unknown", "current": None, "expected": migrate.head()}
+    migrations: dict[str, Any] = {"status": "unknown", "current": None, "expected": heads}
     workers: dict[str, Any] = {"status": "unknown", "alive": 0, "within_seconds": within}
     try:
         async with engine.connect() as conn:
+            state = await conn.run_sync(migrate.state_of)
+            schema["current"] = state.revision
+            schema["recorded_in"] = {"own": migrate.VERSION_TABLE, "app": "alembic_version"}.get(
+                state.route or ""
+            )
+            schema["status"] = _SCHEMA_HEALTH[state.status]
+            if state.status != "head":
+                schema["detail"] = state.summary(where)
             current = await conn.run_sync(_current_heads)
-            schema["current"] = current
+            migrations["current"] = current
             if heads is None:
-                schema["detail"] = f"no {ini} to compare with"
+                migrations["detail"] = f"no {ini} to compare with"
             elif current == heads:
-                schema["status"] = "ok"
+                migrations["status"] = "ok"
             else:
-                schema["status"] = "failing"
-                schema["detail"] = f"database at {current or 'no revision'}, scripts at {heads}"
+                migrations["status"] = "failing"
+                migrations["detail"] = f"database at {current or 'no revision'}, scripts at {heads}"
             try:
                 alive = await admin.workers_alive(conn, within_seconds=within)
             except Exception as exc:
@@ -846,11 +882,19 @@ async def _health(
             raise
         database = {"status": "failing", "at": db.where(dsn), "detail": str(error)}
     healthy = (
-        database["status"] == "ok" and schema["status"] != "failing" and workers["status"] == "ok"
+        database["status"] == "ok"
+        and schema["status"] != "failing"
+        and migrations["status"] != "failing"
+        and workers["status"] == "ok"
     )
     return {
         "status": "healthy" if healthy else "unhealthy",
-        "checks": {"database": database, "schema": schema, "workers": workers},
+        "checks": {
+            "database": database,
+            "schema": schema,
+            "migrations": migrations,
+            "workers": workers,
+        },
     }
 
 
@@ -862,15 +906,16 @@ def health(
     alembic_ini: Annotated[
         Path,
         typer.Option(
-            help="The project's alembic.ini, to compare the schema with its migration heads "
-            "(schema is 'unknown' when the file is not there)."
+            help="The project's alembic.ini, to compare the database with its migration heads "
+            "too (migrations is 'unknown' when the file is not there)."
         ),
     ] = Path("alembic.ini"),
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Database reachable, schema at the migration head, a worker heartbeat seen recently.
-    Exits 0 when healthy, 1 when not."""
+    """Database reachable, pgoutbox's schema at this version's head (and the project's
+    migrations at theirs), a worker heartbeat seen recently. Exits 0 when healthy, 1 when
+    not."""
     within_seconds = _duration(within, "--within", positive=True).total_seconds()
     heads = expected_heads(alembic_ini)
     dsn = _database_url(database_url)
@@ -902,14 +947,22 @@ def _print_health(report: dict[str, Any]) -> None:
         _visible(database.get("detail", database["at"])),
     )
     schema = checks["schema"]
-    if schema["status"] == "ok":
-        schema_detail = f"at {', '.join(schema['current'])}"
-    else:
-        schema_detail = schema.get("detail", "")
-        if schema["current"] is not None and schema["status"] == "unknown":
-            schema_detail += f" (database at {', '.join(schema['current']) or 'no revision'})"
+    schema_detail = schema.get("detail") or f"at {schema['current']}"
     table.add_row(
         "schema", Text(schema["status"], style=styles[schema["status"]]), _visible(schema_detail)
+    )
+    migrations = checks["migrations"]
+    if migrations["status"] == "ok":
+        migrations_detail = f"at {', '.join(migrations['current'])}"
+    else:
+        migrations_detail = migrations.get("detail", "not checked")
+        if migrations["current"] is not None and migrations["status"] == "unknown":
+            current = ", ".join(migrations["current"]) or "no revision"
+            migrations_detail += f" (database at {current})"
+    table.add_row(
+        "migrations",
+        Text(migrations["status"], style=styles[migrations["status"]]),
+        _visible(migrations_detail),
     )
     workers = checks["workers"]
     if workers["status"] == "ok":

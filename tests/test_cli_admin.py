@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from outbox_worker import enqueue
+from outbox_worker import enqueue, migrate
 from outbox_worker.jobs import JOB_COLUMNS, MAX_JSON_DEPTH, TOO_DEEP
 from tests.conftest import WorkerProcess, deep_json, levels, wait_until
 
@@ -583,8 +583,11 @@ async def test_health_needs_a_recent_worker_heartbeat(
     checks = report["checks"]
     assert checks["database"]["status"] == "ok"
     assert checks["schema"]["status"] == "ok"
-    assert checks["schema"]["current"] == checks["schema"]["expected"]
-    assert checks["schema"]["current"]
+    assert checks["schema"]["current"] == checks["schema"]["expected"] == migrate.head()
+    assert checks["schema"]["recorded_in"] == "alembic_version"  # the sample's Alembic
+    assert checks["migrations"]["status"] == "ok"
+    assert checks["migrations"]["current"] == checks["migrations"]["expected"]
+    assert migrate.head() in checks["migrations"]["current"]
     assert checks["workers"]["status"] == "failing"
     assert checks["workers"]["alive"] == 0
 
@@ -605,12 +608,14 @@ async def test_health_needs_a_recent_worker_heartbeat(
     assert "unhealthy" not in out
     assert seen["id"] in out
 
-    # Without the project's alembic.ini the schema is unknown, which does not fail health.
+    # Without the project's alembic.ini its migrations are unknown, which does not fail
+    # health; pgoutbox's own schema is still checked.
     report = ok_json(
         await cli(database_url, "health", "--alembic-ini", str(tmp_path / "none.ini"), "--json")
     )
-    assert report["checks"]["schema"]["status"] == "unknown"
-    assert report["checks"]["schema"]["expected"] is None
+    assert report["checks"]["migrations"]["status"] == "unknown"
+    assert report["checks"]["migrations"]["expected"] is None
+    assert report["checks"]["schema"]["status"] == "ok"
     assert report["status"] == "healthy"
     out = ok(await cli(database_url, "health", cwd=tmp_path))  # no ./alembic.ini there
     assert "unknown" in out
@@ -645,10 +650,16 @@ async def test_health_reports_a_schema_behind_its_migrations(
     )
     result = await cli(database_url, "health", "--json")
     assert result.returncode == 1, _report(result)
-    schema = json.loads(result.stdout)["checks"]["schema"]
-    assert schema["status"] == "failing"
-    assert schema["current"] == ["pgoutbox_0004", "sample_0001"]
-    assert schema["expected"] == ["pgoutbox_0005", "sample_0001"]
+    checks = json.loads(result.stdout)["checks"]
+    assert checks["schema"]["status"] == "failing"
+    assert (checks["schema"]["current"], checks["schema"]["expected"]) == (
+        "pgoutbox_0004",
+        "pgoutbox_0005",
+    )
+    assert "run your application's `alembic upgrade heads`" in checks["schema"]["detail"]
+    assert checks["migrations"]["status"] == "failing"
+    assert checks["migrations"]["current"] == ["pgoutbox_0004", "sample_0001"]
+    assert checks["migrations"]["expected"] == ["pgoutbox_0005", "sample_0001"]
 
 
 def test_health_with_the_database_unreachable() -> None:

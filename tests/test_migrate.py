@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import json
 import os
 import signal
 import subprocess
@@ -366,6 +367,51 @@ async def test_the_worker_refuses_a_schema_recorded_behind_its_code(
         2,
         f"is at pgoutbox_0003, this code needs {HEAD}: run `outbox-worker migrate`",
     )
+
+
+# The commands that read or change jobs.
+ADMIN_COMMANDS = [
+    ("queues",),
+    ("jobs", "list"),
+    ("jobs", "show", "1"),
+    ("jobs", "retry", "1"),
+    ("jobs", "cancel", "1"),
+    ("prune", "--older-than", "7d"),
+]
+
+
+async def _command(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "outbox_worker", *args],
+        env=_env(DATABASE_URL=url),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_every_command_refuses_a_schema_missing_or_behind_in_one_line(
+    empty_databases: NewDatabase,
+) -> None:
+    absent, behind = await empty_databases(), await empty_databases()
+    ok(await run("--database-url", behind))
+    await execute(behind, "UPDATE pgoutbox_alembic_version SET version_num = 'pgoutbox_0003'")
+    cases = [
+        (absent, "has no pgoutbox schema: run `outbox-worker migrate`"),
+        (behind, f"is at pgoutbox_0003, this code needs {HEAD}: run `outbox-worker migrate`"),
+    ]
+    for url, says in cases:
+        results = await asyncio.gather(*(_command(url, *args) for args in ADMIN_COMMANDS))
+        for result in results:
+            one_line_error(result, 2, says)
+        # health reports it among its checks, and fails.
+        result = await _command(url, "health", "--json")
+        assert result.returncode == 1, _report(result)
+        schema = json.loads(result.stdout)["checks"]["schema"]
+        assert schema["status"] == "failing", schema
+        assert says in schema["detail"], schema
 
 
 @pytest.mark.parametrize("state", ["own-head", "unrecorded", "ahead"])
