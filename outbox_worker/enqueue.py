@@ -222,6 +222,25 @@ def _shape_problem(args: dict[Any, Any]) -> str | None:
     return None
 
 
+def _least_size(value: Any, sizes: dict[int, int]) -> int:
+    """Fewer bytes than ``value`` takes as JSON, each shared container counted once in
+    ``sizes``: args that repeat one list inside itself fifty times over would expand to
+    2**50 elements in json.dumps, so they are measured before they are encoded. Called once
+    _shape_problem has passed them (no cycle, bounded depth)."""
+    if isinstance(value, dict):
+        # {"key":value,...}: a brace, each key's quotes and colon, a comma or brace after each.
+        items: Iterable[Any] = value.values()
+        size = 1 + sum(len(key) + 3 for key in value)
+    elif isinstance(value, list | tuple):
+        items, size = value, 1
+    else:
+        return 1
+    known = sizes.get(id(value))
+    if known is None:
+        known = sizes[id(value)] = size + sum(_least_size(item, sizes) + 1 for item in items)
+    return known
+
+
 def _int_option(name: str, value: int, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
         raise InvalidOption(f"{name} must be an integer from {low} to {INT32_MAX}, got {value!r}")
@@ -236,9 +255,15 @@ def _flat_with_str_keys(args: Mapping[Any, Any]) -> bool:
 def _encode_args(task: str, args: object, limit: int) -> str:
     if not (type(args) is dict or isinstance(args, Mapping)):
         raise InvalidArgs(f"args of {task!r} {_NOT_AN_OBJECT}")
-    problem = None if _flat_with_str_keys(args) else _shape_problem(dict(args))
-    if problem is not None:
-        raise InvalidArgs(f"args of {task!r} {problem}")
+    if not _flat_with_str_keys(args):
+        problem = _shape_problem(dict(args))
+        if problem is not None:
+            raise InvalidArgs(f"args of {task!r} {problem}")
+        least = _least_size(dict(args), {})
+        if least > limit:
+            raise ArgsTooLarge(
+                f"args of {task!r} are more than {least} bytes as JSON; the limit is {limit}"
+            )
     try:
         encoded = _ENCODER.encode(args)
         size = len(encoded) if encoded.isascii() else len(encoded.encode())

@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
@@ -36,6 +38,7 @@ from outbox_worker import (
     enqueue,
     enqueue_many,
 )
+from outbox_worker.enqueue import _ENCODER, _least_size
 from tests.workload import registry
 
 Executor = AsyncSession | AsyncConnection
@@ -712,6 +715,43 @@ async def test_size_limit_per_call(db: Executor, pool: asyncpg.Pool) -> None:
         await enqueue_many(db, [NewJob("echo", args_of_size(101))], max_args_bytes=100)
     await db.commit()
     assert [r["id"] for r in await job_rows(pool)] == [at_limit.id, many.id]
+
+
+async def test_args_that_share_a_list_are_measured_before_they_are_encoded(
+    db: Executor, pool: asyncpg.Pool
+) -> None:
+    """Sixty levels of a list that holds the level below twice: 2**60 elements once
+    encoded. Refused by their size without encoding them, where json.dumps would run for
+    ever; a small structure shared a few times is stored expanded."""
+    shared: list[Any] = []
+    for _ in range(60):
+        shared = [shared, shared]
+    with pytest.raises(ArgsTooLarge, match="the limit is"):
+        await enqueue(db, "echo", {"tree": shared})
+    with pytest.raises(ArgsTooLarge):
+        await enqueue_many(db, [NewJob("echo", {"tree": shared})])
+    leaf = {"k": [1, 2]}
+    job = await enqueue(db, "echo", {"a": leaf, "b": [leaf, leaf]})
+    await db.commit()
+    [row] = await job_rows(pool)
+    assert json.loads(row["args_text"]) == job.args == {"a": leaf, "b": [leaf, leaf]}
+
+
+_TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+_SCALAR = (
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+)
+_JSON = st.recursive(
+    _SCALAR | _TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(_TEXT, _JSON, max_size=4))
+def test_the_size_measured_first_never_exceeds_the_encoded_size(args: dict[str, Any]) -> None:
+    """So args within the limit are never refused by the measure taken before encoding."""
+    assert _least_size(args, {}) <= len(_ENCODER.encode(args).encode())
 
 
 async def test_default_size_limit_is_one_mebibyte(
