@@ -21,7 +21,7 @@ from app.middleware import BodySizeLimitMiddleware
 from app.services.comments import SubscriberNotifier
 from app.services.errors import DomainError
 from app.tasks import registry
-from outbox_worker import EnqueueError, QueueFull
+from outbox_worker import EnqueueError, Outbox, QueueFull
 from outbox_worker.web import (
     REQUEST_ID_HEADER,
     RequestIdMiddleware,
@@ -47,8 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessionmaker = create_sessionmaker(app.state.engine)
         app.state.notifier = SubscriberNotifier()
         app.state.schema_heads = schema_heads()
-        # The routes enqueue these tasks; enqueue checks names against live registries.
-        app.state.registry = registry
+        # The client side of the queue, built once: the routes enqueue the tasks of this
+        # registry, with the limits OUTBOX_MAX_ARGS_BYTES and OUTBOX_QUEUE_DEPTH_* give now.
+        app.state.outbox = Outbox.from_env(registry)
         try:
             yield
         finally:

@@ -23,8 +23,7 @@ from alembic import command
 from app.core.config import Settings
 from app.main import create_app, schema_heads
 from app.services import reports as reports_service
-from app.services import signup as signup_service
-from outbox_worker import EnqueueError, Job, get_job
+from outbox_worker import EnqueueError, Job, Outbox, get_job
 from outbox_worker.devdb import PostgresServer
 from outbox_worker.web.router import RETRY_AFTER_SECONDS
 from tests.conftest import WorkerProcess, alembic_config, wait_until
@@ -1140,29 +1139,28 @@ async def test_rows_are_committed_by_the_time_the_response_is_sent(
 
 
 ENQUEUE_TARGETS = [
-    pytest.param(reports_service, "/reports", {}, id="reports"),
-    pytest.param(signup_service, "/signup", {"email": "atomic@example.com"}, id="signup"),
+    pytest.param("/reports", {}, id="reports"),
+    pytest.param("/signup", {"email": "atomic@example.com"}, id="signup"),
 ]
 
 
-@pytest.mark.parametrize(("module", "path", "body"), ENQUEUE_TARGETS)
+@pytest.mark.parametrize(("path", "body"), ENQUEUE_TARGETS)
 async def test_a_failure_after_enqueue_rolls_back_the_row_and_the_job(
     client: httpx.AsyncClient,
     pool: asyncpg.Pool,
     monkeypatch: pytest.MonkeyPatch,
-    module: Any,
     path: str,
     body: dict[str, Any],
 ) -> None:
-    real_enqueue = module.enqueue
+    real_enqueue = Outbox.enqueue
     written: list[int] = []
 
-    async def enqueue_then_fail(*args: Any, **kwargs: Any) -> Job:
-        job: Job = await real_enqueue(*args, **kwargs)
+    async def enqueue_then_fail(self: Outbox, *args: Any, **kwargs: Any) -> Job:
+        job: Job = await real_enqueue(self, *args, **kwargs)
         written.append(job.id)
         raise EnqueueError("the job could not be enqueued")
 
-    monkeypatch.setattr(module, "enqueue", enqueue_then_fail)
+    monkeypatch.setattr(Outbox, "enqueue", enqueue_then_fail)
 
     response = await client.post(path, json=body)
 
@@ -1178,22 +1176,21 @@ async def test_a_failure_after_enqueue_rolls_back_the_row_and_the_job(
     }
 
 
-@pytest.mark.parametrize(("module", "path", "body"), ENQUEUE_TARGETS)
+@pytest.mark.parametrize(("path", "body"), ENQUEUE_TARGETS)
 async def test_an_unexpected_error_is_a_500_that_rolls_back_everything(
     app: FastAPI,
     pool: asyncpg.Pool,
     monkeypatch: pytest.MonkeyPatch,
-    module: Any,
     path: str,
     body: dict[str, Any],
 ) -> None:
-    real_enqueue = module.enqueue
+    real_enqueue = Outbox.enqueue
 
-    async def enqueue_then_crash(*args: Any, **kwargs: Any) -> Job:
-        await real_enqueue(*args, **kwargs)
+    async def enqueue_then_crash(self: Outbox, *args: Any, **kwargs: Any) -> Job:
+        await real_enqueue(self, *args, **kwargs)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(module, "enqueue", enqueue_then_crash)
+    monkeypatch.setattr(Outbox, "enqueue", enqueue_then_crash)
 
     async def nothing() -> None:
         return None
@@ -1216,7 +1213,7 @@ async def test_a_500_response_carries_the_request_id(
     async def crash(*args: Any, **kwargs: Any) -> Job:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(reports_service, "enqueue", crash)
+    monkeypatch.setattr(Outbox, "enqueue", crash)
 
     async def nothing() -> None:
         return None

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.services.comments import SubscriberNotifier
+from outbox_worker import Outbox
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -17,6 +18,11 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with sessionmaker() as session, session.begin():
         yield session
+
+
+def get_outbox(request: Request) -> Outbox:
+    outbox: Outbox = request.app.state.outbox
+    return outbox
 
 
 def get_notifier(request: Request) -> SubscriberNotifier:
@@ -29,3 +35,4 @@ def get_notifier(request: Request) -> SubscriberNotifier:
 # committed rows only.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 NotifierDep = Annotated[SubscriberNotifier, Depends(get_notifier)]
+OutboxDep = Annotated[Outbox, Depends(get_outbox)]

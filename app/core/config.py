@@ -36,7 +36,6 @@ class Settings(BaseSettings):
     )
     db_pool_size: int = Field(default=10, ge=1)
     db_max_overflow: int = Field(default=20, ge=0)
-    max_args_bytes: int = Field(default=1024 * 1024, gt=0)
     # The largest request body the API reads; a longer one is refused with 413.
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     admin_token: str | None = None

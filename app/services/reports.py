@@ -11,11 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import Report
 from app.services.errors import IdempotencyKeyReused, NotFound
-from outbox_worker import Job, enqueue, get_job
+from app.tasks import generate_report
+from outbox_worker import Job, Outbox, get_job
 
 
 async def request_report(
-    session: AsyncSession, params: dict[str, Any], idempotency_key: str | None
+    session: AsyncSession, outbox: Outbox, params: dict[str, Any], idempotency_key: str | None
 ) -> tuple[uuid.UUID, int]:
     """Create the report and its job, or find the ones an earlier request with the same
     Idempotency-Key created; flushes, never commits.
@@ -27,7 +28,7 @@ async def request_report(
     """
     report_id = uuid.uuid4()
     if idempotency_key is None:
-        job = await _enqueue_report(session, report_id)
+        job = await _enqueue_report(session, outbox, report_id)
         await session.execute(insert(Report).values(id=report_id, params=params, job_id=job.id))
         return report_id, job.id
     inserted = (
@@ -48,15 +49,14 @@ async def request_report(
             )
         assert existing.job_id is not None
         return existing.id, existing.job_id
-    job = await _enqueue_report(session, report_id)
+    job = await _enqueue_report(session, outbox, report_id)
     await session.execute(update(Report).where(Report.id == report_id).values(job_id=job.id))
     return report_id, job.id
 
 
-async def _enqueue_report(session: AsyncSession, report_id: uuid.UUID) -> Job:
-    return await enqueue(
-        session, "generate_report", {"report_id": str(report_id)}, key=str(report_id)
-    )
+async def _enqueue_report(session: AsyncSession, outbox: Outbox, report_id: uuid.UUID) -> Job:
+    job = generate_report.job(report_id=str(report_id)).with_options(key=str(report_id))
+    return await outbox.enqueue(session, job)
 
 
 # What a report's status is while it is not done, read off its job's state. A succeeded job

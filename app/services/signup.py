@@ -7,10 +7,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import User
 from app.services.errors import EmailTaken
-from outbox_worker import Job, enqueue
+from app.tasks import send_welcome_email
+from outbox_worker import Job, Outbox
 
 
-async def sign_up(session: AsyncSession, email: str, name: str | None) -> tuple[int, Job]:
+async def sign_up(
+    session: AsyncSession, outbox: Outbox, email: str, name: str | None
+) -> tuple[int, Job]:
     """Create the user and enqueue ``send_welcome_email``; flushes, never commits."""
     statement = (
         pg_insert(User)
@@ -21,7 +24,7 @@ async def sign_up(session: AsyncSession, email: str, name: str | None) -> tuple[
     user_id = (await session.execute(statement)).scalar_one_or_none()
     if user_id is None:
         raise EmailTaken(f"{email} is already registered")
-    job = await enqueue(
-        session, "send_welcome_email", {"user_id": user_id}, key=f"welcome:{user_id}"
+    job = await outbox.enqueue(
+        session, send_welcome_email.job(user_id=user_id).with_options(key=f"welcome:{user_id}")
     )
     return user_id, job

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, status
 
-from app.api.deps import SessionDep
+from app.api.deps import OutboxDep, SessionDep
 from app.schemas import ReportIn, ReportOut, ReportQueued
 from app.services.reports import get_report, request_report
 
@@ -18,6 +18,7 @@ _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 @router.post("/reports", status_code=status.HTTP_202_ACCEPTED)
 async def create_report(
     session: SessionDep,
+    outbox: OutboxDep,
     body: ReportIn | None = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> ReportQueued:
@@ -29,7 +30,7 @@ async def create_report(
             "Idempotency-Key must be 1-255 visible ASCII characters",
         )
     params = (body or ReportIn()).model_dump(mode="json", exclude_defaults=True)
-    report_id, job_id = await request_report(session, params, idempotency_key)
+    report_id, job_id = await request_report(session, outbox, params, idempotency_key)
     return ReportQueued(report_id=report_id, job_id=job_id)
 
 
