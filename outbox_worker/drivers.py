@@ -317,3 +317,37 @@ def _name(session: object) -> str:
     if isinstance(session, (Engine, AsyncEngine, asyncpg.Pool)):
         return f"{kind.__module__}.{kind.__qualname__} (an engine or pool, not a transaction)"
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Without the check, for plans that need not join the caller's transaction: the test helpers'
+# (outbox_worker.testing), which word their own refusals
+# ---------------------------------------------------------------------------------------------
+
+R = TypeVar("R")
+
+
+def async_runner_unchecked(session: object) -> AsyncRunner | None:
+    """How to run plans on ``session`` if it is an async session or connection, in a
+    transaction or not; None if it is not. The check that keeps a job from committing on
+    its own has nothing to guard for a read, nor for a test fixture's clear_jobs."""
+    return _unchecked(_ASYNC, _async_kind, session)
+
+
+def sync_runner_unchecked(session: object) -> SyncRunner | None:
+    """:func:`async_runner_unchecked` for a sync session or connection."""
+    return _unchecked(_SYNC, _sync_kind, session)
+
+
+def _unchecked(
+    known: dict[type, tuple[R, Check | None]],
+    kind: Callable[[object, str], tuple[R, Check | None]],
+    session: object,
+) -> R | None:
+    found = known.get(type(session))
+    if found is None:
+        try:
+            found = known[type(session)] = kind(session, "")
+        except WrongSession:  # the other side's session, or none: the caller says so
+            return None
+    return found[0]

@@ -569,7 +569,7 @@ ORDER BY id
 WORKERS_ALIVE_PG = positional(WORKERS_ALIVE, "seconds")
 
 # ---------------------------------------------------------------------------------------------
-# Test helpers (outbox_worker.testing; SQLAlchemy, on the test's own session)
+# Test helpers (outbox_worker.testing: in the test's own transaction, on any driver)
 # ---------------------------------------------------------------------------------------------
 
 # :task, :args (JSON text the job's args must contain, as jsonb's @> defines it), :queue,
@@ -587,6 +587,16 @@ WHERE j.task = :task
   AND (CAST(:dedupe_key AS text) IS NULL OR j.dedupe_key = :dedupe_key)
   AND (CAST(:correlation_id AS text) IS NULL OR j.correlation_id = :correlation_id)
 ORDER BY j.id
+"""
+
+# :limit. The newest jobs, newest first: what a failed assertion lists as the table's
+# content (asked for one more than it shows, to tell whether there are more). Index: primary
+# key.
+JOB_LIST_NEWEST = f"""
+SELECT {JOB_SELECT_LIST}
+FROM outbox_jobs AS j
+ORDER BY j.id DESC
+LIMIT :limit
 """
 
 # No parameters. Every job gone, for the next test; answers how many. A DELETE, not a

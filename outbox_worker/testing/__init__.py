@@ -7,7 +7,11 @@
 - :func:`perform_job`: call one handler with a real JobContext and no job row, to unit-test it.
 - :func:`clear_jobs`: an empty queue for the next test.
 
-docs/testing.md shows them in a FastAPI app's tests.
+The helpers that read or clear the table take every async session or connection enqueue
+takes; ``outbox_worker.testing.sync`` has their twins for a sync session, and a sync
+``drain`` and ``perform_job``, for a sync test suite. Each of them is a plan, as an enqueue
+is (outbox_worker.enqueue), run by outbox_worker.drivers: one search and one failure message
+whatever the session. docs/testing.md shows them in a FastAPI app's tests.
 """
 
 from __future__ import annotations
@@ -16,24 +20,23 @@ import asyncio
 import collections
 import functools
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import structlog
-from sqlalchemy import text
 
-from outbox_worker import admin, db, sql
+from outbox_worker import db, drivers, sql
 from outbox_worker.backoff import retry_delay
+from outbox_worker.client import AsyncSessionLike
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.context import JobContext, current_correlation_id
-from outbox_worker.enqueue import Executor as Session
-from outbox_worker.enqueue import _default_max_args_bytes, _encode_args
-from outbox_worker.errors import InvalidArgs, OutboxError, UnknownTask
+from outbox_worker.enqueue import Plan, _default_max_args_bytes, _encode_args
+from outbox_worker.errors import InvalidArgs, OutboxError, UnknownTask, WrongSession
 from outbox_worker.executor import Executor
-from outbox_worker.jobs import Job, JobState
+from outbox_worker.jobs import JOB_COLUMNS, Job, JobState
 from outbox_worker.outcomes import ClaimedJob, Failed, Outcome, Settled, Succeeded
 from outbox_worker.registry import Registry
 from outbox_worker.worker import new_worker_id
@@ -53,8 +56,6 @@ DRAIN_LEASE_SECONDS = 600.0
 # How many jobs a failed assertion lists (the newest), so that a full table stays readable.
 SHOWN_JOBS = 20
 
-_JOB_FIND = text(sql.JOB_FIND)
-_JOB_DELETE_ALL = text(sql.JOB_DELETE_ALL)
 _JOB_GET = sql.positional(sql.JOB_GET, "id")
 # Where JOB_FAIL_MANY leaves a job (its state) → the DrainResult field that counts it.
 _FAILED_ENDS = {"queued": "retried", "dead": "dead", "cancelled": "cancelled"}
@@ -65,8 +66,8 @@ _FAILED_ENDS = {"queued": "retried", "dead": "dead", "cancelled": "cancelled"}
 # ---------------------------------------------------------------------------------------------
 
 
-async def assert_enqueued(
-    session: Session,
+def assert_enqueued(
+    session: AsyncSessionLike,
     task: str,
     args: Mapping[str, Any] | None = None,
     *,
@@ -77,18 +78,20 @@ async def assert_enqueued(
     max_attempts: int | None = None,
     key: str | None = None,
     correlation_id: str | None = None,
-) -> list[Job]:
+) -> Coroutine[Any, Any, list[Job]]:
     """The jobs of ``task`` that match, oldest first; AssertionError if there is none (or,
-    with ``count``, not exactly that many), listing the jobs there are.
+    with ``count``, not exactly that many), listing the jobs there are. Awaited.
 
     ``args`` matches when the job's args contain it (jsonb ``@>``: ``{"user_id": 1}`` matches
     ``{"user_id": 1, "lang": "en"}``). Every other filter is a column, compared for equality
     (``key`` is ``dedupe_key``); one left at None matches anything. Any state matches unless
-    ``state`` is given. Read through ``session`` (an AsyncSession or AsyncConnection), so the
-    jobs its transaction enqueued count before they are committed.
+    ``state`` is given. Read through ``session``, any async session or connection enqueue
+    takes, in its transaction: the jobs that transaction enqueued count before they are
+    committed. A sync session (WrongSession: see outbox_worker.testing.sync) or a state that
+    does not exist (ValueError) is refused by the call itself, awaited or not.
     """
-    found, wanted = await _find(
-        session,
+    runner = _async_runner(session, "assert_enqueued")
+    search = _search(
         task,
         args,
         queue=queue,
@@ -98,16 +101,11 @@ async def assert_enqueued(
         key=key,
         correlation_id=correlation_id,
     )
-    if (count is None and not found) or (count is not None and len(found) != count):
-        expected = "a job" if count is None else f"{count} job{'' if count == 1 else 's'}"
-        raise AssertionError(
-            f"expected {expected} {wanted}, found {len(found)}\n{await _what_is_enqueued(session)}"
-        )
-    return found
+    return runner(session, _expect(search, count))
 
 
-async def refute_enqueued(
-    session: Session,
+def refute_enqueued(
+    session: AsyncSessionLike,
     task: str,
     args: Mapping[str, Any] | None = None,
     *,
@@ -117,11 +115,11 @@ async def refute_enqueued(
     max_attempts: int | None = None,
     key: str | None = None,
     correlation_id: str | None = None,
-) -> None:
-    """AssertionError, listing the matches, if any job matches; the filters are those of
-    :func:`assert_enqueued`."""
-    found, wanted = await _find(
-        session,
+) -> Coroutine[Any, Any, None]:
+    """AssertionError, listing the matches, if any job matches; the session and filters are
+    those of :func:`assert_enqueued`. Awaited."""
+    runner = _async_runner(session, "refute_enqueued")
+    search = _search(
         task,
         args,
         queue=queue,
@@ -131,23 +129,64 @@ async def refute_enqueued(
         key=key,
         correlation_id=correlation_id,
     )
-    if found:
-        raise AssertionError(
-            f"expected no job {wanted}, found {len(found)}:\n"
-            + "\n".join(_describe(job) for job in found)
+    return runner(session, _refute(search))
+
+
+def clear_jobs(session: AsyncSessionLike) -> Coroutine[Any, Any, int]:
+    """Delete every job, in the session's transaction (it never commits); returns how many.
+    Awaited.
+
+    For a clean queue per test when the tests share a database (see docs/testing.md). On a
+    raw connection outside a transaction the DELETE is a transaction of its own, committed
+    at once as every statement there is: what a fixture emptying the table wants."""
+    return _async_runner(session, "clear_jobs")(session, _clear())
+
+
+def _async_runner(session: object, function: str) -> drivers.AsyncRunner:
+    runner = drivers.async_runner_unchecked(session)
+    if runner is None:
+        raise WrongSession(_refusal(session, function, sync=False))
+    return runner
+
+
+def _refusal(session: object, function: str, *, sync: bool) -> str:
+    """Why ``function`` (this module's, or its sync twin's) cannot use ``session``, and what
+    to call instead."""
+    kind = drivers._name(session)
+    if sync and drivers.async_runner_unchecked(session) is not None:
+        return (
+            f"outbox_worker.testing.sync.{function}() takes a sync session or connection, and "
+            f"this is an async {kind}: call `await outbox_worker.testing.{function}(...)`"
         )
+    if not sync and drivers.sync_runner_unchecked(session) is not None:
+        return (
+            f"outbox_worker.testing.{function}() takes an async session or connection, and "
+            f"this is a sync {kind}: call outbox_worker.testing.sync.{function}(), which is "
+            "not awaited"
+        )
+    called = f"outbox_worker.testing.{'sync.' if sync else ''}{function}()"
+    return (
+        f"{called} cannot use {kind}: pass the session or connection whose transaction the "
+        "jobs are in: SQLAlchemy's AsyncSession or AsyncConnection, an asyncpg connection or "
+        f"a psycopg AsyncConnection to outbox_worker.testing.{function}(); SQLAlchemy's "
+        "Session or Connection (psycopg or psycopg2) or a psycopg Connection to "
+        f"outbox_worker.testing.sync.{function}()"
+    )
 
 
-async def clear_jobs(session: Session) -> int:
-    """Delete every job, in the caller's transaction (it never commits); returns how many.
-
-    For a clean queue per test when the tests share a database (see docs/testing.md)."""
-    deleted: int = (await session.execute(_JOB_DELETE_ALL)).scalar_one()
-    return deleted
+# The plans: what assert_enqueued, refute_enqueued and clear_jobs do, the same whatever
+# session runs them, here or in outbox_worker.testing.sync. Rows come back as sequences of
+# columns, sql.JOB_SELECT_LIST's in JOB_COLUMNS' order.
 
 
-async def _find(
-    session: Session,
+class _Search(NamedTuple):
+    """JOB_FIND's parameters, and the search in words for a failure message."""
+
+    params: dict[str, Any]
+    wanted: str
+
+
+def _search(
     task: str,
     args: Mapping[str, Any] | None,
     *,
@@ -157,8 +196,9 @@ async def _find(
     max_attempts: int | None,
     key: str | None,
     correlation_id: str | None,
-) -> tuple[list[Job], str]:
-    """The matching jobs, and the search in words for a failure message."""
+) -> _Search:
+    """The search, built when the helper is called: a state that does not exist raises
+    ValueError there, before any SQL."""
     params = {
         "task": task,
         "args": None if args is None else json.dumps(dict(args)),
@@ -169,23 +209,55 @@ async def _find(
         "dedupe_key": key,
         "correlation_id": correlation_id,
     }
-    rows = (await session.execute(_JOB_FIND, params)).mappings().all()
     wanted = f"of task {task!r}"
     if args is not None:
         wanted += f" with args containing {_json(args)}"
     for name, value in params.items():
         if name not in ("task", "args") and value is not None:
             wanted += f", {'key' if name == 'dedupe_key' else name}={value!r}"
-    return [Job.from_row(row) for row in rows], wanted
+    return _Search(params, wanted)
 
 
-async def _what_is_enqueued(session: Session) -> str:
-    page = await admin.list_jobs(session, limit=SHOWN_JOBS)
-    if not page.items:
+def _expect(search: _Search, count: int | None) -> Plan[list[Job]]:
+    found = yield from _find(search)
+    if (count is None and not found) or (count is not None and len(found) != count):
+        expected = "a job" if count is None else f"{count} job{'' if count == 1 else 's'}"
+        enqueued = yield from _what_is_enqueued()
+        raise AssertionError(f"expected {expected} {search.wanted}, found {len(found)}\n{enqueued}")
+    return found
+
+
+def _refute(search: _Search) -> Plan[None]:
+    found = yield from _find(search)
+    if found:
+        raise AssertionError(
+            f"expected no job {search.wanted}, found {len(found)}:\n"
+            + "\n".join(_describe(job) for job in found)
+        )
+
+
+def _clear() -> Plan[int]:
+    rows = yield sql.JOB_DELETE_ALL, {}
+    deleted: int = rows[0][0]
+    return deleted
+
+
+def _find(search: _Search) -> Plan[list[Job]]:
+    rows = yield sql.JOB_FIND, search.params
+    return [_job(row) for row in rows]
+
+
+def _what_is_enqueued() -> Plan[str]:
+    rows = yield sql.JOB_LIST_NEWEST, {"limit": SHOWN_JOBS + 1}
+    if not rows:
         return "outbox_jobs is empty (as this session sees it)"
-    more = f", the newest {SHOWN_JOBS} shown" if page.next_cursor else ""
-    lines = [_describe(job) for job in reversed(page.items)]
+    more = f", the newest {SHOWN_JOBS} shown" if len(rows) > SHOWN_JOBS else ""
+    lines = [_describe(_job(row)) for row in reversed(rows[:SHOWN_JOBS])]
     return f"outbox_jobs holds (as this session sees it{more}):\n" + "\n".join(lines)
+
+
+def _job(row: Sequence[Any]) -> Job:
+    return Job.from_row(dict(zip(JOB_COLUMNS, row, strict=True)))
 
 
 def _describe(job: Job) -> str:
