@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest run clean
+.PHONY: install test test-slow test-all lint typecheck pytest pytest-slow run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,19 @@ typecheck: $(STAMP)
 # Two pytest processes, each with its own PostgreSQL: most of the suite waits on processes
 # and the database, so this halves the wall time on two cores.
 pytest: $(STAMP)
-	$(BIN)/pytest -n 2
+	$(BIN)/pytest -n 2 -m "not slow"
+
+# The slow tier: the fault suite (kill -9, SIGSTOP, PostgreSQL restarts), the short soak and
+# bench runs, the wheel built and installed in fresh virtualenvs, the README's guide in a
+# fresh project, `make run` itself. CI runs it after `make test`.
+pytest-slow: $(STAMP)
+	$(BIN)/pytest -n 2 -m slow
 
 test: lint typecheck pytest
+
+test-slow: pytest-slow
+
+test-all: test test-slow
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

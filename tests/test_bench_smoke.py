@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import bounds
 from bench.config import SECTIONS, configure
 from bench.report import TARGETS, render
 from bench.run import run_suite
 from outbox_worker.devdb import PostgresServer
+
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
 
 
 def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) -> None:

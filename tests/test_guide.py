@@ -29,6 +29,9 @@ import pytest
 
 from tests.conftest import ROOT, run_apart, wait_until
 
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
+
 GUIDE = "## Add pgoutbox to your FastAPI app"
 # What the app needs besides pgoutbox, as its own requirements would list them.
 APP_REQUIREMENTS = ("psycopg[binary]", "uvicorn", "httpx", "pytest", "pytest-asyncio")

@@ -24,6 +24,9 @@ from alembic import command
 from app.main import schema_heads
 from tests.conftest import alembic_config
 
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

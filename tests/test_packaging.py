@@ -18,6 +18,9 @@ import pytest
 
 from tests.conftest import run_apart
 
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
+
 # What only this repository uses: never in what an app installs.
 REPOSITORY_ONLY = ("app/", "tests/", "bench/", "alembic/", "deploy/")
 

@@ -43,6 +43,9 @@ from bench.soak_check import (
 )
 from bench.soak_tasks import HOSTILE_KINDS
 
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ from tests.faults.harness import (
 )
 from tests.faults.invariants import check_invariants, log_events
 
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
+
 # Idempotent (dedupe keys), so that a batch retried after a commit whose answer was lost
 # cannot add rows: the enqueuer must know exactly which jobs were committed.
 ENQUEUE_BATCH = """

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -17,6 +18,9 @@ from outbox_worker.enqueue import Executor
 from tests.conftest import WorkerProcess
 from tests.faults.harness import CALM, settle, stop_workers
 from tests.faults.invariants import check_invariants
+
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
 
 CALLERS = 8
 ROUNDS = 6

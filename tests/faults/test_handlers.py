@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import (
@@ -27,6 +28,9 @@ from tests.faults.harness import (
     stop_workers,
 )
 from tests.faults.invariants import check_invariants, log_events
+
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
 
 
 async def _runs(pool: asyncpg.Pool, pid: int, jobs: list[int]) -> bool:

@@ -13,6 +13,7 @@ import signal
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import (
@@ -28,6 +29,9 @@ from tests.faults.harness import (
     stop_workers,
 )
 from tests.faults.invariants import check_invariants, log_events
+
+# The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
+pytestmark = pytest.mark.slow
 
 
 async def test_repeated_kill_9_loses_nothing_and_runs_nothing_twice_unexplained(
