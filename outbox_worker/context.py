@@ -11,8 +11,8 @@ import asyncpg
 import structlog
 
 from outbox_worker import sql
+from outbox_worker._worker.storable import encode_result
 from outbox_worker.errors import LeaseLost, OutboxError
-from outbox_worker.storable import encode_result
 
 # The request (or job) that is causing enqueues right now: enqueue stores it as
 # correlation_id when none is given. The app's middleware and the worker set it.

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import tests.workload  # noqa: F401 -- registers the tasks enqueue checks names against
 from outbox_worker import NewJob, enqueue_many, sql
-from outbox_worker.claimer import Claimer
+from outbox_worker._worker.claimer import Claimer
 from tests.conftest import WorkerProcess, wait_until
 
 LEASE_SECONDS = 30.0

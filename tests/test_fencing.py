@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from outbox_worker import JobContext, LeaseLost, OutboxError, Worker, WorkerOptions, sql
-from outbox_worker.maintenance import Rescuer
+from outbox_worker._worker.maintenance import Rescuer
 from tests.conftest import WorkerProcess, wait_until
 from tests.workload import registry as workload_registry
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
-from outbox_worker.maintenance import Rescuer
+from outbox_worker._worker.maintenance import Rescuer
 from tests.conftest import WorkerProcess, wait_until
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 import tests.workload  # noqa: F401 -- registers the tasks enqueue checks names against
 from outbox_worker import enqueue
-from outbox_worker.backoff import retry_delay
+from outbox_worker._worker.backoff import retry_delay
 from tests.conftest import WorkerProcess, wait_until
 
 # ---------------------------------------------------------------------------------------------

@@ -29,15 +29,15 @@ import asyncpg
 import structlog
 
 from outbox_worker import db, drivers, sql
-from outbox_worker.backoff import retry_delay
+from outbox_worker._worker.backoff import retry_delay
+from outbox_worker._worker.executor import Executor
+from outbox_worker._worker.outcomes import ClaimedJob, Failed, Outcome, Settled, Succeeded
 from outbox_worker.client import AsyncSessionLike
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.enqueue import Plan, _default_max_args_bytes, _encode_args
 from outbox_worker.errors import InvalidArgs, OutboxError, UnknownTask, WrongSession
-from outbox_worker.executor import Executor
 from outbox_worker.jobs import JOB_COLUMNS, Job, JobState
-from outbox_worker.outcomes import ClaimedJob, Failed, Outcome, Settled, Succeeded
 from outbox_worker.registry import Registry
 from outbox_worker.worker import new_worker_id
 

@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 
 from outbox_worker import sql
-from outbox_worker.outcomes import ClaimedJob, Succeeded
+from outbox_worker._worker.outcomes import ClaimedJob, Succeeded
 
 
 class Claimer:

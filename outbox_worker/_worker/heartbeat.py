@@ -18,8 +18,8 @@ import asyncpg
 import structlog
 
 from outbox_worker import db, sql
+from outbox_worker._worker.outcomes import ClaimedJob
 from outbox_worker.db import sleep_or_stop
-from outbox_worker.outcomes import ClaimedJob
 
 
 class Heartbeat:

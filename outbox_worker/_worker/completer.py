@@ -28,7 +28,7 @@ import structlog
 from prometheus_client import Counter
 
 from outbox_worker import db, metrics, sql
-from outbox_worker.outcomes import (
+from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
     ClaimedJob,

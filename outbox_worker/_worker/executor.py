@@ -15,9 +15,7 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from outbox_worker import metrics
-from outbox_worker.context import JobContext, current_correlation_id
-from outbox_worker.errors import LeaseLost
-from outbox_worker.outcomes import (
+from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
     ClaimedJob,
@@ -28,8 +26,10 @@ from outbox_worker.outcomes import (
     StopReason,
     Succeeded,
 )
+from outbox_worker._worker.storable import encode_result, storable_text
+from outbox_worker.context import JobContext, current_correlation_id
+from outbox_worker.errors import LeaseLost
 from outbox_worker.registry import Registry
-from outbox_worker.storable import encode_result, storable_text
 
 MAX_ERROR_CHARS = 8000
 
