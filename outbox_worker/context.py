@@ -98,11 +98,13 @@ class JobContext:
                 if result.problem is not None:
                     self.log.warning("job_result_unstorable", detail=result.problem)
                 done = await conn.fetch(
-                    sql.JOB_COMPLETE_MANY,
-                    [self.job_id],
-                    [self.attempt],
-                    [result.json],
-                    self.worker_id,
+                    *sql.bind(
+                        sql.JOB_COMPLETE_MANY,
+                        ids=[self.job_id],
+                        attempts=[self.attempt],
+                        results=[result.json],
+                        worker_id=self.worker_id,
+                    )
                 )
                 if not done:
                     raise LeaseLost(

@@ -371,8 +371,9 @@ def _current_correlation_id() -> str | None:
 
 
 def _written(row: _Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
-    """The Job just inserted: what was sent, plus what the database decided (sql._INSERTED:
-    id, run_at, created_at). Positional, in Job's field order: it runs once per job."""
+    """The Job just inserted: what was sent, plus what the database decided
+    (sql.client._INSERTED: id, run_at, created_at). Positional, in Job's field order: it runs
+    once per job."""
     job_id, run_at, created_at = inserted
     queue, task, _, priority, max_attempts, _, _, dedupe_key, correlation_id = row
     return Job(

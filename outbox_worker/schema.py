@@ -1,7 +1,8 @@
 """``outbox_jobs`` as SQLAlchemy Core metadata: the model Alembic's autogenerate compares against.
 
-No queries live here (they are in ``sql.py``); the DDL that SQLAlchemy cannot express
-(trigger, storage parameters) is in ``ddl.py``.
+No queries live here (they are in ``outbox_worker.sql``); the DDL that SQLAlchemy cannot
+express (the NOTIFY trigger, storage parameters) is in the migrations
+(``migrations/versions/pgoutbox_0001_outbox_jobs.py``).
 """
 
 from __future__ import annotations

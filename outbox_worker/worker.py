@@ -448,8 +448,7 @@ class Worker:
                 alive = await db.fetch(
                     pool,
                     "gauges",
-                    sql.WORKERS_ALIVE_PG,
-                    self.options.lease_seconds * 2,
+                    *sql.bind(sql.WORKERS_ALIVE_PG, seconds=self.options.lease_seconds * 2),
                     give_up_after=5.0,
                 )
                 metrics.WORKERS_ALIVE.set(len(alive))

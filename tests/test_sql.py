@@ -1,6 +1,8 @@
 """Every statement of ``outbox_worker.sql`` prepares against the migrated schema (so that a
-typo fails the suite, not production), and the NOTIFY trigger fires once per inserting
-statement, without data."""
+typo fails the suite, not production); each worker-side statement's declared parameters are
+exactly its placeholders, of the type its names promise; every statement that writes about
+an attempt carries the fence; and the NOTIFY trigger fires once per inserting statement,
+without data."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox_worker import sql
 
-# Upper-case string constants of sql.py that are fragments or names, not statements.
+# Upper-case string constants of outbox_worker.sql that are fragments or names, not statements.
 NOT_STATEMENTS = frozenset({"JOB_SELECT_LIST", "NOTIFY_CHANNEL"})
 
 ASYNCPG_PARAM = re.compile(r"\$(\d+)")
@@ -23,8 +25,8 @@ SQLALCHEMY_PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 def discover_statements() -> dict[str, str]:
-    """Every public upper-case string constant of sql.py that is a statement: a new constant
-    is covered without touching this file."""
+    """Every public upper-case string constant of outbox_worker.sql that is a statement: a new
+    constant is covered without touching this file."""
     return {
         name: value
         for name, value in vars(sql).items()
@@ -36,6 +38,50 @@ def discover_statements() -> dict[str, str]:
 
 
 STATEMENTS = discover_statements()
+
+# What each worker-side parameter name is, as the server infers it from the statement: a name
+# means one thing in every statement that declares it, so arguments bound by name cannot land
+# on a placeholder of another kind. A new name must be added here.
+PARAMETER_TYPES = {
+    "attempts": "int4[]",
+    "batch": "int8",
+    "concurrency": "int4",
+    "delays": "float8[]",
+    "errors": "text[]",
+    "give_up": "bool[]",
+    "id": "int8",
+    "ids": "int8[]",
+    "in_flight": "int4",
+    "key": "int8",
+    "lease_seconds": "float8",
+    "limit": "int8",
+    "older_than": "float8",
+    "queues": "text[]",
+    "results": "text[]",
+    "seconds": "float8",
+    "state": "text",
+    "worker_id": "text",
+}
+
+# The fence as each statement that writes about an attempt renders it: the worker id is its
+# own $n; the attempt is a column of the statement's input rows.
+FENCE = re.compile(
+    r"j\.state = 'running' AND j\.locked_by = \$(\d+) AND j\.attempts = [a-z]+\.attempt\b"
+)
+# Every statement that writes about an attempt the worker holds (it takes the attempts, and
+# the worker id), but the one that is the fence's complement: JOB_RELEASE_ORPHANS hands back
+# the rows held under the worker's name by no attempt it started.
+FENCED = frozenset(
+    {
+        "JOB_COMPLETE_MANY",
+        "JOB_COMPLETE_AND_CLAIM",
+        "JOB_FAIL_MANY",
+        "JOB_RELEASE_MANY",
+        "JOB_CANCEL_MANY",
+        "JOB_UNCLAIM_MANY",
+        "JOB_EXTEND_LEASES",
+    }
+)
 
 
 def test_discovery_finds_the_statements() -> None:
@@ -52,8 +98,16 @@ async def test_statement_prepares(name: str, pool: asyncpg.Pool, engine: AsyncEn
     positional = {int(n) for n in ASYNCPG_PARAM.findall(statement)}
     named = set(SQLALCHEMY_PARAM.findall(statement))
     assert not (positional and named), f"{name} mixes $n and :name parameters"
+    worker_side = statement in sql.declared()
+    assert worker_side or not positional, f"{name} has $n parameters and no declaration"
+    declared = sql.declared().get(statement, ())
 
-    if named:
+    if worker_side:
+        # Declared once, with the names in $n order: exactly its placeholders.
+        to_prepare = statement
+        expected_params = len(declared)
+        assert positional == set(range(1, expected_params + 1)), f"{name}: {declared}"
+    elif named:
         # App side: what SQLAlchemy's asyncpg dialect sends is what must prepare.
         compiled = text(statement).compile(dialect=engine.dialect)
         to_prepare = str(compiled)
@@ -62,16 +116,75 @@ async def test_statement_prepares(name: str, pool: asyncpg.Pool, engine: AsyncEn
         expected_params = len(compiled.positiontup or [])
         assert set(compiled.positiontup or []) == named
     else:
-        to_prepare = statement
-        expected_params = max(positional, default=0)
-        assert positional == set(range(1, expected_params + 1)), f"{name} skips a $n"
+        to_prepare = statement  # app side, no parameters
+        expected_params = 0
 
     async with pool.acquire() as conn:
         try:
             prepared = await conn.prepare(to_prepare)
         except asyncpg.PostgresError as exc:
             pytest.fail(f"{name} does not prepare: {type(exc).__name__}: {exc}\n{to_prepare}")
-        assert len(prepared.get_parameters()) == expected_params
+        parameters = prepared.get_parameters()
+    assert len(parameters) == expected_params
+    if worker_side:
+        # Each name is what PARAMETER_TYPES says it is ($n order is the declaration's).
+        types = dict(zip(declared, (parameter.name for parameter in parameters), strict=True))
+        assert types == {param: PARAMETER_TYPES[param] for param in declared}, name
+
+
+def test_every_declaration_is_a_statement() -> None:
+    """Nothing is declared but the worker-side statements, each under its name."""
+    assert set(sql.declared()) == {
+        statement for statement in STATEMENTS.values() if ASYNCPG_PARAM.search(statement)
+    } | {sql.SCHEMA_PROBE}
+
+
+@pytest.mark.parametrize("name", sorted(FENCED))
+def test_fenced(name: str) -> None:
+    statement = STATEMENTS[name]
+    [worker_id] = FENCE.findall(statement)
+    assert int(worker_id) == sql.declared()[statement].index("worker_id") + 1
+    assert statement.count("j.locked_by = $") == 1
+
+
+def test_the_fence_is_the_invariant() -> None:
+    """sql.fence, which every fenced statement composes, says what FENCE above spells out."""
+    assert FENCE.fullmatch(sql.fence("h.attempt").replace(":worker_id", "$3"))
+
+
+def test_what_takes_an_attempt_is_fenced() -> None:
+    """A new statement that writes about an attempt is fenced, or named here as why not."""
+    takes_attempts = {
+        name
+        for name, statement in STATEMENTS.items()
+        if {"attempts", "worker_id"} <= set(sql.declared().get(statement, ()))
+    }
+    assert takes_attempts == FENCED | {"JOB_RELEASE_ORPHANS"}
+    assert not FENCE.search(STATEMENTS["JOB_RELEASE_ORPHANS"])
+
+
+def test_bind_by_name() -> None:
+    assert sql.bind(sql.JOB_RELEASE_MANY, worker_id="w", attempts=[1], ids=[7]) == (
+        sql.JOB_RELEASE_MANY,
+        [7],
+        [1],
+        "w",
+    )
+    with pytest.raises(TypeError, match="ids, attempts, worker_id"):
+        sql.bind(sql.JOB_RELEASE_MANY, ids=[7], attempts=[1])
+    with pytest.raises(TypeError):
+        sql.bind(sql.JOB_RELEASE_MANY, ids=[7], attempts=[1], worker_id="w", lease_seconds=1)
+    with pytest.raises(ValueError, match="not a statement declared"):
+        sql.bind(sql.JOB_GET, id=1)  # app side: drivers render it
+
+
+def test_declaration_matches_its_text() -> None:
+    with pytest.raises(ValueError, match="not declared"):
+        sql.statement("SELECT :a::int + :b::int", params=("a",))
+    with pytest.raises(ValueError, match="never used"):
+        sql.statement("SELECT :a::int", params=("a", "b"))
+    with pytest.raises(ValueError, match="twice"):
+        sql.statement("SELECT :a::int", params=("a", "a"))
 
 
 async def test_one_empty_notification_per_inserting_statement(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import asyncpg
 import structlog
@@ -78,21 +79,22 @@ class Claimer:
         ``answer_within``: cancel the statement (TimeoutError) if it takes longer, waiting
         on a locked row say."""
         asked = self._reserve(freed=len(outcomes))
-        done = (
-            [o.job_id for o in outcomes],
-            [o.attempt for o in outcomes],
-            [o.result for o in outcomes],
-        )
+        done: dict[str, list[Any]] = {
+            "ids": [o.job_id for o in outcomes],
+            "attempts": [o.attempt for o in outcomes],
+            "results": [o.result for o in outcomes],
+        }
         if not asked:
             async with self._pool.acquire(timeout=30) as conn:
                 written: list[asyncpg.Record] = await conn.fetch(
-                    sql.JOB_COMPLETE_MANY, *done, self._worker_id, timeout=answer_within
+                    *sql.bind(sql.JOB_COMPLETE_MANY, **done, worker_id=self._worker_id),
+                    timeout=answer_within,
                 )
             return written
         try:
             async with self._pool.acquire(timeout=30) as conn:
                 rows, sent = await self._send(
-                    conn, sql.JOB_COMPLETE_AND_CLAIM, asked, *done, answer_within=answer_within
+                    conn, sql.JOB_COMPLETE_AND_CLAIM, asked, answer_within=answer_within, **done
                 )
         finally:
             self._settle(asked)
@@ -121,17 +123,21 @@ class Claimer:
         conn: asyncpg.Connection,
         statement: str,
         asked: int,
-        *more: object,
+        *,
         answer_within: float | None = None,
+        **done: list[Any],
     ) -> tuple[list[asyncpg.Record], float]:
-        """The statement's rows, and when it was sent (time.monotonic())."""
+        """The rows of the claim ``statement`` (with ``done``, the successes it writes too),
+        and when it was sent (time.monotonic())."""
         if self._orphans_suspected and self._in_flight == 1:
             started = list(self._started())
             orphans = await conn.fetch(
-                sql.JOB_RELEASE_ORPHANS,
-                self._worker_id,
-                [job_id for job_id, _ in started],
-                [attempt for _, attempt in started],
+                *sql.bind(
+                    sql.JOB_RELEASE_ORPHANS,
+                    worker_id=self._worker_id,
+                    ids=[job_id for job_id, _ in started],
+                    attempts=[attempt for _, attempt in started],
+                )
             )
             if orphans:
                 self._log.warning("orphans_released", jobs=[row["id"] for row in orphans])
@@ -139,12 +145,14 @@ class Claimer:
         sent = time.monotonic()
         try:
             rows: list[asyncpg.Record] = await conn.fetch(
-                statement,
-                self._queues,
-                asked,
-                self._worker_id,
-                self._lease_seconds,
-                *more,
+                *sql.bind(
+                    statement,
+                    queues=self._queues,
+                    limit=asked,
+                    worker_id=self._worker_id,
+                    lease_seconds=self._lease_seconds,
+                    **done,
+                ),
                 timeout=answer_within,
             )
         except BaseException as exc:
@@ -157,10 +165,12 @@ class Claimer:
             late = [row for row in rows if row.get("claimed", True)]
             if late:
                 await conn.fetch(
-                    sql.JOB_UNCLAIM_MANY,
-                    [row["id"] for row in late],
-                    [row["attempts"] for row in late],
-                    self._worker_id,
+                    *sql.bind(
+                        sql.JOB_UNCLAIM_MANY,
+                        ids=[row["id"] for row in late],
+                        attempts=[row["attempts"] for row in late],
+                        worker_id=self._worker_id,
+                    )
                 )
                 self._log.warning("claim_too_late", jobs=[row["id"] for row in late])
                 return [row for row in rows if not row.get("claimed", True)], sent

@@ -249,23 +249,27 @@ class Completer:
             if isinstance(first, Failed):
                 failed = [o for o in outcomes if isinstance(o, Failed)]
                 rows: list[asyncpg.Record] = await conn.fetch(
-                    sql.JOB_FAIL_MANY,
-                    ids,
-                    attempts,
-                    [o.error for o in failed],
-                    [o.delay for o in failed],
-                    [o.give_up for o in failed],
-                    self._worker_id,
+                    *sql.bind(
+                        sql.JOB_FAIL_MANY,
+                        ids=ids,
+                        attempts=attempts,
+                        errors=[o.error for o in failed],
+                        delays=[o.delay for o in failed],
+                        give_up=[o.give_up for o in failed],
+                        worker_id=self._worker_id,
+                    ),
                     timeout=self._stall_after,
                 )
             elif isinstance(first, Succeeded):
                 succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
                 rows = await conn.fetch(
-                    sql.JOB_COMPLETE_MANY,
-                    ids,
-                    attempts,
-                    [o.result for o in succeeded],
-                    self._worker_id,
+                    *sql.bind(
+                        sql.JOB_COMPLETE_MANY,
+                        ids=ids,
+                        attempts=attempts,
+                        results=[o.result for o in succeeded],
+                        worker_id=self._worker_id,
+                    ),
                     timeout=self._stall_after,
                 )
             else:
@@ -273,7 +277,8 @@ class Completer:
                     sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_CANCEL_MANY
                 )
                 rows = await conn.fetch(
-                    statement, ids, attempts, self._worker_id, timeout=self._stall_after
+                    *sql.bind(statement, ids=ids, attempts=attempts, worker_id=self._worker_id),
+                    timeout=self._stall_after,
                 )
         return rows
 

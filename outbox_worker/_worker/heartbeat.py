@@ -94,17 +94,25 @@ class Heartbeat:
         sent = time.monotonic()
         async with self._pool.acquire(timeout=self._lease) as conn:
             await conn.execute(
-                sql.WORKER_HEARTBEAT, self._worker_id, self._queues, self._concurrency, len(jobs)
+                *sql.bind(
+                    sql.WORKER_HEARTBEAT,
+                    worker_id=self._worker_id,
+                    queues=self._queues,
+                    concurrency=self._concurrency,
+                    in_flight=len(jobs),
+                )
             )
             if not jobs:
                 self._extended.clear()
                 return [], []
             rows: list[asyncpg.Record] = await conn.fetch(
-                sql.JOB_EXTEND_LEASES,
-                [job.id for job in jobs],
-                [job.attempt for job in jobs],
-                self._worker_id,
-                self._lease,
+                *sql.bind(
+                    sql.JOB_EXTEND_LEASES,
+                    ids=[job.id for job in jobs],
+                    attempts=[job.attempt for job in jobs],
+                    worker_id=self._worker_id,
+                    lease_seconds=self._lease,
+                )
             )
         extended = {row["id"] for row in rows}
         current = {(job.id, job.attempt) for job in self._held.values()}
@@ -147,7 +155,10 @@ class Heartbeat:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2.0):
                 await db.fetch(
-                    self._pool, "goodbye", sql.WORKER_DELETE, self._worker_id, give_up_after=2.0
+                    self._pool,
+                    "goodbye",
+                    *sql.bind(sql.WORKER_DELETE, worker_id=self._worker_id),
+                    give_up_after=2.0,
                 )
 
 
@@ -170,7 +181,6 @@ class LoopWatchdog:
         self._thread = threading.Thread(
             target=self._watch, name="outbox-loop-watchdog", daemon=True
         )
-        self.blocked_count = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -189,7 +199,6 @@ class LoopWatchdog:
                 return  # the loop is closed
             if answered.wait(self._threshold):
                 continue
-            self.blocked_count += 1
             self._log.error(
                 "event_loop_blocked",
                 seconds=round(time.monotonic() - started, 2),

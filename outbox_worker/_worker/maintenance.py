@@ -47,7 +47,10 @@ class Rescuer:
         total = 0
         while True:
             rows = await db.fetch(
-                self._pool, "rescue", sql.JOB_RESCUE_EXPIRED, RESCUE_BATCH, until=until
+                self._pool,
+                "rescue",
+                *sql.bind(sql.JOB_RESCUE_EXPIRED, limit=RESCUE_BATCH),
+                until=until,
             )
             for row in rows:
                 self._log.warning(
@@ -100,9 +103,14 @@ class Pruner:
 
     async def _batch(self, state: str, keep: timedelta) -> int:
         async with self._pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval(sql.MAINTENANCE_TRY_LOCK, PRUNE_LOCK_KEY):
+            if not await conn.fetchval(*sql.bind(sql.MAINTENANCE_TRY_LOCK, key=PRUNE_LOCK_KEY)):
                 return 0
             status: str = await conn.execute(
-                sql.JOB_PRUNE_FINISHED_PG, state, keep.total_seconds(), PRUNE_BATCH
+                *sql.bind(
+                    sql.JOB_PRUNE_FINISHED_PG,
+                    state=state,
+                    older_than=keep.total_seconds(),
+                    batch=PRUNE_BATCH,
+                )
             )
             return int(status.rsplit(" ", 1)[-1])

@@ -56,7 +56,6 @@ DRAIN_LEASE_SECONDS = 600.0
 # How many jobs a failed assertion lists (the newest), so that a full table stays readable.
 SHOWN_JOBS = 20
 
-_JOB_GET = sql.positional(sql.JOB_GET, "id")
 # Where JOB_FAIL_MANY leaves a job (its state) → the DrainResult field that counts it.
 _FAILED_ENDS = {"queued": "retried", "dead": "dead", "cancelled": "cancelled"}
 
@@ -352,7 +351,15 @@ async def drain(
         ends: collections.Counter[str] = collections.Counter()
         ran: list[int] = []
         while limit is None or len(ran) < limit:
-            claimed = await pool.fetch(sql.JOB_CLAIM, served, 1, worker_id, DRAIN_LEASE_SECONDS)
+            claimed = await pool.fetch(
+                *sql.bind(
+                    sql.JOB_CLAIM,
+                    queues=served,
+                    limit=1,
+                    worker_id=worker_id,
+                    lease_seconds=DRAIN_LEASE_SECONDS,
+                )
+            )
             if not claimed:
                 break
             row = claimed[0]
@@ -397,24 +404,32 @@ async def _write(pool: asyncpg.Pool, worker_id: str, outcome: Outcome) -> str:
     DrainResult field it counts in."""
     if isinstance(outcome, Succeeded):
         done = await pool.fetch(
-            sql.JOB_COMPLETE_MANY, [outcome.job_id], [outcome.attempt], [outcome.result], worker_id
+            *sql.bind(
+                sql.JOB_COMPLETE_MANY,
+                ids=[outcome.job_id],
+                attempts=[outcome.attempt],
+                results=[outcome.result],
+                worker_id=worker_id,
+            )
         )
         return "succeeded" if done else "lost"
     if isinstance(outcome, Failed):
         failed = await pool.fetch(
-            sql.JOB_FAIL_MANY,
-            [outcome.job_id],
-            [outcome.attempt],
-            [outcome.error],
-            [outcome.delay],
-            [outcome.give_up],
-            worker_id,
+            *sql.bind(
+                sql.JOB_FAIL_MANY,
+                ids=[outcome.job_id],
+                attempts=[outcome.attempt],
+                errors=[outcome.error],
+                delays=[outcome.delay],
+                give_up=[outcome.give_up],
+                worker_id=worker_id,
+            )
         )
         return _FAILED_ENDS[failed[0]["state"]] if failed else "lost"
     if isinstance(outcome, Settled):
         # Completed in its own transaction (ctx.transaction()), or its lease was lost: the
         # row says which.
-        row = await pool.fetchrow(_JOB_GET, outcome.job_id)
+        row = await pool.fetchrow(*sql.bind(sql.JOB_GET_PG, id=outcome.job_id))
         finished = row is not None and row["state"] == JobState.SUCCEEDED
         return "succeeded" if finished else "lost"
     raise AssertionError(f"a drain never stops a handler, yet its attempt ended as {outcome}")

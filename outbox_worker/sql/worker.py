@@ -1,0 +1,339 @@
+"""Worker-side statements: the asyncpg hot path (claim, outcomes, heartbeat) and the worker's
+maintenance (rescue, prune), prepared and cached per connection unless
+OUTBOX_PREPARED_STATEMENTS is off.
+
+Each is declared with :func:`~outbox_worker.sql._params.statement`: its text with ``:name``
+placeholders and the names in the order asyncpg takes them, rendered into ``$n`` text once,
+here, at import. Call sites bind by name: ``conn.fetch(*sql.bind(sql.JOB_CLAIM, ...))``.
+Each comment says what the values mean and the index the statement relies on; the
+types are the casts in the text.
+"""
+
+from __future__ import annotations
+
+from outbox_worker.sql._params import statement
+from outbox_worker.sql.admin import JOB_GET, JOB_PRUNE_FINISHED, WORKERS_ALIVE
+
+
+def fence(attempt: str) -> str:
+    """The fence, the queue's central invariant: a worker's write about job ``j`` applies
+    only while the row is running, held by that worker (``:worker_id``), for the attempt it
+    writes about (``attempt``: the column of the statement's input rows that carries it).
+
+    A worker whose lease lapsed meanwhile (its job rescued, perhaps claimed and run again
+    elsewhere) so changes nothing, and the rows that come back are the ones it did change.
+    """
+    return f"j.state = 'running' AND j.locked_by = :worker_id AND j.attempts = {attempt}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim
+# ---------------------------------------------------------------------------------------------
+
+# The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: :queues to serve, :limit (the
+# slots the worker reserved), :worker_id, :lease_seconds.
+# Lock in a MATERIALIZED CTE, then update, so that no more than :limit rows are ever claimed
+# (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL may run the subquery again and
+# lock more). Index: outbox_jobs_claim_idx, read in its order and stopped after :limit rows;
+# the update finds the rows by primary key (= ANY(ARRAY(...))).
+_CLAIM_PARAMS = ("queues", "limit", "worker_id", "lease_seconds")
+_CLAIMABLE = """
+claimable AS MATERIALIZED (
+    SELECT id
+    FROM outbox_jobs
+    WHERE state = 'queued' AND run_at <= now() AND queue = ANY(:queues::text[])
+    ORDER BY priority DESC, run_at, id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+"""
+_CLAIM_UPDATE = """
+UPDATE outbox_jobs AS j
+SET state = 'running',
+    attempts = j.attempts + 1,
+    locked_by = :worker_id,
+    locked_until = now() + make_interval(secs => :lease_seconds::float8),
+    started_at = now()
+WHERE j.id = ANY(ARRAY(SELECT id FROM claimable))
+RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempts,
+          j.correlation_id
+"""
+
+JOB_CLAIM = statement(f"WITH {_CLAIMABLE}{_CLAIM_UPDATE}", params=_CLAIM_PARAMS)
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes: every one fenced, each for a batch of jobs (parallel arrays :ids and :attempts)
+# ---------------------------------------------------------------------------------------------
+
+# A batch of successes: :results are JSON text or NULL. Index: primary key.
+_COMPLETE = f"""
+UPDATE outbox_jobs AS j
+SET state = 'succeeded',
+    result = done.result::jsonb,
+    finished_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[], :results::text[])
+     AS done(id, attempt, result)
+WHERE j.id = done.id
+  AND {fence("done.attempt")}
+RETURNING j.id
+"""
+
+JOB_COMPLETE_MANY = statement(_COMPLETE, params=("ids", "attempts", "results", "worker_id"))
+
+# JOB_CLAIM's parameters, then _COMPLETE's (:worker_id is the claim's). One round trip and
+# one commit for a batch of successes and the jobs that take their slots. Both parts read
+# the same snapshot, in which the finished rows are running and the claimed ones queued, so
+# no row is touched twice. Rows come back with claimed = false for each success written (id
+# only), true for each job claimed.
+# Indexes: primary key (the successes), outbox_jobs_claim_idx (the claim).
+JOB_COMPLETE_AND_CLAIM = statement(
+    params=(*_CLAIM_PARAMS, "ids", "attempts", "results"),
+    text=f"""
+WITH done AS (
+{_COMPLETE}
+),
+{_CLAIMABLE},
+claimed AS (
+{_CLAIM_UPDATE}
+)
+SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
+       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id
+FROM done
+UNION ALL
+SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
+FROM claimed
+""",
+)
+
+# :errors, :delays (seconds until the retry), :give_up (now: unknown task, poison args).
+# A job an operator asked to cancel ends cancelled (the failure beat the worker's next
+# heartbeat). Out of attempts (by the row's own max_attempts, which an operator may have
+# changed) or giving up: dead; otherwise queued again after the delay. Index: primary key.
+JOB_FAIL_MANY = statement(
+    params=("ids", "attempts", "errors", "delays", "give_up", "worker_id"),
+    text=f"""
+UPDATE outbox_jobs AS j
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN f.give_up OR j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
+    run_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                    OR f.give_up OR j.attempts >= j.max_attempts THEN j.run_at
+                  ELSE now() + make_interval(secs => f.delay) END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR f.give_up OR j.attempts >= j.max_attempts THEN now() END,
+    last_error = f.error,
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[], :errors::text[], :delays::float8[],
+            :give_up::boolean[])
+     AS f(id, attempt, error, delay, give_up)
+WHERE j.id = f.id
+  AND {fence("f.attempt")}
+RETURNING j.id, j.state
+""",
+)
+
+# Where an interrupted attempt (released on shutdown, or its lease expired) leaves its job:
+# cancelled if an operator asked for that, dead if it was the last attempt (it started, so
+# it counts), else due again now. The SET list of JOB_RELEASE_MANY and JOB_RESCUE_EXPIRED.
+_INTERRUPTED = """state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN j.attempts >= j.max_attempts THEN 'dead'
+                 ELSE 'queued' END,
+    run_at = now(),
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.attempts >= j.max_attempts THEN now() END,"""
+
+# On shutdown, hands unfinished jobs back for an immediate retry elsewhere. The interrupted
+# attempt did start, so it counts: a job interrupted on its last attempt goes dead (as a
+# crash would leave it), so that no job ever starts more than max_attempts times. A job
+# whose cancel was requested ends cancelled. Index: primary key.
+JOB_RELEASE_MANY = statement(
+    params=("ids", "attempts", "worker_id"),
+    text=f"""
+UPDATE outbox_jobs AS j
+SET {_INTERRUPTED}
+    last_error = CASE WHEN j.cancel_requested_at IS NOT NULL THEN j.last_error
+                      ELSE format('interrupted: worker %s shut down during attempt %s of %s',
+                                  :worker_id::text, j.attempts, j.max_attempts) END,
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[]) AS r(id, attempt)
+WHERE j.id = r.id
+  AND {fence("r.attempt")}
+RETURNING j.id, j.state
+""",
+)
+
+# A running job whose cancel was requested and whose handler the worker stopped: cancelled.
+# Index: primary key.
+JOB_CANCEL_MANY = statement(
+    params=("ids", "attempts", "worker_id"),
+    text=f"""
+UPDATE outbox_jobs AS j
+SET state = 'cancelled',
+    finished_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[]) AS c(id, attempt)
+WHERE j.id = c.id
+  AND {fence("c.attempt")}
+RETURNING j.id
+""",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Claims taken back: rows claimed under the worker's name that never ran
+# ---------------------------------------------------------------------------------------------
+
+# Hands back claimed rows the worker never started (a claim answered too late to be
+# trusted): they never ran, so the claim's attempt is taken back. Index: primary key.
+JOB_UNCLAIM_MANY = statement(
+    params=("ids", "attempts", "worker_id"),
+    text=f"""
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    attempts = j.attempts - 1,
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[]) AS r(id, attempt)
+WHERE j.id = r.id
+  AND {fence("r.attempt")}
+RETURNING j.id
+""",
+)
+
+# :ids and :attempts (parallel) of every attempt the worker started whose row may still be
+# running under its name. After a claim whose answer was lost with the connection, hands
+# back the rows that claim took: running under this worker's name, yet no attempt it
+# started. They never ran, so their attempt is taken back; a started attempt is never
+# touched (that would let a job run more than max_attempts times). Not the fence but its
+# complement: the rows held by no attempt the worker knows of. Worker ids are unique per
+# process, so no other worker's row can match.
+# Index: outbox_jobs_running_idx (only running rows are read).
+JOB_RELEASE_ORPHANS = statement(
+    params=("worker_id", "ids", "attempts"),
+    text="""
+UPDATE outbox_jobs AS j
+SET state = 'queued',
+    attempts = j.attempts - 1,
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL
+WHERE j.state = 'running' AND j.locked_by = :worker_id
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest(:ids::bigint[], :attempts::integer[]) AS s(id, attempt)
+      WHERE s.id = j.id AND s.attempt = j.attempts
+  )
+RETURNING j.id
+""",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeat: leases and the worker's own row
+# ---------------------------------------------------------------------------------------------
+
+# One statement per heartbeat for every job in flight (fenced, :lease_seconds from now);
+# also tells which of them an operator asked to cancel. SKIP LOCKED: a row held by a
+# handler's own effectively-once transaction must not stall the leases of all the others.
+# Index: primary key. Changes only locked_until, which no index covers: a HOT update.
+JOB_EXTEND_LEASES = statement(
+    params=("ids", "attempts", "worker_id", "lease_seconds"),
+    text=f"""
+WITH owned AS MATERIALIZED (
+    SELECT j.id
+    FROM outbox_jobs AS j
+    JOIN unnest(:ids::bigint[], :attempts::integer[]) AS h(id, attempt)
+      ON j.id = h.id
+    WHERE {fence("h.attempt")}
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE outbox_jobs AS j
+SET locked_until = now() + make_interval(secs => :lease_seconds::float8)
+FROM owned
+WHERE j.id = owned.id
+RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
+""",
+)
+
+# :queues it serves, :concurrency, :in_flight (jobs). Every heartbeat: says this worker is
+# alive. Index: primary key of outbox_workers.
+WORKER_HEARTBEAT = statement(
+    params=("worker_id", "queues", "concurrency", "in_flight"),
+    text="""
+INSERT INTO outbox_workers AS w (id, queues, concurrency, in_flight)
+VALUES (:worker_id, :queues::text[], :concurrency, :in_flight)
+ON CONFLICT (id) DO UPDATE
+SET last_seen_at = now(), in_flight = EXCLUDED.in_flight, queues = EXCLUDED.queues,
+    concurrency = EXCLUDED.concurrency
+""",
+)
+
+# A worker that stops cleanly says goodbye. Index: primary key.
+WORKER_DELETE = statement("DELETE FROM outbox_workers WHERE id = :worker_id", params=("worker_id",))
+
+# Rows of workers not seen for :seconds (killed without goodbye).
+# Sequential scan: the table has one row per worker process.
+WORKER_PRUNE_GONE = statement(
+    params=("seconds",),
+    text="""
+DELETE FROM outbox_workers WHERE last_seen_at < now() - make_interval(secs => :seconds::float8)
+""",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Maintenance: rescue expired leases, prune finished jobs
+# ---------------------------------------------------------------------------------------------
+
+# At most :limit jobs whose lease expired: they belong to a worker that died or stalled:
+# back to queued at once, or dead when that was their last attempt, or cancelled when an
+# operator asked for that meanwhile. Safe to run from every worker at once (SKIP LOCKED).
+# Index: outbox_jobs_running_idx.
+JOB_RESCUE_EXPIRED = statement(
+    params=("limit",),
+    text=f"""
+WITH expired AS MATERIALIZED (
+    SELECT id
+    FROM outbox_jobs
+    WHERE state = 'running' AND locked_until < now()
+    ORDER BY id
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox_jobs AS j
+SET {_INTERRUPTED}
+    last_error = format('lease expired: worker %s stopped renewing it (attempt %s of %s)',
+                        j.locked_by, j.attempts, j.max_attempts),
+    locked_by = NULL,
+    locked_until = NULL
+FROM expired
+WHERE j.id = expired.id
+RETURNING j.id, j.task, j.state, j.attempts
+""",
+)
+
+# Maintenance that one worker at a time should do (pruning) takes this lock (:key) inside
+# its transaction; the lock ends with the transaction.
+MAINTENANCE_TRY_LOCK = statement("SELECT pg_try_advisory_xact_lock(:key::bigint)", params=("key",))
+
+# admin.JOB_PRUNE_FINISHED, for the worker's pruner.
+JOB_PRUNE_FINISHED_PG = statement(JOB_PRUNE_FINISHED, params=("state", "older_than", "batch"))
+
+# ---------------------------------------------------------------------------------------------
+# Start, gauges, and the test helpers' drain (which writes as a worker does)
+# ---------------------------------------------------------------------------------------------
+
+# Fails (UndefinedTableError) unless both tables of the schema exist; the worker runs it
+# once at start. Reads no row.
+SCHEMA_PROBE = statement("SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0")
+
+# Not a statement: the channel client.JOB_INSERT's trigger notifies; the notifier LISTENs.
+NOTIFY_CHANNEL = "outbox_jobs"
+
+# admin.WORKERS_ALIVE, for the worker's own gauges.
+WORKERS_ALIVE_PG = statement(WORKERS_ALIVE, params=("seconds",))
+
+# admin.JOB_GET, for outbox_worker.testing.drain on its asyncpg pool.
+JOB_GET_PG = statement(JOB_GET, params=("id",))
