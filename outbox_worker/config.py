@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from outbox_worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from outbox_worker.worker import WorkerOptions
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -103,3 +106,33 @@ class WorkerSettings(BaseSettings):
         if not self.database_url:
             raise ConfigError("DATABASE_URL is not set")
         return self.database_url
+
+    def worker_options(self, *, queues: tuple[str, ...] = (), burst: bool = False) -> WorkerOptions:
+        """The worker's options: the one mapping of these settings (and of the two that only
+        ``run``'s flags give, ``--queues`` and ``--burst``) onto WorkerOptions' own names.
+        ``prune_interval`` and ``metrics_interval`` have no setting and keep their defaults;
+        tests/test_cli_options.py fails when an option or a setting is left unmapped."""
+        # Imported here: the worker imports this module (through db), not the other way round.
+        from outbox_worker.worker import WorkerOptions
+
+        return WorkerOptions(
+            dsn=self.require_database_url(),
+            queues=queues,
+            burst=burst,
+            concurrency=self.concurrency,
+            lease_seconds=self.lease_seconds,
+            poll_interval=self.poll_interval_seconds,
+            drain_timeout=self.drain_timeout_seconds,
+            startup_timeout=self.startup_timeout_seconds,
+            listen=self.listen,
+            listen_dsn=self.listen_database_url,
+            pool_size=self.pool_size,
+            prepared_statements=self.prepared_statements,
+            retry_base=self.retry_base_seconds,
+            retry_cap=self.retry_cap_seconds,
+            retention={
+                "succeeded": self.retention_succeeded,
+                "cancelled": self.retention_cancelled,
+                "dead": self.retention_dead,
+            },
+        )

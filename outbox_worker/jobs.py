@@ -11,6 +11,8 @@ from datetime import datetime
 from itertools import accumulate
 from typing import Any
 
+from pydantic import BaseModel
+
 # How deep args may nest, the object itself being the first level: enqueue refuses deeper.
 # Python's JSON readers recurse (json, pydantic, the CLI's and the dashboard's encoders) and
 # give out between 300 and 1000 levels, while jsonb holds thousands; so readers cut anything
@@ -76,20 +78,47 @@ class Job:
     duplicate: bool = False
 
     @classmethod
-    def from_row(
-        cls,
-        row: Mapping[Any, Any],
-        *,
-        duplicate: bool = False,
-        args: dict[str, Any] | None = None,
-    ) -> Job:
-        """``args``: the args the caller just wrote, to skip decoding them again."""
+    def from_row(cls, row: Mapping[Any, Any], *, duplicate: bool = False) -> Job:
         values = {name: row[name] for name in JOB_COLUMNS}
         values["state"] = JobState(values["state"])
         # sql.JOB_SELECT_LIST hands JSON columns over as text so every driver path agrees.
-        values["args"] = _read_json(values["args"]) if args is None else args
+        values["args"] = _read_json(values["args"])
         values["result"] = None if values["result"] is None else _read_json(values["result"])
         return cls(**values, duplicate=duplicate)
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as the admin API answers it (``GET /jobs/{id}``), which the CLI's
+        ``--json`` prints too, so a script may read either: every column, ``state`` as its
+        name, times in ISO 8601 with ``Z``. One model, :class:`JobOut`, makes both."""
+        return JobOut.of(self).model_dump(mode="json")
+
+
+class JobOut(BaseModel):
+    """A job in JSON: the admin API's response model, and the form of :meth:`Job.to_json`."""
+
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    state: JobState
+    priority: int
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    dedupe_key: str | None
+    correlation_id: str | None
+    last_error: str | None
+    result: Any
+    locked_by: str | None
+    locked_until: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(**{name: getattr(job, name) for name in JOB_COLUMNS})
 
 
 # Only brackets outside strings change the depth (not numbers, literals, commas, colons).

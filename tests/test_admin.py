@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -482,6 +486,70 @@ async def test_numbers_longer_than_python_reads_are_shown_as_markers(
     assert (body["args"]["fine"], body["args"]["small"]) == (10, 0.0)
     assert body["result"] == "(integer of 5001 digits: not shown)"
     assert (await client.get("/jobs", headers=AUTH)).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# One JSON form of a job: the API's answers and the CLI's --json
+# ---------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli_json(database_url: str, *args: str) -> Any:
+    """``python -m outbox_worker … --json`` on this database, as an operator's script runs it."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in ("DATABASE_URL", "OUTBOX_DATABASE_URL") and not name.startswith("OUTBOX_")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "outbox_worker", *args, "--json"],
+        env=env | {"PYTHONPATH": str(ROOT), "DATABASE_URL": database_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    return json.loads(result.stdout)
+
+
+async def test_the_cli_shows_a_job_as_the_api_answers_it(
+    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
+) -> None:
+    """``jobs show --json`` and ``GET /jobs/{id}`` give the same object, key for key (times
+    end in Z in both), and so do ``jobs list --json`` and ``GET /jobs``."""
+    job_id = await insert_job(
+        pool,
+        "send_email",
+        queue="mail",
+        state="dead",
+        attempts=3,
+        max_attempts=3,
+        priority=-2,
+        args=json.dumps({"to": "ada@example.com", "n": 1.5, "tags": ["é", None], "big": 2**70}),
+        result=json.dumps({"sent": False}),
+        last_error="ConnectionError: refused\n  at line 2",
+        dedupe_key="mail-1",
+        correlation_id="req-1",
+        run_at=datetime(2024, 5, 1, 12, 30, 5, tzinfo=UTC),  # no fraction of a second
+        started_at=datetime(2024, 5, 1, 12, 30, 6, 250000, tzinfo=UTC),
+        finished_at=datetime(2024, 5, 1, 12, 30, 7, 123456, tzinfo=UTC),
+        cancel_requested_at=datetime(2024, 5, 1, 12, 30, 6, 500000, tzinfo=UTC),
+    )
+    await insert_job(pool, "echo")  # a second job, with its nulls, for the lists
+
+    api = (await client.get(f"/jobs/{job_id}", headers=AUTH)).json()
+    shown = await asyncio.to_thread(cli_json, database_url, "jobs", "show", str(job_id))
+
+    assert shown == api
+    assert (api["run_at"], api["finished_at"]) == (
+        "2024-05-01T12:30:05Z",
+        "2024-05-01T12:30:07.123456Z",
+    )
+    listed = await asyncio.to_thread(cli_json, database_url, "jobs", "list")
+    assert listed == (await client.get("/jobs", headers=AUTH)).json()
+    assert len(listed["items"]) == 2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox_worker import admin
 from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict
+from outbox_worker.formatting import format_duration as format_duration
+from outbox_worker.formatting import format_relative, format_time
 from outbox_worker.jobs import JobState
 from outbox_worker.web.auth import (
     COOKIE,
@@ -77,38 +79,8 @@ CANCEL = "outbox_dashboard_cancel"
 
 
 # --- formatting, as Jinja filters -----------------------------------------------------------
-
-
-def format_duration(seconds: float) -> str:
-    """``4.2 s``, ``42 s``, ``3 min 5 s``, ``2 h 10 min``, ``4 d 3 h`` (a zero tail left out)."""
-    if seconds < 10:
-        return f"{max(0.0, seconds):.1f} s"
-    whole = int(seconds)
-    units = [("d", 86400), ("h", 3600), ("min", 60), ("s", 1)]
-    for index, (name, size) in enumerate(units):
-        if whole >= size:
-            lead, rest = divmod(whole, size)
-            if index + 1 == len(units):
-                return f"{lead} {name}"
-            tail_name, tail_size = units[index + 1]
-            tail = rest // tail_size
-            return f"{lead} {name} {tail} {tail_name}" if tail else f"{lead} {name}"
-    return f"{whole} s"
-
-
-def format_time(moment: datetime | None) -> str:
-    if moment is None:
-        return "—"
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def format_relative(moment: datetime | None, now: datetime | None = None) -> str:
-    if moment is None:
-        return ""
-    delta = ((now or datetime.now(UTC)) - moment).total_seconds()
-    if abs(delta) < 1:
-        return "now"
-    return f"{format_duration(delta)} ago" if delta > 0 else f"in {format_duration(-delta)}"
+# Times and durations: outbox_worker.formatting's, which the CLI's tables use too
+# (format_duration is imported as itself: importable from here, where it was first).
 
 
 def pretty_json(value: Any) -> str:

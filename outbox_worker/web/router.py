@@ -8,10 +8,8 @@ in the database.
 
 # No `from __future__ import annotations` here: the routes' annotations name a dependency
 # built inside create_admin_router, which FastAPI can only see if they are evaluated eagerly.
-import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from datetime import datetime
 from typing import Annotated, Any
 
 import asyncpg
@@ -28,38 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from outbox_worker import admin
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict, OutboxError
-from outbox_worker.jobs import Job, JobState
+from outbox_worker.jobs import JobOut
 from outbox_worker.web.auth import AdminAuth, TokenSource
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
-
-
-class JobOut(BaseModel):
-    id: int
-    queue: str
-    task: str
-    args: dict[str, Any]
-    state: JobState
-    priority: int
-    attempts: int
-    max_attempts: int
-    run_at: datetime
-    dedupe_key: str | None
-    correlation_id: str | None
-    last_error: str | None
-    result: Any
-    locked_by: str | None
-    locked_until: datetime | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    cancel_requested_at: datetime | None
-
-    @classmethod
-    def of(cls, job: Job) -> "JobOut":
-        fields = dataclasses.asdict(job)
-        fields.pop("duplicate")
-        return cls(**fields)
 
 
 class JobPageOut(BaseModel):
