@@ -10,6 +10,7 @@ from bench.context import Context
 from bench.processing import drain
 from bench.systems import load
 from bench.systems.base import System
+from outbox_worker.devdb import admin
 
 HISTORY = """
 INSERT INTO outbox_jobs
@@ -34,8 +35,8 @@ async def run(ctx: Context) -> None:
     cfg = ctx.config
     template = await ctx.template(pgoutbox_system())
     big_name = f"bench_growth_{id(ctx) % 100_000}"
-    await pg.admin(ctx.server, f"DROP DATABASE IF EXISTS {big_name} WITH (FORCE)")
-    await pg.admin(ctx.server, f"CREATE DATABASE {big_name} TEMPLATE {template}")
+    await admin(ctx.server, f"DROP DATABASE IF EXISTS {big_name} WITH (FORCE)")
+    await admin(ctx.server, f"CREATE DATABASE {big_name} TEMPLATE {template}")
     big = ctx.server.url_for(big_name)
     try:
         ctx.note(

@@ -14,7 +14,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import asyncpg
 
 from outbox_worker.config import asyncpg_dsn
-from outbox_worker.devdb import PostgresServer, start_embedded
+from outbox_worker.devdb import PostgresServer, admin, start_embedded
 
 _numbers = itertools.count()
 
@@ -27,14 +27,6 @@ def start_server() -> PostgresServer:
     if url:
         return PostgresServer(asyncpg_dsn(url), "url")
     return start_embedded()
-
-
-async def admin(server: PostgresServer, statement: str) -> None:
-    conn = await asyncpg.connect(server.url_for("postgres"))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
 
 
 async def execute(url: str, *statements: str) -> None:

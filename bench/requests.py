@@ -6,21 +6,13 @@ database, each repetition starting at a different route."""
 
 from __future__ import annotations
 
-import socket
-
 from bench import pg
 from bench.context import Context, rotated
 from bench.measure import BenchError
 from bench.systems import load
+from outbox_worker.devdb import free_port
 
 ROUTES = (("job", "/reports"), ("nojob", "/reports-no-job"), ("bare", "/reports-bare-job"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def check_rows(url: str, which: str) -> None:

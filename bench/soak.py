@@ -44,7 +44,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,12 @@ from bench.soak_check import Fault, Ledger, RunFacts, check, print_table
 from bench.soak_tasks import HOSTILE_KINDS, SOAK_DDL
 from outbox_worker import EnqueueError, InvalidArgs, NewJob, enqueue, enqueue_many
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
-from outbox_worker.devdb import PostgresServer, start_embedded
+from outbox_worker.devdb import (
+    PostgresServer,
+    free_port,
+    start_embedded,
+    with_application_name,
+)
 from outbox_worker.jobs import MAX_JSON_DEPTH
 
 REGISTRY = "bench.soak_tasks:registry"
@@ -208,19 +212,6 @@ def say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def with_app_name(url: str, name: str) -> str:
-    """The URL with application_name set, which asyncpg sends as a server setting: it is how
-    the soak finds a worker's backends in pg_stat_activity."""
-    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def snapshot_code(dest: Path) -> Path:
     """A copy of what the subprocesses run, immune to later edits of the working tree."""
     code = dest / "code"
@@ -332,8 +323,8 @@ class Cluster:
         name = f"soak-w{next(self._numbers)}"
         env = {
             **self.base_env,
-            "DATABASE_URL": with_app_name(self.url, name),
-            "OUTBOX_LISTEN_DATABASE_URL": with_app_name(self.url, f"{name}-listen"),
+            "DATABASE_URL": with_application_name(self.url, name),
+            "OUTBOX_LISTEN_DATABASE_URL": with_application_name(self.url, f"{name}-listen"),
         }
         args = [
             sys.executable,
@@ -776,7 +767,7 @@ class _RollBack(Exception):
 
 
 async def admin_fetch(url: str, query: str, *args: Any) -> list[Any]:
-    conn = await asyncpg.connect(with_app_name(asyncpg_dsn(url), "soak-admin"), timeout=10)
+    conn = await asyncpg.connect(with_application_name(asyncpg_dsn(url), "soak-admin"), timeout=10)
     try:
         rows: list[Any] = await conn.fetch(query, *args, timeout=30)
         return rows
@@ -938,7 +929,7 @@ class FaultInjector:
         self._beside("row_lock", self._hold_row(order, hold, past))
 
     async def _hold_row(self, order: str, hold: float, past: bool) -> None:
-        dsn = with_app_name(asyncpg_dsn(self.cluster.url), "soak-row-lock")
+        dsn = with_application_name(asyncpg_dsn(self.cluster.url), "soak-row-lock")
         conn = await asyncpg.connect(dsn, timeout=10)
         fault: Fault | None = None
         try:

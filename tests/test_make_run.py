@@ -22,19 +22,13 @@ import pytest
 
 from alembic import command
 from app.main import schema_heads
+from outbox_worker.devdb import free_port
 from tests.conftest import alembic_config
 
 # The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def listening(port: int) -> bool:

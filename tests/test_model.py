@@ -36,7 +36,7 @@ import tests.workload  # noqa: F401 -- registers the tasks enqueue checks names 
 from outbox_worker import NewJob, enqueue, enqueue_many, sql
 from outbox_worker.admin import cancel_job, retry_job
 from outbox_worker.config import sqlalchemy_url
-from outbox_worker.devdb import PostgresServer
+from outbox_worker.devdb import PostgresServer, admin
 from outbox_worker.errors import JobStateConflict
 from tests.conftest import TEMPLATE
 
@@ -620,14 +620,6 @@ class JobStateMachine(RuleBasedStateMachine):
             assert stored == job.result, job
 
 
-async def _admin(server: PostgresServer, statement: str) -> None:
-    conn = await asyncpg.connect(server.url_for("postgres"))
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 # About 25 s when it passes; a failure is shrunk to a minimal sequence, which takes minutes
 # of database round trips: the suite's 120 s timeout would cut the shrinking short.
 @pytest.mark.timeout(900)
@@ -637,8 +629,8 @@ def test_job_state_machine_matches_its_model(
 ) -> None:
     name = f"model_{os.getpid()}"
     loop = asyncio.new_event_loop()
-    loop.run_until_complete(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    loop.run_until_complete(_admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    loop.run_until_complete(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    loop.run_until_complete(admin(pg_server, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
     try:
         url = pg_server.url_for(name)
         engine = create_async_engine(sqlalchemy_url(url), pool_size=2)
@@ -667,5 +659,5 @@ def test_job_state_machine_matches_its_model(
         fenced = sum(n for what, n in env.writes.items() if what.endswith(":fenced"))
         assert fenced >= 5, env.writes
     finally:
-        loop.run_until_complete(_admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        loop.run_until_complete(admin(pg_server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         loop.close()

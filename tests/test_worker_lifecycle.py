@@ -16,10 +16,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from outbox_worker.devdb import PostgresServer, start_embedded
+from outbox_worker.devdb import PostgresServer, start_embedded, with_application_name
 from tests.conftest import WorkerProcess, wait_until
-from tests.faults.harness import DOWN, fetch_retrying
+from tests.faults.harness import fetch_retrying
 from tests.faults.invariants import log_events
+from tests.support import ensure_server_up
 from tests.workload import EXIT_HOOKS_RAN
 
 # With 5 s polling, a wake-up within this bound can only come from NOTIFY.
@@ -295,10 +296,6 @@ async def test_polling_alone_runs_jobs(
     )
 
 
-def _with_application_name(url: str, name: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
-
-
 async def test_killed_connections_are_replaced(
     database_url: str, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -306,7 +303,7 @@ async def test_killed_connections_are_replaced(
     w = spawn_worker(
         "--poll-interval-seconds",
         "5",
-        env={"DATABASE_URL": _with_application_name(database_url, app_name)},
+        env={"DATABASE_URL": with_application_name(database_url, app_name)},
     )
     await w.wait_for_log('"listening"')
     database = await pool.fetchval("SELECT current_database()")
@@ -350,15 +347,6 @@ async def test_killed_connections_are_replaced(
 # ---------------------------------------------------------------------------------------------
 # Database restart
 # ---------------------------------------------------------------------------------------------
-
-
-async def _ensure_server_up(pg_server: PostgresServer) -> None:
-    try:
-        conn = await asyncpg.connect(pg_server.url_for("postgres"), timeout=5)
-    except DOWN:
-        await asyncio.to_thread(pg_server.start_server)
-    else:
-        await conn.close()
 
 
 ENQUEUE_BATCH = """
@@ -415,7 +403,7 @@ async def test_worker_survives_database_restarts(
             enqueuer.cancel()
             with contextlib.suppress(BaseException):
                 await enqueuer
-        await _ensure_server_up(pg_server)
+        await ensure_server_up(pg_server)
 
     windows = await fetch_retrying(
         database_url,

@@ -1,5 +1,4 @@
-"""The one LISTEN connection: outside the pool, re-armed after every loss. Notifications
-are hints: polling always runs, so a lost one costs latency, never a job.
+"""The one LISTEN connection: outside the pool, re-armed after every loss.
 
 A notification only wakes the producer; polling goes on regardless, so a lost one costs
 latency, never a job.
@@ -32,7 +31,6 @@ class Notifier:
         self._stop = stop
         self._keepalive = keepalive_seconds
         self._log = log
-        self.connections = 0
 
     async def run(self) -> None:
         delay = 0.1
@@ -56,7 +54,6 @@ class Notifier:
         try:
             conn.add_termination_listener(lambda _conn: lost.set())
             await conn.add_listener(sql.NOTIFY_CHANNEL, lambda *_: self._wake())
-            self.connections += 1
             self._log.debug("listening", channel=sql.NOTIFY_CHANNEL)
             # Anything inserted while we were not listening has sent its NOTIFY to nobody.
             self._wake()

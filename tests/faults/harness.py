@@ -12,21 +12,11 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from outbox_worker.devdb import PostgresServer
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.invariants import log_events
+from tests.support import DOWN
 
 T = TypeVar("T")
-
-# What a client sees while the server stops, is down, or recovers.
-DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.CannotConnectNowError,
-)
 
 # Worker flags for quick faults: short leases (rescue within ~2 s), fast polling.
 FAST = ("--lease-seconds", "1", "--poll-interval-seconds", "0.2")
@@ -35,10 +25,6 @@ FAST = ("--lease-seconds", "1", "--poll-interval-seconds", "0.2")
 STEADY = ("--lease-seconds", "3", "--poll-interval-seconds", "0.2")
 # For tests whose fault is not a lost lease: no lease lapses even on a loaded machine.
 CALM = ("--lease-seconds", "10", "--poll-interval-seconds", "0.2")
-
-
-def with_application_name(url: str, name: str) -> str:
-    return f"{url}{'&' if '?' in url else '?'}application_name={name}"
 
 
 def pid_of(worker_id: str) -> int:
@@ -166,16 +152,6 @@ async def fetch_retrying(url: str, query: str, *args: Any, timeout: float = 60) 
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(0.2)
-
-
-async def ensure_server_up(pg_server: PostgresServer) -> None:
-    """Leave the session's server running whatever a restart test did to it."""
-    try:
-        conn = await asyncpg.connect(pg_server.url_for("postgres"), timeout=5)
-    except DOWN:
-        await asyncio.to_thread(pg_server.start_server)
-    else:
-        await conn.close()
 
 
 async def through_restarts(pool: asyncpg.Pool, unit: Callable[[], Awaitable[T]]) -> T:

@@ -16,20 +16,19 @@ from typing import Literal
 import asyncpg
 import pytest
 
-from outbox_worker.devdb import PostgresServer
+from outbox_worker.devdb import PostgresServer, with_application_name
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import (
     busy_pids,
-    ensure_server_up,
     fetch_retrying,
     insert_jobs,
     insert_sleepy,
     settle,
     stop_workers,
     through_restarts,
-    with_application_name,
 )
 from tests.faults.invariants import check_invariants, log_events
+from tests.support import ensure_server_up
 
 # The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
 pytestmark = pytest.mark.slow
