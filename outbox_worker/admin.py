@@ -12,13 +12,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import metrics, sql
-from outbox_worker.enqueue import Executor
-from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict
+from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
+
+# What every admin read and change runs on: the caller's SQLAlchemy session or connection,
+# whose transaction it joins (the HTTP router and dashboard commit it themselves).
+AdminSession = AsyncSession | AsyncConnection
 
 MAX_PAGE = 500
 MAX_JOB_ID = 2**63 - 1  # ids are a bigserial
@@ -61,7 +64,7 @@ class WorkerInfo:
 
 def _filter_name(kind: str, value: str | None) -> str | None:
     if value is not None and not is_valid_name(value):
-        raise InvalidOption(f"{kind} {value!r} is not a valid name ({NAME_PATTERN})")
+        raise InvalidRequest(f"{kind} {value!r} is not a valid name ({NAME_PATTERN})")
     return value
 
 
@@ -76,7 +79,7 @@ def parse_cursor(cursor: str | None) -> int | None:
         or len(cursor) > len(str(MAX_JOB_ID))
         or int(cursor) > MAX_JOB_ID
     ):
-        raise InvalidOption(f"cursor {cursor!r} is not one this API handed out")
+        raise InvalidRequest(f"cursor {cursor!r} is not one this API handed out")
     return int(cursor)
 
 
@@ -86,14 +89,14 @@ def _possible(job_id: int) -> bool:
     return 1 <= job_id <= MAX_JOB_ID
 
 
-async def get_job(session: Executor, job_id: int) -> Job | None:
+async def get_job(session: AdminSession, job_id: int) -> Job | None:
     if not _possible(job_id):
         return None
     row = (await session.execute(text(sql.JOB_GET), {"id": job_id})).mappings().first()
     return None if row is None else Job.from_row(row)
 
 
-async def require_job(session: Executor, job_id: int) -> Job:
+async def require_job(session: AdminSession, job_id: int) -> Job:
     job = await get_job(session, job_id)
     if job is None:
         raise JobNotFound(f"no job {job_id}")
@@ -101,7 +104,7 @@ async def require_job(session: Executor, job_id: int) -> Job:
 
 
 async def list_jobs(
-    session: Executor,
+    session: AdminSession,
     *,
     state: str | None = None,
     queue: str | None = None,
@@ -111,9 +114,9 @@ async def list_jobs(
 ) -> JobPage:
     """Newest first, keyset-paginated: pass ``next_cursor`` back for the next page."""
     if state is not None and state not in set(JobState):
-        raise InvalidOption(f"state {state!r} is not one of {', '.join(JobState)}")
+        raise InvalidRequest(f"state {state!r} is not one of {', '.join(JobState)}")
     if not 1 <= limit <= MAX_PAGE:
-        raise InvalidOption(f"limit must be from 1 to {MAX_PAGE}")
+        raise InvalidRequest(f"limit must be from 1 to {MAX_PAGE}")
     params = {
         "state": state,
         "queue": _filter_name("queue", queue),
@@ -127,7 +130,7 @@ async def list_jobs(
     return JobPage(items, str(items[-1].id) if more and items else None)
 
 
-async def retry_job(session: Executor, job_id: int) -> Job:
+async def retry_job(session: AdminSession, job_id: int) -> Job:
     """Due now, with at least one more attempt. Refused for running and succeeded jobs."""
     job = await _locked(session, job_id)
     if job.state in (JobState.RUNNING, JobState.SUCCEEDED):
@@ -142,7 +145,7 @@ async def retry_job(session: Executor, job_id: int) -> Job:
     return Job.from_row(row)
 
 
-async def cancel_job(session: Executor, job_id: int) -> Job:
+async def cancel_job(session: AdminSession, job_id: int) -> Job:
     """A queued job is cancelled at once; a running one is asked to stop (its worker ends it
     as cancelled at its next heartbeat). A finished job cannot be cancelled."""
     job = await _locked(session, job_id)
@@ -154,7 +157,7 @@ async def cancel_job(session: Executor, job_id: int) -> Job:
 
 
 async def retry_dead_jobs(
-    session: Executor,
+    session: AdminSession,
     *,
     queue: str | None = None,
     task: str | None = None,
@@ -174,7 +177,7 @@ async def retry_dead_jobs(
             return retried
 
 
-async def queue_stats(session: Executor, *, window_seconds: float = 300.0) -> list[QueueStats]:
+async def queue_stats(session: AdminSession, *, window_seconds: float = 300.0) -> list[QueueStats]:
     """Per queue: depth by state, due jobs, age of the oldest due job, and how many jobs
     finished (by state) within the window."""
     stats: dict[str, QueueStats] = {}
@@ -196,7 +199,7 @@ async def queue_stats(session: Executor, *, window_seconds: float = 300.0) -> li
     return sorted(stats.values(), key=lambda entry: entry.queue)
 
 
-async def workers_alive(session: Executor, *, within_seconds: float) -> list[WorkerInfo]:
+async def workers_alive(session: AdminSession, *, within_seconds: float) -> list[WorkerInfo]:
     rows = await session.execute(text(sql.WORKERS_ALIVE), {"seconds": within_seconds})
     return [WorkerInfo(**dict(row)) for row in rows.mappings()]
 
@@ -212,7 +215,7 @@ async def prune_finished(
     """Delete finished jobs older than ``older_than``, in batches of their own transaction."""
     for state in states:
         if state not in FINISHED:
-            raise InvalidOption(f"only finished jobs can be pruned, not {state!r}")
+            raise InvalidRequest(f"only finished jobs can be pruned, not {state!r}")
     total = 0
     for state in states:
         while True:
@@ -230,7 +233,7 @@ async def prune_finished(
     return total
 
 
-async def _locked(session: Executor, job_id: int) -> Job:
+async def _locked(session: AdminSession, job_id: int) -> Job:
     if not _possible(job_id):
         raise JobNotFound(f"no job {job_id}")
     row = (await session.execute(text(sql.JOB_GET_FOR_UPDATE), {"id": job_id})).mappings().first()
@@ -239,7 +242,7 @@ async def _locked(session: Executor, job_id: int) -> Job:
     return Job.from_row(row)
 
 
-async def refresh_gauges(session: Executor, *, worker_seen_within: float) -> None:
+async def refresh_gauges(session: AdminSession, *, worker_seen_within: float) -> None:
     """Queue depth, oldest due age and live workers, for a /metrics scrape: two cheap reads."""
     rows = (await session.execute(text(sql.QUEUE_ACTIVE_STATS))).mappings().all()
     metrics.refresh_queue_gauges(rows)

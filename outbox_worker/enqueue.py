@@ -25,7 +25,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from prometheus_client import Counter
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker import metrics, sql
 from outbox_worker.config import MAX_DELAY_SECONDS, WorkerSettings
@@ -43,8 +42,6 @@ from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 T = TypeVar("T")
 
-# The sessions the admin helpers and the worker-less tools take (SQLAlchemy, async).
-Executor = AsyncSession | AsyncConnection
 
 INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 512

@@ -12,6 +12,9 @@
     │                           transaction): a bug, not the request's fault, so not an
     │                           EnqueueError; nothing was written
     ├── TaskDefinitionError     a registry was used wrongly at import time
+    ├── InvalidRequest          an admin read or change asked wrongly (filter, cursor,
+    │                           limit): not an EnqueueError, so an app's handler of those
+    │                           never catches it; nothing changed
     ├── JobNotFound
     ├── JobStateConflict        the job's state does not allow that (retry a succeeded job…)
     ├── LeaseLost               this worker no longer owns the job it tried to write
@@ -66,6 +69,10 @@ class QueueFull(EnqueueError):
 
 class WrongSession(OutboxError):
     """This session or connection cannot enqueue here; the message says what to call instead."""
+
+
+class InvalidRequest(OutboxError):
+    """The admin request is invalid: a bad filter, cursor or limit; nothing changed."""
 
 
 class TaskDefinitionError(OutboxError):

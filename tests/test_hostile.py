@@ -25,8 +25,8 @@ import asyncpg
 import pytest
 
 from outbox_worker import NewJob, enqueue, enqueue_many
+from outbox_worker.admin import AdminSession
 from outbox_worker.config import MAX_DELAY_SECONDS
-from outbox_worker.enqueue import Executor
 from outbox_worker.errors import (
     ArgsTooLarge,
     EnqueueError,
@@ -158,7 +158,7 @@ async def _job_ids(pool: asyncpg.Pool) -> list[int]:
 
 
 async def test_hostile_enqueues_get_a_typed_error_and_write_nothing(
-    db: Executor, pool: asyncpg.Pool
+    db: AdminSession, pool: asyncpg.Pool
 ) -> None:
     problems: list[str] = []
     kept: list[int] = []
@@ -178,7 +178,7 @@ async def test_hostile_enqueues_get_a_typed_error_and_write_nothing(
 
 
 async def test_hostile_enqueue_many_refuses_the_whole_batch(
-    db: Executor, pool: asyncpg.Pool
+    db: AdminSession, pool: asyncpg.Pool
 ) -> None:
     problems: list[str] = []
     for name, kwargs, error in REFUSED:
@@ -221,7 +221,9 @@ ODD_TEXTS = [
 ]
 
 
-async def test_odd_but_valid_values_are_stored_exactly(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_odd_but_valid_values_are_stored_exactly(
+    db: AdminSession, pool: asyncpg.Pool
+) -> None:
     jobs = []
     for i, text_value in enumerate(ODD_TEXTS):
         args = {text_value: text_value, "nested": {text_value: [text_value, i]}}

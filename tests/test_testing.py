@@ -35,7 +35,7 @@ from outbox_worker import (
     enqueue,
     testing,
 )
-from outbox_worker.enqueue import Executor
+from outbox_worker.admin import AdminSession
 from outbox_worker.testing import (
     DrainResult,
     assert_enqueued,
@@ -190,7 +190,7 @@ async def test_signup_answers_before_the_welcome_email_and_a_drain_sends_it_once
 
 
 async def test_the_callers_uncommitted_jobs_are_seen_through_its_own_session(
-    db: Executor, engine: AsyncEngine
+    db: AdminSession, engine: AsyncEngine
 ) -> None:
     job = await enqueue(db, "t_add", {"a": 1, "b": 2})
     assert [found.id for found in await assert_enqueued(db, "t_add", {"a": 1, "b": 2})] == [job.id]
@@ -198,7 +198,9 @@ async def test_the_callers_uncommitted_jobs_are_seen_through_its_own_session(
         await refute_enqueued(elsewhere, "t_add")  # not committed: nobody else sees it
 
 
-async def test_args_match_as_a_subset_and_a_failure_lists_what_is_enqueued(db: Executor) -> None:
+async def test_args_match_as_a_subset_and_a_failure_lists_what_is_enqueued(
+    db: AdminSession,
+) -> None:
     job = await enqueue(db, "t_add", {"a": 1, "b": 2}, key="k-1")
     [found] = await assert_enqueued(db, "t_add", {"a": 1})
     assert found.args == {"a": 1, "b": 2}
@@ -218,7 +220,7 @@ async def test_args_match_as_a_subset_and_a_failure_lists_what_is_enqueued(db: E
     await refute_enqueued(db, "t_add", {"c": None})
 
 
-async def test_a_failure_on_an_empty_table_says_it_is_empty(db: Executor) -> None:
+async def test_a_failure_on_an_empty_table_says_it_is_empty(db: AdminSession) -> None:
     with pytest.raises(AssertionError, match="outbox_jobs is empty"):
         await assert_enqueued(db, "t_add")
 
@@ -234,7 +236,7 @@ MATCHING: dict[str, tuple[Any, Any]] = {
 
 
 @pytest.mark.parametrize("name", sorted(MATCHING))
-async def test_each_filter_narrows_to_its_column(db: Executor, name: str) -> None:
+async def test_each_filter_narrows_to_its_column(db: AdminSession, name: str) -> None:
     job = await enqueue(
         db,
         "t_add",
@@ -255,12 +257,12 @@ async def test_each_filter_narrows_to_its_column(db: Executor, name: str) -> Non
         await refute_enqueued(db, "t_add", **{name: match})
 
 
-async def test_a_state_that_does_not_exist_is_refused(db: Executor) -> None:
+async def test_a_state_that_does_not_exist_is_refused(db: AdminSession) -> None:
     with pytest.raises(ValueError, match="bogus"):
         await assert_enqueued(db, "t_add", state="bogus")
 
 
-async def test_count_asks_for_exactly_that_many(db: Executor) -> None:
+async def test_count_asks_for_exactly_that_many(db: AdminSession) -> None:
     await enqueue(db, "t_add", {"a": 1})
     await enqueue(db, "t_add", {"a": 1, "b": 1})
     assert len(await assert_enqueued(db, "t_add", {"a": 1}, count=2)) == 2
@@ -270,7 +272,7 @@ async def test_count_asks_for_exactly_that_many(db: Executor) -> None:
         await assert_enqueued(db, "t_add", {"a": 1}, count=1)
 
 
-async def test_a_long_list_shows_the_newest_jobs(db: Executor) -> None:
+async def test_a_long_list_shows_the_newest_jobs(db: AdminSession) -> None:
     ids = [(await enqueue(db, "t_add", {"a": n})).id for n in range(25)]
     with pytest.raises(AssertionError) as failure:
         await assert_enqueued(db, "t_fails")
@@ -281,7 +283,7 @@ async def test_a_long_list_shows_the_newest_jobs(db: Executor) -> None:
     assert f"#{ids[4]} t_add" not in message
 
 
-async def test_clear_jobs_empties_the_queue_in_the_callers_transaction(db: Executor) -> None:
+async def test_clear_jobs_empties_the_queue_in_the_callers_transaction(db: AdminSession) -> None:
     for n in range(3):
         await enqueue(db, "t_add", {"a": n})
     assert await clear_jobs(db) == 3

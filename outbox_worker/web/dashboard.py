@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from outbox_worker import admin
-from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict
+from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.formatting import format_duration as format_duration
 from outbox_worker.formatting import format_relative, format_time
 from outbox_worker.jobs import JobState
@@ -493,7 +493,7 @@ def create_dashboard_router(
         filters = {"state": blank(state), "queue": blank(queue), "task": blank(task)}
         try:
             page = await admin.list_jobs(session, **filters, limit=PAGE_SIZE, cursor=blank(cursor))
-        except InvalidOption as exc:
+        except InvalidRequest as exc:
             return pages.render(
                 request,
                 "jobs.html",

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from outbox_worker import admin
 from outbox_worker.db import is_database_unavailable
-from outbox_worker.errors import InvalidOption, JobNotFound, JobStateConflict, OutboxError
+from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict, OutboxError
 from outbox_worker.jobs import JobOut
 from outbox_worker.web.auth import AdminAuth, TokenSource
 
@@ -96,7 +96,7 @@ def http_error(exc: OutboxError) -> HTTPException:
         return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
     if isinstance(exc, JobStateConflict):
         return HTTPException(status.HTTP_409_CONFLICT, str(exc))
-    if isinstance(exc, InvalidOption):
+    if isinstance(exc, InvalidRequest):
         return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc))
     return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
 

@@ -14,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox_worker import NewJob, enqueue, enqueue_many
-from outbox_worker.enqueue import Executor
+from outbox_worker.admin import AdminSession
 from tests.conftest import WorkerProcess
 from tests.faults.harness import CALM, settle, stop_workers
 from tests.faults.invariants import check_invariants
@@ -39,7 +39,7 @@ async def _caller(
 ) -> Call:
     """One client on its own connection and transaction; every third one rolls back."""
     rng = random.Random(seed)
-    executor: Executor
+    executor: AdminSession
     async with AsyncSession(engine) if caller % 2 else engine.connect() as executor:
         await executor.execute(text("SELECT 1"))  # connection and transaction are open
         await barrier.wait()
