@@ -25,12 +25,13 @@ import structlog
 from outbox_worker import db, metrics, migrate, sql
 from outbox_worker._worker.backoff import retry_delay
 from outbox_worker._worker.claimer import Claimer
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.completer import Completer
 from outbox_worker._worker.executor import Executor, describe_error
 from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker._worker.maintenance import Pruner, Rescuer
 from outbox_worker._worker.notifier import Notifier
-from outbox_worker._worker.outcomes import ClaimedJob, Failed, Outcome, StopReason
+from outbox_worker._worker.outcomes import Failed, Outcome, StopReason
 from outbox_worker.errors import ConfigError, DatabaseUnavailable
 from outbox_worker.registry import Registry
 

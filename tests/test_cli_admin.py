@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox_worker import enqueue, migrate
+from outbox_worker.devdb import free_port
 from outbox_worker.jobs import JOB_COLUMNS, MAX_JSON_DEPTH, TOO_DEEP
 from tests.conftest import WorkerProcess, deep_json, levels, wait_until
 
@@ -157,13 +158,6 @@ async def row(pool: asyncpg.Pool, job_id: int) -> asyncpg.Record | None:
 async def state_of(pool: asyncpg.Pool, job_id: int) -> str | None:
     value: str | None = await pool.fetchval("SELECT state FROM outbox_jobs WHERE id = $1", job_id)
     return value
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---------------------------------------------------------------------------------------------

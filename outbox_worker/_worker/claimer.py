@@ -18,7 +18,8 @@ import asyncpg
 import structlog
 
 from outbox_worker import sql
-from outbox_worker._worker.outcomes import ClaimedJob, Succeeded
+from outbox_worker._worker.claims import ClaimedJob
+from outbox_worker._worker.outcomes import Succeeded
 
 
 class Claimer:

@@ -28,10 +28,10 @@ import structlog
 from prometheus_client import Counter
 
 from outbox_worker import db, metrics, sql
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
-    ClaimedJob,
     Failed,
     Outcome,
     Released,

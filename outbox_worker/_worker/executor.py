@@ -15,10 +15,10 @@ import structlog
 from prometheus_client import Counter, Histogram
 
 from outbox_worker import metrics
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
-    ClaimedJob,
     Failed,
     Outcome,
     Released,

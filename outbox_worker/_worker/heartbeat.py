@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 
 from outbox_worker import db, sql
-from outbox_worker._worker.outcomes import ClaimedJob
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker.db import sleep_or_stop
 
 

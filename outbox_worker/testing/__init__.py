@@ -30,8 +30,9 @@ import structlog
 
 from outbox_worker import db, drivers, sql
 from outbox_worker._worker.backoff import retry_delay
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.executor import Executor
-from outbox_worker._worker.outcomes import ClaimedJob, Failed, Outcome, Settled, Succeeded
+from outbox_worker._worker.outcomes import Failed, Outcome, Settled, Succeeded
 from outbox_worker.client import AsyncSessionLike
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.context import JobContext, current_correlation_id
