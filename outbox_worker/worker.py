@@ -28,10 +28,13 @@ from outbox_worker._worker.claimer import Claimer
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.completer import Completer
 from outbox_worker._worker.executor import Executor, describe_error
+from outbox_worker._worker.gauges import Gauges
 from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker._worker.maintenance import Pruner, Rescuer
 from outbox_worker._worker.notifier import Notifier
-from outbox_worker._worker.outcomes import Failed, Outcome, StopReason
+from outbox_worker._worker.outcomes import Failed, Outcome
+from outbox_worker._worker.service import Service
+from outbox_worker._worker.slots import Slots
 from outbox_worker.errors import ConfigError, DatabaseUnavailable
 from outbox_worker.registry import Registry
 
@@ -87,77 +90,26 @@ class Worker:
         self.queues = list(options.queues or registry.queues())
         self.log = structlog.get_logger("outbox_worker").bind(worker_id=self.worker_id)
         self.ready = asyncio.Event()
-        self.processed = 0
         # Handlers still running when the worker stopped: they ignored their cancellation.
         self.stuck: list[asyncio.Task[None]] = []
+        self._slots = Slots(options.concurrency, log=self.log)
         self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
         self._give_up_writes = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
-        # Claimed rows whose outcome is not written yet, running or not: the slots in use.
-        self._held: dict[int, ClaimedJob] = {}
-        # Attempts started whose outcome could not be written: their rows may still be
-        # running under this worker's name until a rescuer takes them back, so the hand-back
-        # of lost claims must leave them alone. Only grows when writes fail for good.
-        self._abandoned: set[tuple[int, int]] = set()
-        # Why the worker stopped a handler it stopped (operator cancel, shutdown, lease).
-        self._stopping: dict[int, StopReason] = {}
-        self._claimer: Claimer | None = None
-        self._executor: Executor | None = None
-        self._completer: Completer | None = None
+
+    @property
+    def processed(self) -> int:
+        """Outcomes written so far."""
+        return self._slots.written
 
     def stop(self) -> None:
         """Stop claiming and drain; safe to call from a signal handler, more than once."""
         if not self._stop.is_set():
-            self.log.info("worker_stopping", in_flight=len(self._held))
-        if self._claimer is not None:
-            self._claimer.closed = True
+            self.log.info("worker_stopping", in_flight=len(self._slots.held))
         self._stop.set()
-        self._wake.set()
+        self._slots.close()
 
     def wake(self) -> None:
-        self._wake.set()
-
-    def held(self, job_id: int) -> ClaimedJob | None:
-        return self._held.get(job_id)
-
-    def started(self) -> list[tuple[int, int]]:
-        """Every attempt this worker started whose row may still be running in its name."""
-        return [(job.id, job.attempt) for job in self._held.values()] + list(self._abandoned)
-
-    def is_running(self, job_id: int) -> bool:
-        return job_id in self._running
-
-    def stop_reason(self, job_id: int) -> StopReason | None:
-        return self._stopping.get(job_id)
-
-    def cancel_requested(self, job_ids: list[int]) -> None:
-        """Stop the handlers of these jobs; each ends as cancelled (see Executor.run)."""
-        self._stop_handlers(job_ids, StopReason.CANCEL)
-
-    def leases_lapsing(self, job_ids: list[int]) -> None:
-        """Stop handlers whose lease could not be extended, before another worker may
-        rescue their job and run it a second time beside them."""
-        self._stop_handlers(job_ids, StopReason.LEASE)
-
-    def _stop_handlers(self, job_ids: list[int], reason: StopReason) -> None:
-        for job_id in job_ids:
-            task = self._running.get(job_id)
-            current = self._stopping.get(job_id)
-            if task is None or current is reason or current is StopReason.LEASE:
-                continue
-            self._stopping[job_id] = reason
-            if reason is StopReason.CANCEL:
-                self.log.info("job_cancel_requested", job_id=job_id)
-            elif reason is StopReason.LEASE:
-                self.log.error(
-                    "job_stopped_lease_lapsing",
-                    job_id=job_id,
-                    hint="its lease could not be extended (row locked by another session, "
-                    "lease taken over, or database away); a rescuer runs it again once the "
-                    "lease has lapsed",
-                )
-            task.cancel()
+        self._slots.changed.set()
 
     async def run(self) -> None:
         opts = self.options
@@ -225,23 +177,33 @@ class Worker:
 
     async def _serve(self, pool: asyncpg.Pool, handler_pool: asyncpg.Pool) -> None:
         opts = self.options
+        slots = self._slots
+        executor = Executor(
+            registry=self.registry,
+            worker_id=self.worker_id,
+            pool=handler_pool,
+            retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
+            stop_reason=slots.stop_reason,
+            log=self.log,
+        )
+        completer: Completer
+
+        def start(job: ClaimedJob) -> None:
+            slots.run(job, self._execute(job, executor, completer))
+
         claimer = Claimer(
             pool=pool,
             worker_id=self.worker_id,
             queues=self.queues,
-            concurrency=opts.concurrency,
             lease_seconds=opts.lease_seconds,
-            held=self._held,
-            started=self.started,
-            start=self._start,
-            wake=self.wake,
+            slots=slots,
+            start=start,
             log=self.log,
         )
         completer = Completer(
             pool=pool,
             worker_id=self.worker_id,
-            on_written=self._written,
-            describe=self.held,
+            slots=slots,
             complete=claimer.complete_and_claim,
             give_up=self._give_up_writes,
             # Long past any healthy write, short enough that a locked row stalls the
@@ -249,83 +211,69 @@ class Worker:
             stall_after=max(2.0, opts.lease_seconds / 10),
             log=self.log,
         )
-        executor = Executor(
-            registry=self.registry,
-            worker_id=self.worker_id,
-            pool=handler_pool,
-            retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
-            stop_reason=self.stop_reason,
-            log=self.log,
-        )
-        # The heartbeat outlives the stop request: jobs finishing during the drain still
-        # need their leases, or another worker would rescue and run them a second time.
-        drained = asyncio.Event()
         heartbeat = Heartbeat(
             pool=pool,
             worker_id=self.worker_id,
             queues=self.queues,
-            concurrency=opts.concurrency,
             lease_seconds=opts.lease_seconds,
-            held=self._held,
-            running=self.is_running,
-            on_cancel_requested=self.cancel_requested,
-            on_lease_lapsing=self.leases_lapsing,
-            stop=drained,
+            slots=slots,
             log=self.log,
         )
+        rescuer = Rescuer(pool=pool, interval=max(0.5, opts.lease_seconds / 2), log=self.log)
+        # Stopped with the claiming: they only serve claims.
+        claiming: list[Service] = [rescuer]
+        if any(keep is not None for keep in opts.retention.values()):
+            claiming.append(
+                Pruner(
+                    pool=pool,
+                    retention=opts.retention,
+                    interval=opts.prune_interval,
+                    log=self.log,
+                )
+            )
+        if opts.listen:
+            claiming.append(
+                Notifier(
+                    dsn=opts.listen_dsn or opts.dsn,
+                    wake=self.wake,
+                    keepalive_seconds=max(1.0, opts.poll_interval * 5),
+                    log=self.log,
+                )
+            )
+        # Stopped once every outcome is written: jobs finishing during the drain still need
+        # their leases and their outcomes.
+        in_flight: list[Service] = [
+            completer,
+            heartbeat,
+            Gauges(
+                pool=pool,
+                slots=slots,
+                lease_seconds=opts.lease_seconds,
+                interval=opts.metrics_interval,
+            ),
+        ]
         watchdog = LoopWatchdog(
-            loop=asyncio.get_running_loop(),
-            threshold=heartbeat.interval,
-            held=self._held,
-            log=self.log,
+            loop=asyncio.get_running_loop(), threshold=heartbeat.interval, slots=slots, log=self.log
         )
-        self._claimer, self._executor, self._completer = claimer, executor, completer
-        services: list[asyncio.Task[None]] = []
         self.log.info(
             "worker_starting", queues=self.queues, concurrency=opts.concurrency, burst=opts.burst
         )
         try:
             async with asyncio.TaskGroup() as group:
-                services.append(group.create_task(completer.run(), name="completer"))
-                services.append(group.create_task(heartbeat.run(), name="heartbeat"))
-                services.append(group.create_task(heartbeat.guard(), name="lease-guard"))
-                rescuer = Rescuer(
-                    pool=pool,
-                    interval=max(0.5, opts.lease_seconds / 2),
-                    stop=self._stop,
-                    log=self.log,
-                )
-                services.append(group.create_task(rescuer.run(), name="rescuer"))
-                if any(keep is not None for keep in opts.retention.values()):
-                    pruner = Pruner(
-                        pool=pool,
-                        retention=opts.retention,
-                        interval=opts.prune_interval,
-                        stop=self._stop,
-                        log=self.log,
-                    )
-                    services.append(group.create_task(pruner.run(), name="pruner"))
-                if opts.listen:
-                    notifier = Notifier(
-                        dsn=opts.listen_dsn or opts.dsn,
-                        wake=self.wake,
-                        stop=self._stop,
-                        keepalive_seconds=max(1.0, opts.poll_interval * 5),
-                        log=self.log,
-                    )
-                    services.append(group.create_task(notifier.run(), name="notifier"))
-                services.append(group.create_task(self._gauges(pool), name="gauges"))
+                tasks = {
+                    service.name: group.create_task(service.run(), name=service.name)
+                    for service in [*in_flight, *claiming]
+                }
                 watchdog.start()
                 metrics.SLOTS_TOTAL.set(opts.concurrency)
                 await self._first_round(rescuer, heartbeat)
                 self.ready.set()
                 self.log.info("worker_ready")
                 await self._produce(claimer)
+                _cancel(tasks, claiming)
                 await self._drain()
                 self._stop.set()
-                drained.set()
-                for service in services:
-                    service.cancel()
+                _cancel(tasks, in_flight)
                 await heartbeat.goodbye()
         finally:
             watchdog.stop()
@@ -345,10 +293,9 @@ class Worker:
         """Claim whenever slots are free and work may be due: at start, on a notification,
         after a write that freed slots without refilling them, and every poll interval."""
         opts = self.options
-        if self._stop.is_set():
-            claimer.closed = True
+        slots = self._slots
         while not self._stop.is_set():
-            self._wake.clear()
+            slots.changed.clear()
             try:
                 asked, started = await db.retrying("claim", claimer.claim, until=self._stop)
             except Exception:
@@ -357,21 +304,14 @@ class Worker:
                 raise
             if asked and started == asked:
                 continue  # more may be due: claim again while slots are free
-            if opts.burst and asked and not started and claimer.idle():
+            if opts.burst and asked and not started and slots.idle():
                 self.log.info("burst_done")
+                slots.close()
                 return
-            if opts.burst and not claimer.idle():
-                await self._wake.wait()  # a finishing job may have enqueued more work
+            if opts.burst and not slots.idle():
+                await slots.changed.wait()  # a finishing job may have enqueued more work
             else:
-                await db.sleep_or_stop(self._wake, opts.poll_interval)
-
-    def _start(self, job: ClaimedJob) -> None:
-        assert self._executor is not None
-        assert self._completer is not None
-        self._held[job.id] = job
-        self._running[job.id] = asyncio.create_task(
-            self._execute(job, self._executor, self._completer)
-        )
+                await db.sleep_or_stop(slots.changed, opts.poll_interval)
 
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         try:
@@ -386,38 +326,26 @@ class Worker:
                 job.id, job.attempt, f"worker error: {describe_error(exc)}", self.options.retry_base
             )
         finally:
-            self._running.pop(job.id, None)
+            self._slots.finished(job.id)
         completer.put(outcome)
-
-    def _written(self, done: list[Outcome], abandoned: list[Outcome]) -> None:
-        for outcome in [*done, *abandoned]:
-            job = self._held.get(outcome.job_id)
-            if job is not None and job.attempt == outcome.attempt:
-                del self._held[outcome.job_id]
-                self._stopping.pop(outcome.job_id, None)
-        self._abandoned.update((outcome.job_id, outcome.attempt) for outcome in abandoned)
-        metrics.SLOTS_IN_USE.set(len(self._held))
-        self.processed += len(done)
-        self._wake.set()
 
     async def _drain(self) -> None:
         """Give in-flight jobs the drain timeout, release the rest, wait for the outcomes;
         each step bounded (see STOP_GRACE_SECONDS)."""
         opts = self.options
-        running = list(self._running.values())
+        slots = self._slots
+        running = list(slots.running().values())
         if running:
             self.log.info("draining", jobs=len(running), timeout=opts.drain_timeout)
             _, pending = await asyncio.wait(running, timeout=opts.drain_timeout)
             if pending:
-                for job_id, task in list(self._running.items()):
-                    self._stopping.setdefault(job_id, StopReason.SHUTDOWN)
-                    task.cancel()
+                slots.stop_all()
                 _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE_SECONDS)
                 if stuck:
                     self.stuck = list(stuck)
                     self.log.error(
                         "handlers_ignored_cancellation",
-                        jobs=[job_id for job_id, task in self._running.items() if task in stuck],
+                        jobs=[job_id for job_id, task in slots.running().items() if task in stuck],
                         hint="their leases lapse once the worker has stopped, and a rescuer "
                         "takes the jobs back",
                     )
@@ -426,12 +354,12 @@ class Worker:
         loop = asyncio.get_running_loop()
         give_up = loop.call_later(STOP_GRACE_SECONDS, self._give_up_writes.set)
         try:
-            while len(self._held) > len(self.stuck) and not self._give_up_writes.is_set():
-                self._wake.clear()
-                await db.sleep_or_stop(self._wake, 0.1)
+            while len(slots.held) > len(self.stuck) and not self._give_up_writes.is_set():
+                slots.changed.clear()
+                await db.sleep_or_stop(slots.changed, 0.1)
         finally:
             give_up.cancel()
-        unwritten = [job_id for job_id, task in self._held.items() if job_id not in self._running]
+        unwritten = [job_id for job_id in slots.held if not slots.is_running(job_id)]
         if unwritten:
             self.log.error(
                 "outcomes_not_written",
@@ -440,24 +368,10 @@ class Worker:
                 "a rescuer takes the jobs back",
             )
 
-    async def _gauges(self, pool: asyncpg.Pool) -> None:
-        """Queue depth and oldest-due gauges for --metrics-port, from one cheap query."""
-        while True:
-            try:
-                rows = await db.fetch(pool, "gauges", sql.QUEUE_ACTIVE_STATS, give_up_after=5.0)
-                metrics.refresh_queue_gauges(rows)
-                alive = await db.fetch(
-                    pool,
-                    "gauges",
-                    *sql.bind(sql.WORKERS_ALIVE_PG, seconds=self.options.lease_seconds * 2),
-                    give_up_after=5.0,
-                )
-                metrics.WORKERS_ALIVE.set(len(alive))
-            except Exception as exc:
-                if not db.is_transient(exc):
-                    raise
-            metrics.SLOTS_IN_USE.set(len(self._held))
-            await asyncio.sleep(self.options.metrics_interval)
+
+def _cancel(tasks: dict[str, asyncio.Task[None]], services: list[Service]) -> None:
+    for service in services:
+        tasks[service.name].cancel()
 
 
 async def _close_pool(pool: asyncpg.Pool) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 import tests.workload  # noqa: F401 -- registers the tasks enqueue checks names against
 from outbox_worker import NewJob, enqueue_many, sql
 from outbox_worker._worker.claimer import Claimer
+from outbox_worker._worker.slots import Slots
 from tests.conftest import WorkerProcess, wait_until
 
 LEASE_SECONDS = 30.0
@@ -275,19 +276,19 @@ async def test_a_worker_never_holds_more_jobs_than_its_concurrency(
     assert 0 < most_running <= concurrency, f"{most_running} rows running under one worker"
 
 
-def _claimer(pool: asyncpg.Pool, started: dict[int, Any], lease_seconds: float = 30.0) -> Claimer:
-    return Claimer(
+def _claimer(pool: asyncpg.Pool, lease_seconds: float = 30.0) -> tuple[Claimer, dict[int, Any]]:
+    """A claimer of four slots whose claimed jobs are held but never run; and what it holds."""
+    slots = Slots(4, log=structlog.get_logger("test"))
+    claimer = Claimer(
         pool=pool,
         worker_id="w",
         queues=["default"],
-        concurrency=4,
         lease_seconds=lease_seconds,
-        held=started,
-        started=lambda: [(job.id, job.attempt) for job in started.values()],
-        start=lambda job: started.__setitem__(job.id, job),
-        wake=lambda: None,
+        slots=slots,
+        start=slots.hold,
         log=structlog.get_logger("test"),
     )
+    return claimer, slots.held
 
 
 async def _blocked_claim(pool: asyncpg.Pool, claim: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -311,8 +312,7 @@ async def test_a_claim_interrupted_in_flight_hands_back_rows_it_may_have_taken(
     async with AsyncSession(engine) as session:
         await enqueue_many(session, [NewJob("noop") for _ in range(6)])
         await session.commit()
-    started: dict[int, Any] = {}
-    claimer = _claimer(pool, started)
+    claimer, started = _claimer(pool)
     # Two rows claimed under the worker's name whose answer never reached it.
     async with pool.acquire() as conn:
         lost = await claim(conn, 2, "w")
@@ -346,8 +346,7 @@ async def test_a_claim_answered_after_half_a_lease_is_handed_back_unstarted(
     async with AsyncSession(engine) as session:
         await enqueue_many(session, [NewJob("noop") for _ in range(3)])
         await session.commit()
-    started: dict[int, Any] = {}
-    claimer = _claimer(pool, started, lease_seconds=0.4)
+    claimer, started = _claimer(pool, lease_seconds=0.4)
     async with pool.acquire() as locker, locker.transaction():
         await locker.execute("LOCK TABLE outbox_jobs IN EXCLUSIVE MODE")
         task = await _blocked_claim(pool, claimer.claim())

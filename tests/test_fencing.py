@@ -39,7 +39,7 @@ async def _claim(pool: asyncpg.Pool, worker_id: str, lease: float) -> asyncpg.Re
 
 
 async def _rescue(pool: asyncpg.Pool) -> int:
-    return await Rescuer(pool=pool, interval=60.0, stop=asyncio.Event(), log=log).rescue_once()
+    return await Rescuer(pool=pool, interval=60.0, log=log).rescue_once()
 
 
 async def _complete(pool: asyncpg.Pool, job_id: int, attempt: int, worker: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Callable
 
@@ -22,7 +21,7 @@ async def _executions(pool: asyncpg.Pool, job_id: int) -> list[tuple[int, int, s
 
 
 def _rescuer(pool: asyncpg.Pool) -> Rescuer:
-    return Rescuer(pool=pool, interval=60.0, stop=asyncio.Event(), log=structlog.get_logger("test"))
+    return Rescuer(pool=pool, interval=60.0, log=structlog.get_logger("test"))
 
 
 async def test_job_of_a_killed_worker_is_finished_by_another(

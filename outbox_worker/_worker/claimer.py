@@ -1,17 +1,16 @@
 """Claims jobs for free slots, never more than the slots allow: on its own (the producer) or
 in the statement that writes a batch of successes (the completer).
 
-Slots in use are the held rows (claimed, outcome not written yet) plus the reserved ones (asked
-for by a claim still in flight), so claims may overlap without ever exceeding the concurrency.
-A claim asks for at most half the slots: with short jobs, one half runs while the other half's
-successes and their replacements travel to the database in one statement, so the event loop
-and the database work at the same time instead of in turn.
+Each claim reserves its slots in the worker's Slots first, so claims may overlap without ever
+exceeding the concurrency. A claim asks for at most half the slots: with short jobs, one half
+runs while the other half's successes and their replacements travel to the database in one
+statement, so the event loop and the database work at the same time instead of in turn.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -20,6 +19,7 @@ import structlog
 from outbox_worker import sql
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import Succeeded
+from outbox_worker._worker.slots import Slots
 
 
 class Claimer:
@@ -29,36 +29,25 @@ class Claimer:
         pool: asyncpg.Pool,
         worker_id: str,
         queues: Sequence[str],
-        concurrency: int,
         lease_seconds: float,
-        held: Mapping[int, ClaimedJob],
-        started: Callable[[], Iterable[tuple[int, int]]],
+        slots: Slots,
         start: Callable[[ClaimedJob], None],
-        wake: Callable[[], None],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
+        """``start`` is handed each job claimed (already counted in the slots' reservation,
+        to be held by ``start``)."""
         self._pool = pool
         self._worker_id = worker_id
         self._queues = list(queues)
-        self._concurrency = concurrency
         self._lease_seconds = lease_seconds
-        self._held = held
-        self._started = started
+        self._slots = slots
         self._start = start
-        self._wake = wake
         self._log = log
-        self.chunk = max(1, (concurrency + 1) // 2)
-        self.closed = False
-        self._reserved = 0
-        self._in_flight = 0
+        self.chunk = max(1, (slots.concurrency + 1) // 2)
         # A claim was lost after it was sent: it may have committed without its answer
         # reaching us, leaving rows claimed under our name that we never started. The next
         # claim that runs alone hands them back first.
         self._orphans_suspected = False
-
-    def idle(self) -> bool:
-        """Nothing held and no claim in flight."""
-        return not self._held and not self._in_flight
 
     async def claim(self) -> tuple[int, int]:
         """Claim for free slots on a connection of its own: (slots asked for, jobs started)."""
@@ -104,20 +93,14 @@ class Claimer:
 
     def _reserve(self, *, freed: int) -> int:
         """Slots for one claim; ``freed`` are held slots the same statement gives back."""
-        if self.closed or (self._orphans_suspected and self._in_flight):
+        if self._orphans_suspected and self._slots.claims_in_flight:
             return 0
-        asked = min(self.chunk, self._concurrency - len(self._held) - self._reserved + freed)
-        if asked <= 0:
-            return 0
-        self._reserved += asked
-        self._in_flight += 1
-        return asked
+        return self._slots.reserve(self.chunk, freed=freed)
 
     def _settle(self, asked: int) -> None:
-        self._reserved -= asked
-        self._in_flight -= 1
-        if self._orphans_suspected and not self._in_flight:
-            self._wake()  # the producer may now claim alone, and hand the orphans back
+        self._slots.settle(asked)
+        if self._orphans_suspected and not self._slots.claims_in_flight:
+            self._slots.changed.set()  # the producer may now claim alone, and hand them back
 
     async def _send(
         self,
@@ -130,8 +113,8 @@ class Claimer:
     ) -> tuple[list[asyncpg.Record], float]:
         """The rows of the claim ``statement`` (with ``done``, the successes it writes too),
         and when it was sent (time.monotonic())."""
-        if self._orphans_suspected and self._in_flight == 1:
-            started = list(self._started())
+        if self._orphans_suspected and self._slots.claims_in_flight == 1:
+            started = self._slots.started()
             orphans = await conn.fetch(
                 *sql.bind(
                     sql.JOB_RELEASE_ORPHANS,

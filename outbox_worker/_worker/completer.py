@@ -28,7 +28,6 @@ import structlog
 from prometheus_client import Counter
 
 from outbox_worker import db, metrics, sql
-from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
@@ -38,6 +37,7 @@ from outbox_worker._worker.outcomes import (
     Settled,
     Succeeded,
 )
+from outbox_worker._worker.slots import Slots
 
 T = TypeVar("T")
 
@@ -57,27 +57,27 @@ class _Stalled(Exception):
 
 
 class Completer:
+    name = "completer"
+
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         worker_id: str,
-        on_written: Callable[[list[Outcome], list[Outcome]], None],
-        describe: Callable[[int], ClaimedJob | None],
+        slots: Slots,
         complete: Callable[..., Awaitable[list[asyncpg.Record]]],
         give_up: asyncio.Event,
         stall_after: float,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        """``on_written(done, abandoned)`` hears of every outcome once: done when written
-        or no longer ours, abandoned when it could not be written. ``complete(successes,
+        """``slots`` hears of every outcome once (Slots.release): done when written or no
+        longer ours, abandoned when it could not be written. ``complete(successes,
         answer_within=…)`` writes successes. ``give_up`` ends the retrying of transient errors (a
         shutdown whose database is gone). A write that waits ``stall_after`` seconds is
         cancelled (see the module's docstring)."""
         self._pool = pool
         self._worker_id = worker_id
-        self._on_written = on_written
-        self._describe = describe
+        self._slots = slots
         self._complete = complete
         self._give_up = give_up
         self._stall_after = stall_after
@@ -109,7 +109,7 @@ class Completer:
             for outcome in [*done, *abandoned]:
                 self._set_aside.pop((outcome.job_id, outcome.attempt), None)
             if done or abandoned:
-                self._on_written(done, abandoned)
+                self._slots.release(done, abandoned)
 
     async def _unstalled(self, write: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -131,7 +131,7 @@ class Completer:
                 done.append(outcome)
             elif isinstance(outcome, Abandoned):
                 abandoned.append(outcome)
-        self._on_written(done, abandoned)
+        self._slots.release(done, abandoned)
 
     async def _write_kind(
         self,
@@ -286,7 +286,7 @@ class Completer:
         """Outcome counters, added up per (task, queue) before touching prometheus."""
         counts: collections.Counter[tuple[Counter, str, str]] = collections.Counter()
         for row in rows:
-            job = self._describe(row["id"])
+            job = self._slots.held.get(row["id"])
             task, queue = (job.task, job.queue) if job is not None else ("unknown", "unknown")
             if what in ("failed", "released") and row["state"] == "dead":
                 self._log.error("job_dead", job_id=row["id"])

@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
 
 import asyncpg
 import structlog
 
 from outbox_worker import db, sql
-from outbox_worker._worker.claims import ClaimedJob
-from outbox_worker.db import sleep_or_stop
+from outbox_worker._worker.outcomes import StopReason
+from outbox_worker._worker.slots import Slots
 
 
 class Heartbeat:
@@ -33,31 +32,23 @@ class Heartbeat:
     this handler still runs.
     """
 
+    name = "heartbeat"
+
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         worker_id: str,
         queues: list[str],
-        concurrency: int,
         lease_seconds: float,
-        held: Mapping[int, ClaimedJob],
-        running: Callable[[int], bool],
-        on_cancel_requested: Callable[[list[int]], None],
-        on_lease_lapsing: Callable[[list[int]], None],
-        stop: asyncio.Event,
+        slots: Slots,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._worker_id = worker_id
         self._queues = queues
-        self._concurrency = concurrency
         self._lease = lease_seconds
-        self._held = held
-        self._running = running
-        self._on_cancel_requested = on_cancel_requested
-        self._on_lease_lapsing = on_lease_lapsing
-        self._stop = stop
+        self._slots = slots
         self._log = log
         self.interval = lease_seconds / 3
         # A handler is stopped this long before its lease would lapse: time for the
@@ -68,8 +59,17 @@ class Heartbeat:
         self._extended: dict[tuple[int, int], float] = {}
 
     async def run(self) -> None:
+        """Beat, and guard the leases, until cancelled. The worker cancels it last of all:
+        jobs finishing during the drain still need their leases, or another worker would
+        rescue and run them a second time."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._beats())
+            group.create_task(self._guard())
+
+    async def _beats(self) -> None:
         delay = self.interval
-        while not await sleep_or_stop(self._stop, delay):
+        while True:
+            await asyncio.sleep(delay)
             try:
                 complete = await self.beat()
             except Exception as exc:
@@ -86,11 +86,11 @@ class Heartbeat:
         rows, missed = await db.retrying("heartbeat", self._beat_once, give_up_after=self.interval)
         cancel = [row["id"] for row in rows if row["cancel_requested"]]
         if cancel:
-            self._on_cancel_requested(cancel)
+            self._slots.stop(cancel, StopReason.CANCEL)
         return not missed
 
     async def _beat_once(self) -> tuple[list[asyncpg.Record], list[int]]:
-        jobs = list(self._held.values())
+        jobs = list(self._slots.held.values())
         sent = time.monotonic()
         async with self._pool.acquire(timeout=self._lease) as conn:
             await conn.execute(
@@ -98,7 +98,7 @@ class Heartbeat:
                     sql.WORKER_HEARTBEAT,
                     worker_id=self._worker_id,
                     queues=self._queues,
-                    concurrency=self._concurrency,
+                    concurrency=self._slots.concurrency,
                     in_flight=len(jobs),
                 )
             )
@@ -115,14 +115,16 @@ class Heartbeat:
                 )
             )
         extended = {row["id"] for row in rows}
-        current = {(job.id, job.attempt) for job in self._held.values()}
+        current = {(job.id, job.attempt) for job in self._slots.held.values()}
         self._extended = {key: at for key, at in self._extended.items() if key in current}
         for job in jobs:
             if job.id in extended:
                 self._extended[job.id, job.attempt] = sent
         # A job whose handler has ended may be unextended only because its outcome was
         # written meanwhile; a running handler's row can only be missed for a reason.
-        missed = [job.id for job in jobs if job.id not in extended and self._running(job.id)]
+        missed = [
+            job.id for job in jobs if job.id not in extended and self._slots.is_running(job.id)
+        ]
         if missed:
             self._log.warning(
                 "lease_not_extended",
@@ -133,20 +135,22 @@ class Heartbeat:
             )
         return rows, missed
 
-    async def guard(self) -> None:
-        """Stop handlers whose lease is about to lapse, until ``stop``."""
+    async def _guard(self) -> None:
+        """Stop handlers whose lease is about to lapse, apart from the beats: a beat may be
+        the very thing that is stuck."""
         tick = min(1.0, self.margin)
-        while not await sleep_or_stop(self._stop, tick):
+        while True:
+            await asyncio.sleep(tick)
             lapsing = self.lapsing(time.monotonic())
             if lapsing:
-                self._on_lease_lapsing(lapsing)
+                self._slots.stop(lapsing, StopReason.LEASE)
 
     def lapsing(self, now: float) -> list[int]:
         """Jobs whose handler runs on while their lease ends within the margin."""
         found = []
-        for job in list(self._held.values()):
+        for job in list(self._slots.held.values()):
             last = max(job.leased_at, self._extended.get((job.id, job.attempt), 0.0))
-            if now >= last + self._lease - self.margin and self._running(job.id):
+            if now >= last + self._lease - self.margin and self._slots.is_running(job.id):
                 found.append(job.id)
         return found
 
@@ -170,12 +174,12 @@ class LoopWatchdog:
         *,
         loop: asyncio.AbstractEventLoop,
         threshold: float,
-        held: Mapping[int, ClaimedJob],
+        slots: Slots,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._loop = loop
         self._threshold = threshold
-        self._held = held
+        self._slots = slots
         self._log = log
         self._stopped = threading.Event()
         self._thread = threading.Thread(
@@ -202,7 +206,7 @@ class LoopWatchdog:
             self._log.error(
                 "event_loop_blocked",
                 seconds=round(time.monotonic() - started, 2),
-                jobs=list(self._held),
+                jobs=list(self._slots.held),
                 hint="a handler is running blocking code; leases cannot be renewed meanwhile "
                 "(use asyncio.to_thread for blocking calls)",
             )

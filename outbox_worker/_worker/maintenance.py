@@ -10,7 +10,6 @@ import asyncpg
 import structlog
 
 from outbox_worker import db, sql
-from outbox_worker.db import sleep_or_stop
 
 RESCUE_BATCH = 1000
 PRUNE_BATCH = 1000
@@ -26,21 +25,22 @@ class Rescuer:
     queue within one lease plus one rescue interval of its worker's death.
     """
 
+    name = "rescuer"
+
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         interval: float,
-        stop: asyncio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._interval = interval
-        self._stop = stop
         self._log = log
 
     async def run(self) -> None:
-        while not await sleep_or_stop(self._stop, self._interval):
+        while True:
+            await asyncio.sleep(self._interval)
             await self.rescue_once()
 
     async def rescue_once(self, until: asyncio.Event | None = None) -> int:
@@ -68,23 +68,24 @@ class Rescuer:
 class Pruner:
     """Deletes finished jobs past their state's retention, in batches, one worker at a time."""
 
+    name = "pruner"
+
     def __init__(
         self,
         *,
         pool: asyncpg.Pool,
         retention: dict[str, timedelta | None],
         interval: float,
-        stop: asyncio.Event,
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
         self._pool = pool
         self._retention = retention
         self._interval = interval
-        self._stop = stop
         self._log = log
 
     async def run(self) -> None:
-        while not await sleep_or_stop(self._stop, self._interval):
+        while True:
+            await asyncio.sleep(self._interval)
             await self.prune_once()
 
     async def prune_once(self) -> int:
@@ -92,7 +93,7 @@ class Pruner:
         for state, keep in self._retention.items():
             if keep is None:
                 continue
-            while not self._stop.is_set():
+            while True:
                 deleted = await db.retrying("prune", functools.partial(self._batch, state, keep))
                 total += deleted
                 if deleted < PRUNE_BATCH:
