@@ -26,18 +26,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import Session
 
 from outbox_worker import drivers
-from outbox_worker.config import WorkerSettings
-from outbox_worker.enqueue import (
-    Backpressure,
-    NewJob,
-    Plan,
-    TaskDefaults,
-    _backpressure,
-    _default_max_args_bytes,
-    plan_many,
-    plan_one,
+from outbox_worker.client_plans import (
+    ConfiguredPlanner,
+    EnvironmentPlanner,
+    Planner,
+    checked_autocommit,
 )
-from outbox_worker.errors import ConfigError, InvalidName, InvalidOption, UnknownTask
+from outbox_worker.config import WorkerSettings
+from outbox_worker.enqueue import Backpressure, NewJob
+from outbox_worker.errors import ConfigError
 from outbox_worker.jobs import Job
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import DeclaredTask, Registry
@@ -64,128 +61,6 @@ SyncSessionLike: TypeAlias = "Session | Connection | psycopg.Connection[Any]"
 
 _DEFAULT_MAX_ARGS_BYTES: int = WorkerSettings.model_fields["max_args_bytes"].default
 _DEFAULT_CACHE_SECONDS: float = WorkerSettings.model_fields["queue_depth_cache_seconds"].default
-
-
-class _Core:
-    """What an Outbox's async and sync faces share: where task names are found, the
-    settings, and turning a call into a checked plan (every refusal raised here)."""
-
-    def settings(self) -> tuple[int, Backpressure]:
-        """The args size limit and the depth limits."""
-        raise NotImplementedError
-
-    def find(self, task: str) -> TaskDefaults | None:
-        raise NotImplementedError
-
-    def unknown(self, task: str) -> str:
-        """Why ``task`` is not found, for UnknownTask."""
-        raise NotImplementedError
-
-    def spec(self, task: str) -> TaskDefaults:
-        if not is_valid_name(task):
-            raise InvalidName(f"task name {task!r} must match {NAME_PATTERN}")
-        spec = self.find(task)
-        if spec is None:
-            raise UnknownTask(self.unknown(task))
-        return spec
-
-    def plan_one(
-        self,
-        task: str | NewJob,
-        args: Mapping[str, Any] | None,
-        options: _Options,
-        max_args_bytes: int | None,
-    ) -> Plan[Job]:
-        if isinstance(task, NewJob):
-            if args is not None or options != _NO_OPTIONS:
-                raise InvalidOption(
-                    "a NewJob carries its own args and options: set them on it "
-                    "(job.with_options(key=...)), not beside it"
-                )
-            job = task
-        else:
-            job = NewJob(task, {} if args is None else args, *options)
-        limit, backpressure = self.settings()
-        return plan_one(
-            job,
-            self.spec(job.task),
-            limit if max_args_bytes is None else max_args_bytes,
-            backpressure,
-        )
-
-    def plan_many(self, jobs: Sequence[NewJob], max_args_bytes: int | None) -> Plan[list[Job]]:
-        specs = {task: self.spec(task) for task in dict.fromkeys(job.task for job in jobs)}
-        limit, backpressure = self.settings()
-        return plan_many(
-            jobs, specs, limit if max_args_bytes is None else max_args_bytes, backpressure
-        )
-
-
-# enqueue's options, in NewJob's order: key, queue, priority, max_attempts, delay, run_at,
-# correlation_id.
-_Options = tuple[
-    str | None,
-    str | None,
-    int | None,
-    int | None,
-    float | timedelta | None,
-    datetime | None,
-    str | None,
-]
-_NO_OPTIONS: _Options = (None,) * 7
-
-
-def _flag(autocommit: object) -> bool:
-    """``autocommit`` checked: a truthy string must not turn a job into one that commits on
-    its own."""
-    if not isinstance(autocommit, bool):
-        raise InvalidOption(f"autocommit must be True or False, not {autocommit!r}")
-    return autocommit
-
-
-class _Configured(_Core):
-    """An Outbox's own: the settings it was given and the registry it was given."""
-
-    def __init__(
-        self,
-        registry: Registry | None,
-        declared: Mapping[str, DeclaredTask],
-        max_args_bytes: int,
-        backpressure: Backpressure,
-    ) -> None:
-        self._registry = registry
-        self._declared = declared
-        self._settings = (max_args_bytes, backpressure)
-
-    def settings(self) -> tuple[int, Backpressure]:
-        return self._settings
-
-    def find(self, task: str) -> TaskDefaults | None:
-        if self._registry is not None:
-            spec = self._registry.get(task)
-            if spec is not None:
-                return spec
-        return self._declared.get(task)
-
-    def unknown(self, task: str) -> str:
-        return (
-            f"task {task!r} is neither in this Outbox's registry nor declared "
-            "(Outbox(registry, tasks=[DeclaredTask(...)]))"
-        )
-
-
-class _Environment(_Core):
-    """The module-level functions' core, as they always behaved: OUTBOX_MAX_ARGS_BYTES and
-    OUTBOX_QUEUE_DEPTH_* read on first use, and a task found in any live registry."""
-
-    def settings(self) -> tuple[int, Backpressure]:
-        return _default_max_args_bytes(), _backpressure()
-
-    def find(self, task: str) -> TaskDefaults | None:
-        return Registry.find(task)
-
-    def unknown(self, task: str) -> str:
-        return f"no registry in this process has a task named {task!r}"
 
 
 class Outbox:
@@ -236,7 +111,7 @@ class Outbox:
             0 <= queue_depth_cache_seconds < math.inf
         ):
             raise ConfigError("queue_depth_cache_seconds must be a finite number, 0 or more")
-        self._core: _Core = _Configured(
+        self._core: Planner = ConfiguredPlanner(
             registry, declared, max_args_bytes, Backpressure(limits, queue_depth_cache_seconds)
         )
         self.sync = SyncOutbox(self._core)
@@ -257,7 +132,7 @@ class Outbox:
         )
 
     @classmethod
-    def _of(cls, core: _Core) -> Outbox:
+    def _of(cls, core: Planner) -> Outbox:
         outbox = cls.__new__(cls)
         outbox._core = core
         outbox.sync = SyncOutbox(core)
@@ -321,7 +196,7 @@ class Outbox:
         commit on its own in the statement that writes it: for a script or service with
         nothing else to commit, in one round trip instead of BEGIN, INSERT and COMMIT.
         """
-        runner = drivers.async_runner(session, "enqueue", _flag(autocommit))
+        runner = drivers.async_runner(session, "enqueue", checked_autocommit(autocommit))
         options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
@@ -340,7 +215,7 @@ class Outbox:
         between jobs of the same call: the first wins and the later ones come back as
         duplicates. One refused job refuses them all, before any SQL.
         """
-        runner = drivers.async_runner(session, "enqueue_many", _flag(autocommit))
+        runner = drivers.async_runner(session, "enqueue_many", checked_autocommit(autocommit))
         return runner(session, self._core.plan_many(jobs, max_args_bytes))
 
 
@@ -349,7 +224,7 @@ class SyncOutbox:
     a sync SQLAlchemy Session or Connection (on psycopg or psycopg2) or a psycopg
     Connection. The calls return the Job itself: nothing to await."""
 
-    def __init__(self, core: _Core) -> None:
+    def __init__(self, core: Planner) -> None:
         self._core = core
 
     @overload
@@ -398,7 +273,7 @@ class SyncOutbox:
         autocommit: bool = False,
     ) -> Job:
         """:meth:`Outbox.enqueue` for a sync session or connection: the Job, not awaited."""
-        runner = drivers.sync_runner(session, "enqueue", _flag(autocommit))
+        runner = drivers.sync_runner(session, "enqueue", checked_autocommit(autocommit))
         options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
@@ -411,11 +286,11 @@ class SyncOutbox:
         autocommit: bool = False,
     ) -> list[Job]:
         """:meth:`Outbox.enqueue_many` for a sync session or connection: not awaited."""
-        runner = drivers.sync_runner(session, "enqueue_many", _flag(autocommit))
+        runner = drivers.sync_runner(session, "enqueue_many", checked_autocommit(autocommit))
         return runner(session, self._core.plan_many(jobs, max_args_bytes))
 
 
-_ENVIRONMENT = Outbox._of(_Environment())
+_ENVIRONMENT = Outbox._of(EnvironmentPlanner())
 
 # The module-level functions: outbox_worker.enqueue and enqueue_many (awaited), and
 # outbox_worker.sync's (not awaited).

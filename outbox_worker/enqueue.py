@@ -1,12 +1,11 @@
 """What an enqueue does, the same whatever session or connection runs it.
 
 Two halves, neither of which touches a database: the checks that turn a call's arguments
-into the row to insert (every refusal is raised here, so a refused job leaves the caller's
-transaction untouched and usable), and the statements that write it as a sans-IO plan: a
-generator that yields each statement with its parameters and is sent back the rows, so the
-insert, the key dedupe and the backpressure count exist once for every driver
-(outbox_worker.drivers runs them). Nothing here commits: the job exists iff the caller's
-transaction does.
+into the row to insert (outbox_worker.enqueue_checks: every refusal is raised there, before
+any SQL), and the statements that write it as a sans-IO plan, here: a generator that yields
+each statement with its parameters and is sent back the rows, so the insert, the key dedupe
+and the backpressure count exist once for every driver (outbox_worker.drivers runs them).
+Nothing here commits: the job exists iff the caller's transaction does.
 """
 
 from __future__ import annotations
@@ -14,46 +13,25 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import math
 import operator
-import re
 import time
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, Protocol, TypeVar
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
 from outbox_worker import metrics, sql
-from outbox_worker.config import MAX_DELAY_SECONDS, WorkerSettings
-from outbox_worker.context import current_correlation_id
-from outbox_worker.errors import (
-    ArgsTooLarge,
-    EnqueueError,
-    InvalidArgs,
-    InvalidName,
-    InvalidOption,
-    QueueFull,
-)
-from outbox_worker.jobs import JOB_COLUMNS, MAX_JSON_DEPTH, Job, JobState
-from outbox_worker.names import NAME_PATTERN, is_valid_name
+from outbox_worker.config import WorkerSettings
+from outbox_worker.enqueue_checks import Row, TaskDefaults, checked, checked_correlation_id
+from outbox_worker.errors import EnqueueError, QueueFull
+from outbox_worker.jobs import JOB_COLUMNS, Job, JobState
 
 T = TypeVar("T")
 
-
-INT32_MAX = 2**31 - 1
-MAX_KEY_LENGTH = 512
-MAX_CORRELATION_ID_LENGTH = 255
-# A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-# Built once: json.dumps builds a new encoder on every call that passes options.
-_ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
-_SCALARS = (str, int, float, bool, type(None))
 _QUEUED = JobState.QUEUED
-# asyncpg encodes these two instants as -infinity and infinity (outbox_jobs_run_at_readable).
-_INFINITIES = (datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,20 +75,6 @@ class NewJob:
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
 
-class TaskDefaults(Protocol):
-    """What an enqueue takes from its task when the call does not say: a registered task's
-    TaskSpec, or a task an API process declared without its handler."""
-
-    @property
-    def queue(self) -> str: ...
-
-    @property
-    def priority(self) -> int: ...
-
-    @property
-    def max_attempts(self) -> int: ...
-
-
 @functools.cache
 def _enqueued(task: str, queue: str) -> Counter:
     """The counter's child for (task, queue), looked up once: labels() takes a lock."""
@@ -118,14 +82,14 @@ def _enqueued(task: str, queue: str) -> Counter:
 
 
 @functools.cache
-def _default_max_args_bytes() -> int:
+def default_max_args_bytes() -> int:
     """OUTBOX_MAX_ARGS_BYTES, read once, for the module-level enqueue functions only: an
     Outbox is given its limit when it is built."""
     return WorkerSettings().max_args_bytes
 
 
 @functools.cache
-def _backpressure() -> Backpressure:
+def default_backpressure() -> Backpressure:
     """The depth limits of OUTBOX_QUEUE_DEPTH_LIMITS, read once, for the module-level enqueue
     functions only."""
     settings = WorkerSettings()
@@ -176,198 +140,7 @@ class Backpressure:
             )
 
 
-def _text_option(name: str, value: str | None, limit: int) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value or len(value) > limit or "\x00" in value:
-        raise InvalidOption(f"{name} must be a string of 1 to {limit} characters without NUL")
-    try:
-        value.encode()
-    except UnicodeEncodeError as exc:
-        raise InvalidOption(f"{name} is not valid Unicode text: {exc}") from exc
-    return value
-
-
-_NOT_AN_OBJECT = "must be a JSON object (dicts with str keys)"
-
-
-def _shape_problem(args: dict[Any, Any]) -> str | None:
-    """What json.dumps lets through but must be refused: a nested non-string key (json.dumps
-    turns it into a string, and merges colliding ones, without a word), or nesting deeper than
-    MAX_JSON_DEPTH, which readers could not show. Iterative, so depth cannot overflow the
-    stack."""
-    stack: list[tuple[dict[Any, Any] | list[Any] | tuple[Any, ...], int]] = [(args, 1)]
-    # The deepest level each container was walked at: a shared one is walked again only
-    # deeper, and a circular one ends past the limit instead of hanging.
-    walked: dict[int, int] = {}
-    while stack:
-        item, level = stack.pop()
-        if level > MAX_JSON_DEPTH:
-            return f"nest deeper than {MAX_JSON_DEPTH} levels (or contain themselves)"
-        if walked.get(id(item), 0) >= level:
-            continue
-        walked[id(item)] = level
-        if isinstance(item, dict):
-            if not all(isinstance(key, str) for key in item):
-                return _NOT_AN_OBJECT
-            children: Iterable[Any] = item.values()
-        else:
-            children = item
-        stack.extend(
-            (child, level + 1) for child in children if isinstance(child, dict | list | tuple)
-        )
-    return None
-
-
-def _least_size(value: Any, sizes: dict[int, int]) -> int:
-    """Fewer bytes than ``value`` takes as JSON, each shared container counted once in
-    ``sizes``: args that repeat one list inside itself fifty times over would expand to
-    2**50 elements in json.dumps, so they are measured before they are encoded. Called once
-    _shape_problem has passed them (no cycle, bounded depth)."""
-    if isinstance(value, dict):
-        # {"key":value,...}: a brace, each key's quotes and colon, a comma or brace after each.
-        items: Iterable[Any] = value.values()
-        size = 1 + sum(len(key) + 3 for key in value)
-    elif isinstance(value, list | tuple):
-        items, size = value, 1
-    else:
-        return 1
-    known = sizes.get(id(value))
-    if known is None:
-        known = sizes[id(value)] = size + sum(_least_size(item, sizes) + 1 for item in items)
-    return known
-
-
-def _int_option(name: str, value: int, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT32_MAX:
-        raise InvalidOption(f"{name} must be an integer from {low} to {INT32_MAX}, got {value!r}")
-    return value
-
-
-def _flat_with_str_keys(args: Mapping[Any, Any]) -> bool:
-    """The common case, checked in one pass: string keys and scalar values only."""
-    return all(type(k) is str and type(v) in _SCALARS for k, v in args.items())
-
-
-def _encode_args(task: str, args: object, limit: int) -> str:
-    if not (type(args) is dict or isinstance(args, Mapping)):
-        raise InvalidArgs(f"args of {task!r} {_NOT_AN_OBJECT}")
-    if not _flat_with_str_keys(args):
-        problem = _shape_problem(dict(args))
-        if problem is not None:
-            raise InvalidArgs(f"args of {task!r} {problem}")
-        least = _least_size(dict(args), {})
-        if least > limit:
-            raise ArgsTooLarge(
-                f"args of {task!r} are more than {least} bytes as JSON; the limit is {limit}"
-            )
-    try:
-        encoded = _ENCODER.encode(args)
-        size = len(encoded) if encoded.isascii() else len(encoded.encode())
-    except UnicodeEncodeError as exc:
-        raise InvalidArgs(f"args of {task!r} hold text that is not valid Unicode: {exc}") from exc
-    except RecursionError as exc:
-        raise InvalidArgs(f"args of {task!r} are nested too deeply") from exc
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgs(f"args of {task!r} are not JSON: {exc}") from exc
-    if "\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
-        raise InvalidArgs(f"args of {task!r} contain a NUL character, which jsonb cannot store")
-    if size > limit:
-        raise ArgsTooLarge(f"args of {task!r} are {size} bytes as JSON; the limit is {limit}")
-    return encoded
-
-
-class _Row(NamedTuple):
-    """One checked job: JOB_INSERT's parameters, by name."""
-
-    queue: str
-    task: str
-    args: str
-    priority: int
-    max_attempts: int
-    run_at: datetime | None
-    delay: float
-    dedupe_key: str | None
-    correlation_id: str | None
-
-
-def _checked(
-    job: NewJob, max_args_bytes: int, spec: TaskDefaults, correlation_id: str | None
-) -> _Row:
-    """Check one job and turn it into JOB_INSERT's parameters; raise before any SQL runs.
-
-    ``correlation_id``: the current one (checked), for a job that names none."""
-    if (
-        job.queue is None
-        and job.priority is None
-        and job.max_attempts is None
-        and job.delay is None
-        and job.run_at is None
-        and job.key is None
-        and job.correlation_id is None
-    ):
-        # Every option from the task (checked when it was registered): only args to check.
-        return _Row(
-            spec.queue,
-            job.task,
-            _encode_args(job.task, job.args, max_args_bytes),
-            spec.priority,
-            spec.max_attempts,
-            None,
-            0.0,
-            None,
-            correlation_id,
-        )
-    queue = spec.queue if job.queue is None else job.queue
-    if queue is not spec.queue and not is_valid_name(queue):
-        raise InvalidName(f"queue name {queue!r} must match {NAME_PATTERN}")
-    if job.run_at is not None and job.delay is not None:
-        raise InvalidOption("give delay or run_at, not both")
-    if job.run_at is not None:
-        if not isinstance(job.run_at, datetime) or job.run_at.utcoffset() is None:
-            raise InvalidOption("run_at must be a timezone-aware datetime")
-        try:
-            utc = job.run_at.astimezone(UTC)
-        except OverflowError as exc:
-            raise InvalidOption("run_at is out of range once converted to UTC") from exc
-        if utc in _INFINITIES:
-            raise InvalidOption(
-                "run_at must lie after datetime.min and before datetime.max (in UTC): "
-                "those two are sent as -infinity and infinity, which the table refuses"
-            )
-    delay = job.delay.total_seconds() if isinstance(job.delay, timedelta) else job.delay
-    if delay is None:
-        delay = 0.0
-    if (
-        isinstance(delay, bool)
-        or not isinstance(delay, int | float)
-        or not 0 <= delay <= MAX_DELAY_SECONDS  # also False for NaN; exact for huge ints
-    ):
-        raise InvalidOption(f"delay must be from 0 to {MAX_DELAY_SECONDS:.0f} seconds")
-    return _Row(
-        queue,
-        job.task,
-        _encode_args(job.task, job.args, max_args_bytes),
-        _int_option(
-            "priority", spec.priority if job.priority is None else job.priority, -INT32_MAX
-        ),
-        _int_option(
-            "max_attempts", spec.max_attempts if job.max_attempts is None else job.max_attempts, 1
-        ),
-        job.run_at,
-        float(delay),
-        _text_option("key", job.key, MAX_KEY_LENGTH),
-        correlation_id
-        if job.correlation_id is None
-        else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
-    )
-
-
-def _current_correlation_id() -> str | None:
-    return _text_option("correlation_id", current_correlation_id.get(), MAX_CORRELATION_ID_LENGTH)
-
-
-def _written(row: _Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
+def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
     """The Job just inserted: what was sent, plus what the database decided
     (sql.client._INSERTED: id, run_at, created_at). Positional, in Job's field order: it runs
     once per job."""
@@ -413,11 +186,11 @@ def plan_one(
     With a key, a second enqueue of the same ``(task, key)`` writes nothing and returns the
     existing job with ``duplicate=True``."""
     return _insert_one(
-        _checked(job, max_args_bytes, spec, _current_correlation_id()), job.args, backpressure
+        checked(job, max_args_bytes, spec, checked_correlation_id()), job.args, backpressure
     )
 
 
-def _insert_one(row: _Row, args: Mapping[str, Any], backpressure: Backpressure) -> Plan[Job]:
+def _insert_one(row: Row, args: Mapping[str, Any], backpressure: Backpressure) -> Plan[Job]:
     if backpressure.limits:
         yield from backpressure.check((row.queue,))
     params = row._asdict()
@@ -447,14 +220,14 @@ def plan_many(
 
     One Job per input, in input order. Keys dedupe as in :func:`plan_one`, also between jobs
     of the same call: the first wins and the later ones come back as duplicates."""
-    correlation_id = _current_correlation_id()
-    rows = [_checked(job, max_args_bytes, specs[job.task], correlation_id) for job in jobs]
+    correlation_id = checked_correlation_id()
+    rows = [checked(job, max_args_bytes, specs[job.task], correlation_id) for job in jobs]
     return _insert_many(rows, jobs, backpressure)
 
 
-# Every column of a _Row but args.
+# Every column of a Row but args.
 _ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8)
-# JOB_INSERT_MANY's arrays, in _Row's order.
+# JOB_INSERT_MANY's arrays, in Row's order.
 _ARRAYS = (
     "queues",
     "tasks",
@@ -469,7 +242,7 @@ _ARRAYS = (
 
 
 def _insert_many(
-    rows: list[_Row], jobs: Sequence[NewJob], backpressure: Backpressure
+    rows: list[Row], jobs: Sequence[NewJob], backpressure: Backpressure
 ) -> Plan[list[Job]]:
     if not rows:
         return []

@@ -28,7 +28,7 @@ from outbox_worker import current_correlation_id
 from outbox_worker.admin import AdminSession
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
-from outbox_worker.enqueue import _default_max_args_bytes
+from outbox_worker.enqueue import default_max_args_bytes
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
 
@@ -319,6 +319,6 @@ def correlation(request: pytest.FixtureRequest) -> Iterator[str]:
 def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """OUTBOX_MAX_ARGS_BYTES as the environment gives it, re-read for this test."""
     monkeypatch.delenv("OUTBOX_MAX_ARGS_BYTES", raising=False)
-    _default_max_args_bytes.cache_clear()
+    default_max_args_bytes.cache_clear()
     yield monkeypatch
-    _default_max_args_bytes.cache_clear()
+    default_max_args_bytes.cache_clear()

@@ -26,7 +26,7 @@ from outbox_worker import QueueFull, enqueue, sql
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.devdb import PostgresServer
-from outbox_worker.enqueue import _backpressure
+from outbox_worker.enqueue import default_backpressure
 from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, cookie_value
@@ -295,12 +295,12 @@ async def test_cancel_of_a_running_job_stops_its_handler(
 def depth_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_LIMITS", json.dumps({"reports": 3}))
     monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_CACHE_SECONDS", "0")
-    _backpressure.cache_clear()
+    default_backpressure.cache_clear()
     yield
-    _backpressure.cache_clear()
+    default_backpressure.cache_clear()
 
 
-async def test_backpressure_is_503_with_retry_after(
+async def testdefault_backpressure_is_503_with_retry_after(
     depth_limit: None, client: httpx.AsyncClient, pool: asyncpg.Pool, engine: AsyncEngine
 ) -> None:
     for _ in range(3):

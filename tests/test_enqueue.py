@@ -38,7 +38,7 @@ from outbox_worker import (
     enqueue,
     enqueue_many,
 )
-from outbox_worker.enqueue import _ENCODER, _least_size
+from outbox_worker.enqueue_checks import ENCODER, _least_size
 from tests.workload import registry
 
 Executor = AsyncSession | AsyncConnection
@@ -751,7 +751,7 @@ _JSON = st.recursive(
 @given(st.dictionaries(_TEXT, _JSON, max_size=4))
 def test_the_size_measured_first_never_exceeds_the_encoded_size(args: dict[str, Any]) -> None:
     """So args within the limit are never refused by the measure taken before encoding."""
-    assert _least_size(args, {}) <= len(_ENCODER.encode(args).encode())
+    assert _least_size(args, {}) <= len(ENCODER.encode(args).encode())
 
 
 async def test_default_size_limit_is_one_mebibyte(

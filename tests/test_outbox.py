@@ -36,7 +36,7 @@ from outbox_worker import (
     TaskDefinitionError,
     UnknownTask,
 )
-from outbox_worker.enqueue import _backpressure, _default_max_args_bytes
+from outbox_worker.enqueue import default_backpressure, default_max_args_bytes
 from tests.workload import registry as workload_registry
 
 tasks = Registry()
@@ -66,11 +66,11 @@ async def session(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
 @pytest.fixture
 def environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     """OUTBOX_* settings for this test, which the module-level functions read on first use."""
-    _default_max_args_bytes.cache_clear()
-    _backpressure.cache_clear()
+    default_max_args_bytes.cache_clear()
+    default_backpressure.cache_clear()
     yield monkeypatch
-    _default_max_args_bytes.cache_clear()
-    _backpressure.cache_clear()
+    default_max_args_bytes.cache_clear()
+    default_backpressure.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from outbox_worker.client import SyncSessionLike
 from outbox_worker.errors import WrongSession
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.registry import Registry
-from outbox_worker.testing import DrainResult, _clear, _expect, _refusal, _refute, _search
+from outbox_worker.testing._assertions import _clear, _expect, _refusal, _refute, _search
+from outbox_worker.testing._drain import DrainResult
 
 T = TypeVar("T")
 
