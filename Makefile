@@ -59,12 +59,12 @@ bench-bounds: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[web,uvloop,embedded]" --group bench
 	$(BIN)/python -m bench.bounds
 
-# The soak: steady enqueueing through HTTP, Python and SQL, with a share of hostile jobs,
-# while workers are killed, stopped and restarted, PostgreSQL restarted, connections killed
-# and rows locked from another session; then every invariant is checked and a table
-# printed. Not part of `make test` (a short one is). A few minutes by default:
-# `make soak SOAK_ARGS="--minutes 20 --rate 110"` for the long run.
+# The soak (tests/soak/): steady enqueueing through HTTP, Python and SQL, with a share of
+# hostile jobs, while workers are killed, stopped and restarted, PostgreSQL restarted,
+# connections killed and rows locked from another session; then every invariant is checked
+# and a table printed. Not part of `make test` (a short one is in `make test-slow`). A few
+# minutes by default: `make soak SOAK_ARGS="--minutes 20 --rate 110"` for the long run.
 .PHONY: soak
 SOAK_ARGS ?=
 soak: $(STAMP)
-	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)

@@ -17,13 +17,17 @@ workers have drained.
 
 The causes come from what the test did (killed and stalled pids) and from the workers' own
 JSON logs (``job_rescued``, ``job_failed``, ``job_released``).
+
+The checks of a row and of its executions (:func:`check_finished`, :func:`check_counted`,
+:func:`check_started_after_finish`) take them as plain values, not from the database, so
+that the soak (``tests/soak``) holds its own jobs and execution log to the same ones.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -75,15 +79,23 @@ def log_events(worker: LoggedProcess, *names: str) -> list[dict[str, Any]]:
     return found
 
 
+def clock(at: float | None) -> str:
+    """A time of day to the millisecond, for reading events side by side."""
+    if at is None:
+        return "-"
+    return datetime.fromtimestamp(at).strftime("%H:%M:%S.%f")[:-3]
+
+
 @dataclass(frozen=True, slots=True)
 class Execution:
-    """One run of one attempt of one job in one process."""
+    """One run of one attempt of one job in one process. Times are seconds since the epoch,
+    the soak's clock for its faults as well."""
 
     job_id: int
     attempt: int
     pid: int
-    started: datetime
-    ended: datetime | None  # None: the handler never wrote its end (killed, released, ...)
+    started: float
+    ended: float | None  # None: the handler never wrote its end (killed, released, ...)
     events: tuple[str, ...]
 
 
@@ -166,8 +178,8 @@ async def _executions(conn: asyncpg.Connection) -> dict[int, list[Execution]]:
             job_id=r["job_id"],
             attempt=r["attempt"],
             pid=r["pid"],
-            started=r["started"] or r["first_at"],
-            ended=r["ended"],
+            started=(r["started"] or r["first_at"]).timestamp(),
+            ended=None if r["ended"] is None else r["ended"].timestamp(),
             events=tuple(r["events"]),
         )
         by_job.setdefault(execution.job_id, []).append(execution)
@@ -176,70 +188,100 @@ async def _executions(conn: asyncpg.Connection) -> dict[int, list[Execution]]:
     return by_job
 
 
-def _check_row(job: asyncpg.Record, report: Report) -> None:
-    bad = report.violations.append
+def check_finished(job: Mapping[str, Any]) -> list[str]:
+    """The row's end: succeeded, dead with a cause, or cancelled; finished, and unlocked."""
     j = job["id"]
     if job["state"] not in FINISHED:
-        bad(f"job {j} ({job['task']}) ended {job['state']!r}, not succeeded, dead or cancelled")
-        return
+        return [f"job {j} ({job['task']}) ended {job['state']!r}, not succeeded, dead or cancelled"]
+    bad = []
     if job["state"] == "dead" and not (job["last_error"] or "").strip():
-        bad(f"job {j} is dead without a cause (last_error {job['last_error']!r})")
+        bad.append(f"job {j} is dead without a cause (last_error {job['last_error']!r})")
     if job["state"] == "succeeded" and job["attempts"] < 1:
-        bad(f"job {j} succeeded without ever being started (attempts {job['attempts']})")
+        bad.append(f"job {j} succeeded without ever being started (attempts {job['attempts']})")
     if job["locked_by"] is not None or job["locked_until"] is not None:
-        bad(f"job {j} is {job['state']} but still locked by {job['locked_by']!r}")
+        bad.append(f"job {j} is {job['state']} but still locked by {job['locked_by']!r}")
     if job["finished_at"] is None:
-        bad(f"job {j} is {job['state']} without finished_at")
+        bad.append(f"job {j} is {job['state']} without finished_at")
+    return bad
+
+
+def check_counted(job: Mapping[str, Any], executions: Sequence[Execution]) -> list[str]:
+    """Every start is counted: no attempt runs twice, none past the row's count or
+    ``max_attempts``, so no job starts more than ``max_attempts`` times."""
+    j = job["id"]
+    bad = []
     if job["attempts"] > job["max_attempts"]:
-        bad(f"job {j} has {job['attempts']} attempts of at most {job['max_attempts']}")
+        bad.append(f"job {j} has {job['attempts']} attempts of at most {job['max_attempts']}")
+    pids: defaultdict[int, list[int]] = defaultdict(list)
+    for e in executions:
+        pids[e.attempt].append(e.pid)
+        if any(n > 1 for n in Counter(e.events).values()):
+            bad.append(
+                f"job {j} attempt {e.attempt} ran more than once in process {e.pid}: {e.events}"
+            )
+        if e.attempt > job["attempts"]:
+            bad.append(f"job {j} ran attempt {e.attempt} but the row counts {job['attempts']}")
+        if e.attempt > job["max_attempts"]:
+            bad.append(f"job {j} ran attempt {e.attempt} of at most {job['max_attempts']}")
+    for attempt, ran_in in pids.items():
+        if len(ran_in) > 1:
+            bad.append(
+                f"job {j} attempt {attempt} ran in processes {', '.join(map(str, ran_in))}; "
+                "a started attempt is always counted, so it can never run again"
+            )
+    return bad
 
 
-def _check_executions(
-    job: asyncpg.Record, executions: Sequence[Execution], evidence: _Evidence, report: Report
+def check_started_after_finish(
+    job: Mapping[str, Any], executions: Sequence[Execution], stalled: Collection[int] = ()
+) -> tuple[list[str], int]:
+    """No execution starts after its job finished, but a zombie: one of a worker in
+    ``stalled`` with an attempt that a later one replaced. The violations, and the zombies."""
+    finished = job["finished_at"]
+    if finished is None:
+        return [], 0
+    bad, zombies = [], 0
+    for e in executions:
+        if e.started <= finished.timestamp():
+            continue
+        if e.pid in stalled and e.attempt < job["attempts"]:
+            zombies += 1
+        else:
+            bad.append(
+                f"job {job['id']} attempt {e.attempt} started in process {e.pid} at "
+                f"{clock(e.started)}, after the job finished ({job['state']} at "
+                f"{clock(finished.timestamp())})"
+            )
+    return bad, zombies
+
+
+def _check_completed(job: Mapping[str, Any], executions: Sequence[Execution]) -> list[str]:
+    completing = [e for e in executions if e.attempt == job["attempts"]]
+    if job["state"] == "succeeded" and job["task"] in RECORDING_TASKS and not completing:
+        return [
+            f"job {job['id']} succeeded with attempt {job['attempts']}, which never ran "
+            f"(ran: {sorted({e.attempt for e in executions})})"
+        ]
+    return []
+
+
+def _check_repeats(
+    job: Mapping[str, Any], executions: Sequence[Execution], evidence: _Evidence, report: Report
 ) -> None:
     bad = report.violations.append
     j = job["id"]
-    for e in executions:
-        counts = Counter(e.events)
-        if any(n > 1 for n in counts.values()):
-            bad(f"job {j} attempt {e.attempt} ran more than once in process {e.pid}: {e.events}")
-        if e.attempt > job["attempts"]:
-            bad(f"job {j} ran attempt {e.attempt} but the row counts {job['attempts']}")
-        if e.attempt > job["max_attempts"]:
-            bad(f"job {j} ran attempt {e.attempt} of at most {job['max_attempts']}")
-        finished = job["finished_at"]
-        if finished is not None and e.started > finished:
-            if e.pid in evidence.stalled and e.attempt < job["attempts"]:
-                report.zombies += 1
-            else:
-                bad(
-                    f"job {j} attempt {e.attempt} started in process {e.pid} at {e.started}, "
-                    f"after the job finished ({job['state']} at {finished})"
-                )
     if len({e.pid for e in executions}) > 1:
         report.moved.add(j)
-
-    completing = [e for e in executions if e.attempt == job["attempts"]]
-    if job["state"] == "succeeded" and job["task"] in RECORDING_TASKS and not completing:
-        bad(
-            f"job {j} succeeded with attempt {job['attempts']}, which never ran "
-            f"(ran: {sorted({e.attempt for e in executions})})"
-        )
-
     for i, e in enumerate(executions):
         later = executions[i + 1 :]
-        same = [o for o in later if o.attempt == e.attempt]
         # A stalled zombie may start its stale attempt after the one that replaced it.
         lower = [o for o in later if o.attempt < e.attempt and o.pid not in evidence.stalled]
-        superseded = bool(same) or any(o.attempt > e.attempt for o in executions)
+        superseded = any(o.attempt == e.attempt for o in later) or any(
+            o.attempt > e.attempt for o in executions
+        )
         causes = evidence.causes(e)
         if lower:
             bad(f"job {j}: attempt {lower[0].attempt} started after attempt {e.attempt}")
-        if same:
-            bad(
-                f"job {j} attempt {e.attempt} ran in processes {e.pid} and {same[0].pid}; "
-                "a started attempt is always counted, so it can never run again"
-            )
         if superseded:
             if causes:
                 report.repeats[causes[0]] += 1
@@ -305,8 +347,14 @@ async def check_invariants(
     if vanished:
         report.violations.append(f"jobs ran but are no longer in the table: {vanished[:20]}")
     for job in jobs:
-        _check_row(job, report)
-        _check_executions(job, executions.get(job["id"], []), evidence, report)
+        ran = executions.get(job["id"], [])
+        report.violations += check_finished(job)
+        report.violations += check_counted(job, ran)
+        late, zombies = check_started_after_finish(job, ran, evidence.stalled)
+        report.violations += late
+        report.zombies += zombies
+        report.violations += _check_completed(job, ran)
+        _check_repeats(job, ran, evidence, report)
     _check_logs(workers, report)
 
     if report.violations:

@@ -1,8 +1,8 @@
-"""The soak's tasks: ``outbox-worker run bench.soak_tasks:registry``.
+"""The soak's tasks: ``outbox-worker run tests.soak.tasks:registry``.
 
 Every handler writes its execution into ``soak_executions`` on a pool of its own, outside
 the job's transaction, before it does anything else and again when it ends. A crash between
-the two leaves a started execution without an end, which is what lets ``bench.soak`` see
+the two leaves a started execution without an end, which is what lets the soak see
 (and then explain) every repeat. Writes are idempotent per execution (a client-made
 ``exec_id``), so retrying one after a lost connection cannot invent a second execution.
 
@@ -10,7 +10,7 @@ The sample service's own tasks (``send_welcome_email``, ``generate_report``) are
 here too, wrapped with the same log, so the jobs the HTTP API enqueues are checked as well.
 ``soak_hostile`` is what one bad job looks like: a result or an error the database cannot
 store, a raise of what is not an Exception, args nested as deep as enqueue allows; the soak
-checks that each costs its own job only, and is stored as bench.soak_check expects.
+checks that each costs its own job only, and is stored as tests/soak/hostile.py expects.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from outbox_worker.registry import Handler
 
 registry = Registry()
 
-# Created by bench.soak before any worker starts. soak_transitions is filled by a trigger on
+# Created by the soak before any worker starts. soak_transitions is filled by a trigger on
 # outbox_jobs: every state change but the claim (queued -> running), with the row's owner
 # and attempt before the change, so a rescue, a failure, a release or a completion can be
 # matched to the execution it ended; and any lowering of attempts, which only the hand-back
@@ -113,7 +113,7 @@ async def _pool() -> asyncpg.Pool:
 def _lost_connection(exc: BaseException) -> bool:
     """The library's notion of transient, plus asyncpg's InternalClientError "another
     operation (2) is in progress": what a pooled connection whose backend the server
-    terminated raises (MagicStack/asyncpg#1069); the pool drops it on release."""
+    terminated raises; the pool drops it on release."""
     return is_transient(exc) or (
         isinstance(exc, asyncpg.InternalClientError) and "another operation" in str(exc)
     )
@@ -209,7 +209,7 @@ async def soak_poison(ctx: JobContext, marker: str) -> None:
 
 
 # Text PostgreSQL cannot store, in a jsonb result or a text error: the worker must store it
-# with U+FFFD in place of the bad character (bench.soak_check knows what to expect).
+# with U+FFFD in place of the bad character (tests/soak/hostile.py knows what to expect).
 UNSTORABLE = {"nul": "before\x00after", "surrogate": "before\ud800after"}
 
 
