@@ -6,8 +6,8 @@ Each way puts one job in the database in a transaction of its own: the peers' (p
 ``AsyncSession`` transaction, as the enqueue and latency benches call it, inside a raw
 asyncpg transaction, and alone with ``autocommit=True``), and the steps between them: the
 raw INSERT inside an asyncpg transaction (BEGIN, INSERT, COMMIT), and an ``AsyncSession``
-transaction around ``SELECT 1``, around the sample app's report-row INSERT, and around
-pgoutbox's own INSERT sent as plain ``text()`` (no ``enqueue`` code at all).
+transaction around ``SELECT 1``, around the sample app's report-row INSERT, and around the
+job row's plain-SQL INSERT sent as ``text()`` (no ``enqueue`` code at all).
 
 Two ways of calling them:
 
@@ -46,13 +46,12 @@ from bench import pg
 from bench.config import configure
 from bench.context import Context
 from bench.measure import run_async
+from bench.plain import JOB_INSERT
 from bench.systems import load
 from bench.systems.base import Client
-from outbox_worker import enqueue, sql
-from outbox_worker.config import sqlalchemy_url
+from outbox_worker import enqueue, sqlalchemy_url
 from outbox_worker.devdb import PostgresServer
 
-_JOB_INSERT = text(sql.JOB_INSERT)
 # Session steps, in order: AsyncSession() and begin(); the statement (asyncpg's BEGIN goes out
 # with it, lazily); COMMIT; closing the session (the connection back to the pool).
 STEPS = ("open", "statement", "commit", "close")
@@ -91,17 +90,14 @@ def session_way(
 
 
 def job_params(i: int) -> dict[str, Any]:
-    """What enqueue(session, "stamp", {"i": i}) sends, with none of its code."""
+    """The row enqueue(session, "stamp", {"i": i}) writes, with none of its code."""
     return {
         "queue": "default",
         "task": "stamp",
         "args": json.dumps({"i": i}),
         "priority": 0,
-        "max_attempts": 25,
-        "run_at": None,
-        "delay": 0.0,
+        "max_attempts": 5,
         "dedupe_key": None,
-        "correlation_id": None,
     }
 
 
@@ -117,7 +113,7 @@ async def report_row(session: AsyncSession, i: int) -> object:
 
 
 async def job_text(session: AsyncSession, i: int) -> object:
-    return (await session.execute(_JOB_INSERT, job_params(i))).first()
+    return (await session.execute(JOB_INSERT, job_params(i))).first()
 
 
 async def job_enqueue(session: AsyncSession, i: int) -> object:
@@ -132,7 +128,7 @@ async def report_row_of_job(session: AsyncSession, i: int) -> object:
 
 async def job_text_keyed(session: AsyncSession, i: int) -> object:
     params = {**job_params(i), "dedupe_key": str(uuid.uuid4())}
-    return (await session.execute(_JOB_INSERT, params)).scalar_one()
+    return (await session.execute(JOB_INSERT, params)).scalar_one()
 
 
 async def job_enqueue_keyed(session: AsyncSession, i: int) -> object:
@@ -151,7 +147,7 @@ def statements() -> list[Statement]:
     return [
         Statement("SELECT 1", select_one),
         Statement("the report row, as POST /reports writes it (ORM INSERT)", report_row_of_job),
-        Statement("pgoutbox's INSERT with a key, as text()", job_text_keyed),
+        Statement("the job's plain INSERT with a key, as text()", job_text_keyed),
         Statement("enqueue(..., key=...), as POST /reports calls it", job_enqueue_keyed),
     ]
 
@@ -208,7 +204,7 @@ async def open_ways(ctx: Context, stack: AsyncExitStack) -> tuple[list[Way], Asy
     ways += [
         session_way("AsyncSession: SELECT 1", engine, select_one),
         session_way("AsyncSession: report-row INSERT (ORM)", engine, report_row),
-        session_way("AsyncSession: pgoutbox's INSERT as text()", engine, job_text),
+        session_way("AsyncSession: the job's plain INSERT as text()", engine, job_text),
         session_way("AsyncSession: enqueue() (pgoutbox)", engine, job_enqueue),
     ]
     return ways, engine
@@ -254,6 +250,17 @@ async def measure(ways: list[Way], calls: int, idle_calls: int, interval: float)
         t0 = time.perf_counter()
         await way.call(n)
         way.idle.append(time.perf_counter() - t0)
+
+
+def figures(ways: list[Way], measured: list[Statement]) -> dict[str, Any]:
+    """Every figure behind the table, in seconds, each call or round on its own."""
+    return {
+        "ways": {
+            way.label: {"wall": way.wall, "cpu": way.cpu, "idle": way.idle, "steps": way.steps}
+            for way in ways
+        },
+        "statements": {statement.label: statement.cpu for statement in measured},
+    }
 
 
 def render(ways: list[Way], measured: list[Statement], interval: float, machine: str) -> str:
@@ -311,23 +318,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=3000, help="back-to-back calls per way")
     parser.add_argument("--idle-calls", type=int, default=150, help="idle calls per way")
     parser.add_argument("--output", type=Path, help="also write the table (Markdown) here")
+    parser.add_argument("--json", type=Path, help="also write every figure behind it here")
     opts = parser.parse_args(argv)
-    tables: list[str] = []
+    results: list[tuple[list[Way], list[Statement], str]] = []
 
     async def measured() -> None:
         server = pg.start_server()
         try:
             with tempfile.TemporaryDirectory(prefix="pgoutbox-bounds-") as workdir:
-                _, _, table = await run(server, Path(workdir), opts.calls, opts.idle_calls)
-                tables.append(table)
+                results.append(await run(server, Path(workdir), opts.calls, opts.idle_calls))
         finally:
             server.close()
 
     run_async(measured)
-    table = tables[0]
+    ways, statements, table = results[0]
     print(table, end="")
     if opts.output:
         opts.output.write_text(table)
+    if opts.json:
+        opts.json.write_text(json.dumps(figures(ways, statements), indent=2) + "\n")
 
 
 if __name__ == "__main__":

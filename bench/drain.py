@@ -24,8 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
 import bench.tasks  # noqa: F401  (registers the task enqueue checks against)
 from alembic import command
-from outbox_worker import NewJob, enqueue_many
-from outbox_worker.config import sqlalchemy_url
+from outbox_worker import NewJob, enqueue_many, sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, start_embedded
 
 ROOT = Path(__file__).resolve().parent.parent

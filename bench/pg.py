@@ -13,7 +13,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 
-from outbox_worker.config import asyncpg_dsn
+from outbox_worker import asyncpg_dsn
 from outbox_worker.devdb import PostgresServer, admin, start_embedded
 
 _numbers = itertools.count()

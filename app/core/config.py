@@ -9,7 +9,7 @@ from collections import Counter
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from outbox_worker.config import sqlalchemy_url
+from outbox_worker import sqlalchemy_url
 
 # What a token's characters carry, by their frequencies: 16 distinct characters carry 64 bits,
 # sixteen "a" none. A random token of 24 or more characters clears both bars, which a repeated

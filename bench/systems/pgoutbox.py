@@ -17,8 +17,7 @@ from alembic import command
 from bench.measure import ROOT, Child
 from bench.pg import execute, fetchval
 from bench.systems.base import Client, System, WorkerOpts, child_main
-from outbox_worker import NewJob, enqueue, enqueue_many
-from outbox_worker.config import sqlalchemy_url
+from outbox_worker import NewJob, enqueue, enqueue_many, sqlalchemy_url
 
 
 def migrate(url: str) -> None:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from outbox_worker import admin
+from outbox_worker import refresh_gauges, workers_alive
 
 router = APIRouter(tags=["health"])
 
@@ -35,7 +35,7 @@ async def readyz(request: Request) -> JSONResponse:
             rows = await conn.execute(text("SELECT version_num FROM alembic_version"))
             current = frozenset(row[0] for row in rows)
             if current == heads:
-                alive = await admin.workers_alive(conn, within_seconds=within)
+                alive = await workers_alive(conn, within_seconds=within)
                 checks["workers"] = {"alive": len(alive), "seen_within_seconds": within}
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
@@ -51,7 +51,7 @@ async def readyz(request: Request) -> JSONResponse:
 async def metrics(request: Request) -> PlainTextResponse:
     """Prometheus text: this process's counters, and queue gauges read at scrape time."""
     async with request.app.state.engine.connect() as conn:
-        await admin.refresh_gauges(
+        await refresh_gauges(
             conn, worker_seen_within=request.app.state.settings.worker_seen_within_seconds
         )
     return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
