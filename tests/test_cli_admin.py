@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -633,7 +633,12 @@ async def test_health_counts_only_recent_heartbeats(database_url: str, pool: asy
     assert json.loads(result.stdout)["checks"]["workers"]["alive"] == 0
     report = ok_json(await cli(database_url, "health", "--within", "2h", "--json"))
     assert report["checks"]["workers"]["alive"] == 1
-    assert report["checks"]["workers"]["workers"][0]["id"] == "gone:1:abc"
+    [worker] = report["checks"]["workers"]["workers"]
+    assert worker["id"] == "gone:1:abc"
+    # Times in --json are written as the HTTP API writes them: UTC as Z.
+    assert worker["last_seen_at"].endswith("Z"), worker
+    seen = datetime.fromisoformat(worker["last_seen_at"])
+    assert abs((datetime.now(UTC) - seen).total_seconds() - 3600) < 300
 
 
 async def test_health_reports_a_schema_behind_its_migrations(

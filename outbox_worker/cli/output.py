@@ -7,6 +7,7 @@ import json
 import sys
 from datetime import datetime, timedelta
 
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.text import Text
 
@@ -31,7 +32,8 @@ def stdout() -> Console:
 
 def _json_default(value: object) -> object:
     if isinstance(value, datetime):
-        return value.isoformat()
+        # As the HTTP API writes it (pydantic: UTC as Z), so --json and HTTP agree.
+        return to_jsonable_python(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -67,7 +67,6 @@ from outbox_worker.sql.worker import (
     SCHEMA_PROBE,
     WORKER_DELETE,
     WORKER_HEARTBEAT,
-    WORKER_PRUNE_GONE,
     WORKERS_ALIVE_PG,
     fence,
 )
@@ -112,7 +111,6 @@ __all__ = [
     "WORKERS_ALIVE_PG",
     "WORKER_DELETE",
     "WORKER_HEARTBEAT",
-    "WORKER_PRUNE_GONE",
     "bind",
     "declared",
     "fence",

@@ -274,15 +274,6 @@ SET last_seen_at = now(), in_flight = EXCLUDED.in_flight, queues = EXCLUDED.queu
 # A worker that stops cleanly says goodbye. Index: primary key.
 WORKER_DELETE = statement("DELETE FROM outbox_workers WHERE id = :worker_id", params=("worker_id",))
 
-# Rows of workers not seen for :seconds (killed without goodbye).
-# Sequential scan: the table has one row per worker process.
-WORKER_PRUNE_GONE = statement(
-    params=("seconds",),
-    text="""
-DELETE FROM outbox_workers WHERE last_seen_at < now() - make_interval(secs => :seconds::float8)
-""",
-)
-
 # ---------------------------------------------------------------------------------------------
 # Maintenance: rescue expired leases, prune finished jobs
 # ---------------------------------------------------------------------------------------------
