@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from alembic import context
 from app.models import Base
-from outbox_worker.config import sqlalchemy_url
+from outbox_worker import sqlalchemy_url
 from outbox_worker.migrate import not_pgoutbox
 
 config = context.config

@@ -12,6 +12,9 @@ A database gets them one of two ways, and each records them in its own place:
 
 :class:`SchemaState` reads both records, for ``migrate --check`` and the worker's start-up
 check; which one applies tells which command brings the schema to head.
+
+Public for an application's Alembic: :data:`VERSIONS` and :func:`not_pgoutbox` (``__all__``);
+the rest serves the CLI and the worker.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from outbox_worker.schema import metadata
 
 if TYPE_CHECKING:
     from alembic.runtime.environment import NameFilterParentNames, NameFilterType
+
+__all__ = ["VERSIONS", "not_pgoutbox"]
 
 SCRIPTS = Path(__file__).with_name("migrations")
 # What an application's Alembic adds to its version_locations to carry the library's branch.

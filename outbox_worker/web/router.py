@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from outbox_worker import admin
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict, OutboxError
-from outbox_worker.jobs import JobOut
+from outbox_worker.jobs import Job, JobOut
 from outbox_worker.web.auth import AdminAuth, TokenSource
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
@@ -106,6 +106,18 @@ async def guarded(call: Awaitable[Any]) -> Any:
         return await call
     except OutboxError as exc:
         raise http_error(exc) from exc
+
+
+async def change_job(
+    session: AsyncSession,
+    job_id: int,
+    change: Callable[[AsyncSession, int], Awaitable[Job]],
+    done: str,
+) -> JobOut:
+    """Retry and Cancel: ``change`` committed before it is answered."""
+    job = await guarded(change(session, job_id))
+    await guarded(commit(session, f"job {job_id} was not {done}"))
+    return JobOut.of(job)
 
 
 # How long an answer to a database outage tells the client to wait before trying again.
@@ -228,15 +240,11 @@ def create_admin_router(
 
     @protected.post("/jobs/{job_id}/retry")
     async def retry_job(job_id: int, session: session_dep) -> JobOut:
-        job = await guarded(admin.retry_job(session, job_id))
-        await guarded(commit(session, f"job {job_id} was not retried"))
-        return JobOut.of(job)
+        return await change_job(session, job_id, admin.retry_job, "retried")
 
     @protected.post("/jobs/{job_id}/cancel")
     async def cancel_job(job_id: int, session: session_dep) -> JobOut:
-        job = await guarded(admin.cancel_job(session, job_id))
-        await guarded(commit(session, f"job {job_id} was not cancelled"))
-        return JobOut.of(job)
+        return await change_job(session, job_id, admin.cancel_job, "cancelled")
 
     @protected.get("/queues")
     async def queues(
