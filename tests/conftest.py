@@ -25,10 +25,10 @@ from alembic import command
 from app.core.config import Settings
 from app.main import create_app
 from outbox_worker import current_correlation_id
-from outbox_worker.admin import AdminSession
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
 from outbox_worker.enqueue import default_max_args_bytes
+from tests.support import Enqueuer
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
 
@@ -293,7 +293,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(params=["session", "connection"])
-async def db(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncIterator[AdminSession]:
+async def db(request: pytest.FixtureRequest, engine: AsyncEngine) -> AsyncIterator[Enqueuer]:
     """The enqueuing caller's side: an AsyncSession or an AsyncConnection (each autobegins)."""
     assert "echo" in workload_registry  # the workload's tasks are registered in this process
     if request.param == "session":

@@ -1,4 +1,5 @@
-"""Helpers for tests that take the session's PostgreSQL server away and bring it back.
+"""Helpers shared by test modules: the enqueuing caller's session type, and bringing the
+session's PostgreSQL server back after a test took it away.
 
 Helpers the bench needs as well live in :mod:`outbox_worker.devdb` (``admin``, ``free_port``,
 ``with_application_name``), since tests do not import the bench.
@@ -7,10 +8,15 @@ Helpers the bench needs as well live in :mod:`outbox_worker.devdb` (``admin``, `
 from __future__ import annotations
 
 import asyncio
+from typing import TypeAlias
 
 import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from outbox_worker.devdb import PostgresServer
+
+# The enqueuing caller's side, as the ``db`` fixture gives it: a session or a connection.
+Enqueuer: TypeAlias = AsyncSession | AsyncConnection
 
 # What a client sees while the server stops, is down, or recovers.
 DOWN = (

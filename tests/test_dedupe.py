@@ -10,11 +10,10 @@ from dataclasses import dataclass
 import asyncpg
 import pytest
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox_worker import JobState, NewJob, enqueue, enqueue_many
-
-Executor = AsyncSession | AsyncConnection
+from tests.support import Enqueuer
 
 
 async def rows_for(pool: asyncpg.Pool, task: str, key: str) -> list[asyncpg.Record]:
@@ -37,7 +36,7 @@ async def all_ids(pool: asyncpg.Pool) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_same_key_twice_in_one_transaction(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_same_key_twice_in_one_transaction(db: Enqueuer, pool: asyncpg.Pool) -> None:
     first = await enqueue(db, "echo", {"n": 1}, key="order-1")
     second = await enqueue(db, "echo", {"n": 2}, key="order-1")
     await db.commit()
@@ -53,7 +52,7 @@ async def test_same_key_twice_in_one_transaction(db: Executor, pool: asyncpg.Poo
     assert await all_ids(pool) == [first.id]
 
 
-async def test_same_key_in_a_later_transaction(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_same_key_in_a_later_transaction(db: Enqueuer, pool: asyncpg.Pool) -> None:
     first = await enqueue(db, "echo", {"n": 1}, key="order-2", priority=3)
     await db.commit()
     second = await enqueue(db, "echo", {"n": 2}, key="order-2", priority=9, queue="other")
@@ -66,7 +65,7 @@ async def test_same_key_in_a_later_transaction(db: Executor, pool: asyncpg.Pool)
     assert await all_ids(pool) == [first.id]
 
 
-async def test_key_is_scoped_to_the_task(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_key_is_scoped_to_the_task(db: Enqueuer, pool: asyncpg.Pool) -> None:
     echo = await enqueue(db, "echo", key="shared")
     noop = await enqueue(db, "noop", key="shared")
     await db.commit()
@@ -77,7 +76,7 @@ async def test_key_is_scoped_to_the_task(db: Executor, pool: asyncpg.Pool) -> No
     assert [r["id"] for r in await rows_for(pool, "noop", "shared")] == [noop.id]
 
 
-async def test_without_key_every_enqueue_is_a_job(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_without_key_every_enqueue_is_a_job(db: Enqueuer, pool: asyncpg.Pool) -> None:
     jobs = [await enqueue(db, "echo", {"n": 1}) for _ in range(3)]
     await db.commit()
     assert [j.dedupe_key for j in jobs] == [None, None, None]
@@ -86,7 +85,7 @@ async def test_without_key_every_enqueue_is_a_job(db: Executor, pool: asyncpg.Po
     assert await all_ids(pool) == [j.id for j in jobs]
 
 
-async def test_key_is_stored_as_dedupe_key(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_key_is_stored_as_dedupe_key(db: Enqueuer, pool: asyncpg.Pool) -> None:
     key = "tenant:7/o'rder; DROP TABLE outbox_jobs; -- ✓"
     job = await enqueue(db, "echo", key=key)
     await db.commit()
@@ -101,7 +100,7 @@ async def test_key_is_stored_as_dedupe_key(db: Executor, pool: asyncpg.Pool) -> 
     assert await all_ids(pool) == [job.id, other.id]
 
 
-async def test_rolled_back_key_can_be_used_again(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_rolled_back_key_can_be_used_again(db: Enqueuer, pool: asyncpg.Pool) -> None:
     gone = await enqueue(db, "echo", {"n": 1}, key="retry-me")
     await db.rollback()
     kept = await enqueue(db, "echo", {"n": 2}, key="retry-me")
@@ -113,7 +112,7 @@ async def test_rolled_back_key_can_be_used_again(db: Executor, pool: asyncpg.Poo
     assert json.loads(rows[0]["args_text"]) == {"n": 2}
 
 
-async def test_key_of_a_finished_job_still_dedupes(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_key_of_a_finished_job_still_dedupes(db: Enqueuer, pool: asyncpg.Pool) -> None:
     first = await enqueue(db, "echo", key="done-once")
     await db.commit()
     await pool.execute(
@@ -131,7 +130,7 @@ async def test_key_of_a_finished_job_still_dedupes(db: Executor, pool: asyncpg.P
 
 
 async def test_plain_sql_insert_with_a_taken_key_is_refused(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     job = await enqueue(db, "echo", key="sql-key")
     await db.commit()
@@ -146,7 +145,7 @@ async def test_plain_sql_insert_with_a_taken_key_is_refused(
 
 
 async def test_enqueue_many_with_a_key_already_in_the_table(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     existing = await enqueue(db, "echo", {"from": "before"}, key="a")
     await db.commit()
@@ -172,7 +171,7 @@ async def test_enqueue_many_with_a_key_already_in_the_table(
 
 
 async def test_enqueue_many_with_the_same_key_twice_in_one_call(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     jobs = await enqueue_many(
         db,
@@ -198,7 +197,7 @@ async def test_enqueue_many_with_the_same_key_twice_in_one_call(
 
 
 async def test_enqueue_then_enqueue_many_in_one_transaction(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     single = await enqueue(db, "echo", {"i": "single"}, key="k")
     [dup, new] = await enqueue_many(db, [NewJob("echo", key="k"), NewJob("echo", key="k2")])
@@ -209,7 +208,7 @@ async def test_enqueue_then_enqueue_many_in_one_transaction(
     assert await all_ids(pool) == [single.id, new.id]
 
 
-async def test_enqueue_many_all_duplicates_rolled_back(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_enqueue_many_all_duplicates_rolled_back(db: Enqueuer, pool: asyncpg.Pool) -> None:
     existing = await enqueue(db, "echo", key="only")
     await db.commit()
     jobs = await enqueue_many(db, [NewJob("echo", key="only"), NewJob("noop", key="fresh")])
@@ -248,7 +247,7 @@ async def _caller(
     """
     rolls_back = caller % 3 == 0
     hold = rng.uniform(0.01, 0.15) if caller % 2 == 0 else 0.0
-    executor: Executor
+    executor: Enqueuer
     async with AsyncSession(engine) if caller % 2 else engine.connect() as executor:
         await executor.execute(text("SELECT 1"))  # the connection and its transaction are open
         if caller == 0:

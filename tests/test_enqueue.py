@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox_worker import (
     ArgsTooLarge,
@@ -39,9 +39,8 @@ from outbox_worker import (
     enqueue_many,
 )
 from outbox_worker.enqueue_checks import ENCODER, _least_size
+from tests.support import Enqueuer
 from tests.workload import registry
-
-Executor = AsyncSession | AsyncConnection
 
 MIB = 1024 * 1024
 
@@ -51,7 +50,7 @@ async def job_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     return list(await pool.fetch("SELECT *, args::text AS args_text FROM outbox_jobs ORDER BY id"))
 
 
-async def db_now(db: Executor) -> datetime:
+async def db_now(db: Enqueuer) -> datetime:
     """The transaction's now(), which the insert uses for run_at and created_at."""
     value = (await db.execute(text("SELECT now()"))).scalar_one()
     assert isinstance(value, datetime)
@@ -78,7 +77,7 @@ def assert_job_matches_row(job: Job, row: asyncpg.Record) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_rolled_back_enqueue_leaves_no_job(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_rolled_back_enqueue_leaves_no_job(db: Enqueuer, pool: asyncpg.Pool) -> None:
     job = await enqueue(db, "echo", {"n": 1})
     many = await enqueue_many(db, [NewJob("echo", {"n": 2}), NewJob("noop")])
     assert job.id > 0
@@ -98,7 +97,7 @@ async def test_closing_without_commit_leaves_no_job(
 
 
 async def test_domain_row_and_job_commit_together_or_not_at_all(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     await db.execute(text("CREATE TABLE domain_orders (id integer PRIMARY KEY, note text)"))
     await db.commit()
@@ -119,7 +118,7 @@ async def test_domain_row_and_job_commit_together_or_not_at_all(
     assert json.loads(rows[0]["args_text"]) == {"order_id": 2}
 
 
-async def test_enqueue_never_commits(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_enqueue_never_commits(db: Enqueuer, pool: asyncpg.Pool) -> None:
     job = await enqueue(db, "echo", {"n": 1})
     many = await enqueue_many(db, [NewJob("noop"), NewJob("echo", {"n": 2})])
     assert db.in_transaction()
@@ -137,7 +136,7 @@ async def test_enqueue_never_commits(db: Executor, pool: asyncpg.Pool) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_returned_job_is_the_new_row(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_returned_job_is_the_new_row(db: Enqueuer, pool: asyncpg.Pool) -> None:
     now = await db_now(db)
     job = await enqueue(db, "echo", {"user_id": 42})
     await db.commit()
@@ -166,7 +165,7 @@ async def test_returned_job_is_the_new_row(db: Executor, pool: asyncpg.Pool) -> 
     assert_job_matches_row(job, rows[0])
 
 
-async def test_args_none_is_an_empty_object(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_args_none_is_an_empty_object(db: Enqueuer, pool: asyncpg.Pool) -> None:
     job = await enqueue(db, "noop")
     explicit = await enqueue(db, "noop", None)
     await db.commit()
@@ -175,7 +174,7 @@ async def test_args_none_is_an_empty_object(db: Executor, pool: asyncpg.Pool) ->
     assert [r["args_text"] for r in await job_rows(pool)] == ["{}", "{}"]
 
 
-async def test_queue_is_the_tasks_unless_overridden(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_queue_is_the_tasks_unless_overridden(db: Enqueuer, pool: asyncpg.Pool) -> None:
     task_default = await enqueue(db, "sleepy", {"seconds": 0})  # registered with queue="slow"
     plain_default = await enqueue(db, "echo")
     override = await enqueue(db, "sleepy", {"seconds": 0}, queue="reports.v2:eu-1")
@@ -189,7 +188,7 @@ async def test_queue_is_the_tasks_unless_overridden(db: Executor, pool: asyncpg.
     assert queues == ["slow", "default", "reports.v2:eu-1", "q" * 128]
 
 
-async def test_priority_default_and_override(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_priority_default_and_override(db: Enqueuer, pool: asyncpg.Pool) -> None:
     jobs = [
         await enqueue(db, "echo"),
         await enqueue(db, "echo", priority=7),
@@ -204,7 +203,7 @@ async def test_priority_default_and_override(db: Executor, pool: asyncpg.Pool) -
 
 
 async def test_max_attempts_task_default_override_and_column_default(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     spec = registry.get("always_fails")
     assert spec is not None
@@ -255,7 +254,7 @@ async def test_plain_sql_insert_gets_column_defaults(pool: asyncpg.Pool) -> None
     ids=["int-seconds", "float-seconds", "zero", "timedelta", "timedelta-days"],
 )
 async def test_delay_sets_run_at_from_the_database_clock(
-    db: Executor, pool: asyncpg.Pool, delay: float | timedelta, expected: timedelta
+    db: Enqueuer, pool: asyncpg.Pool, delay: float | timedelta, expected: timedelta
 ) -> None:
     now = await db_now(db)  # constant for the whole transaction
     job = await enqueue(db, "echo", delay=delay)
@@ -277,7 +276,7 @@ async def test_delay_sets_run_at_from_the_database_clock(
     ids=["future-offset", "future-utc", "past"],
 )
 async def test_run_at_is_stored_as_given(
-    db: Executor, pool: asyncpg.Pool, run_at: datetime
+    db: Enqueuer, pool: asyncpg.Pool, run_at: datetime
 ) -> None:
     job = await enqueue(db, "echo", run_at=run_at)
     [many] = await enqueue_many(db, [NewJob("noop", run_at=run_at)])
@@ -287,7 +286,7 @@ async def test_run_at_is_stored_as_given(
     assert [r["run_at"] for r in await job_rows(pool)] == [run_at, run_at]
 
 
-async def test_correlation_id_explicit(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_correlation_id_explicit(db: Enqueuer, pool: asyncpg.Pool) -> None:
     assert current_correlation_id.get() is None
     job = await enqueue(db, "echo", correlation_id="req-explicit-1")
     none = await enqueue(db, "echo")
@@ -298,7 +297,7 @@ async def test_correlation_id_explicit(db: Executor, pool: asyncpg.Pool) -> None
 
 
 async def test_correlation_id_from_the_contextvar(
-    db: Executor, pool: asyncpg.Pool, correlation: str
+    db: Enqueuer, pool: asyncpg.Pool, correlation: str
 ) -> None:
     implicit = await enqueue(db, "echo")
     explicit = await enqueue(db, "echo", correlation_id="req-other")
@@ -334,7 +333,7 @@ ROUND_TRIP_ARGS: list[dict[str, Any]] = [
 
 
 @pytest.mark.parametrize("args", ROUND_TRIP_ARGS, ids=["empty", "simple", "mixed", "keys"])
-async def test_args_round_trip(db: Executor, pool: asyncpg.Pool, args: dict[str, Any]) -> None:
+async def test_args_round_trip(db: Enqueuer, pool: asyncpg.Pool, args: dict[str, Any]) -> None:
     job = await enqueue(db, "echo", args)
     [many] = await enqueue_many(db, [NewJob("echo", args)])
     await db.commit()
@@ -343,7 +342,7 @@ async def test_args_round_trip(db: Executor, pool: asyncpg.Pool, args: dict[str,
     assert [json.loads(r["args_text"]) for r in await job_rows(pool)] == [args, args]
 
 
-async def test_args_with_backslash_u0000_text_round_trip(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_args_with_backslash_u0000_text_round_trip(db: Enqueuer, pool: asyncpg.Pool) -> None:
     """A literal backslash followed by ``u0000`` is ordinary text, not a NUL character;
     jsonb stores it fine, so enqueue must accept it."""
     args = {"path": "C:\\u0000\\dir", "pattern": "\\u0000"}
@@ -360,7 +359,7 @@ async def test_args_with_backslash_u0000_text_round_trip(db: Executor, pool: asy
 
 
 async def test_enqueue_many_writes_in_one_statement_in_input_order(
-    db: Executor, engine: AsyncEngine, pool: asyncpg.Pool
+    db: Enqueuer, engine: AsyncEngine, pool: asyncpg.Pool
 ) -> None:
     single = await enqueue(db, "noop")
     statements: list[str] = []
@@ -406,7 +405,7 @@ async def test_enqueue_many_writes_in_one_statement_in_input_order(
     assert cmins[0]["cmin"] != cmins[1]["cmin"]
 
 
-async def test_enqueue_many_a_thousand_jobs(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_enqueue_many_a_thousand_jobs(db: Enqueuer, pool: asyncpg.Pool) -> None:
     inputs = [NewJob("echo", {"i": i}, priority=i % 7) for i in range(1000)]
     jobs = await enqueue_many(db, inputs)
     await db.commit()
@@ -422,7 +421,7 @@ async def test_enqueue_many_a_thousand_jobs(db: Executor, pool: asyncpg.Pool) ->
 
 
 async def test_enqueue_many_mixed_tasks_and_options(
-    db: Executor, pool: asyncpg.Pool, correlation: str
+    db: Enqueuer, pool: asyncpg.Pool, correlation: str
 ) -> None:
     now = await db_now(db)
     at = datetime(2032, 2, 29, 23, 59, 59, tzinfo=timezone(timedelta(hours=2)))
@@ -484,7 +483,7 @@ async def test_enqueue_many_mixed_tasks_and_options(
     ],
 )
 async def test_enqueue_many_of_jobs_alike_returns_the_rows_written(
-    db: Executor, pool: asyncpg.Pool, odd_one_out: NewJob | None
+    db: Enqueuer, pool: asyncpg.Pool, odd_one_out: NewJob | None
 ) -> None:
     """A batch of one task's jobs that differ only in args takes a shorter statement; one
     job that differs in anything else sends the batch down the general one. Either way the
@@ -512,7 +511,7 @@ async def test_enqueue_many_of_jobs_alike_returns_the_rows_written(
     }
 
 
-async def test_enqueue_many_of_nothing(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_enqueue_many_of_nothing(db: Enqueuer, pool: asyncpg.Pool) -> None:
     assert await enqueue_many(db, []) == []
     await db.commit()
     assert await job_rows(pool) == []
@@ -632,7 +631,7 @@ BAD_ENQUEUES: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ids=[name for name, _, _ in BAD_ENQUEUES],
 )
 async def test_bad_enqueue_raises_writes_nothing_and_keeps_the_transaction(
-    db: Executor, pool: asyncpg.Pool, kwargs: dict[str, Any], error: type[EnqueueError]
+    db: Enqueuer, pool: asyncpg.Pool, kwargs: dict[str, Any], error: type[EnqueueError]
 ) -> None:
     call = {"task": "echo", "args": {"ok": 1}, **kwargs}
     before = await enqueue(db, "noop", {"before": True})
@@ -674,7 +673,11 @@ BAD_MANY: list[tuple[str, NewJob, type[EnqueueError]]] = [
     ids=[name for name, _, _ in BAD_MANY],
 )
 async def test_enqueue_many_with_one_bad_job_writes_none_of_them(
-    db: Executor, pool: asyncpg.Pool, bad: NewJob, error: type[EnqueueError], position: str
+    db: Enqueuer,
+    pool: asyncpg.Pool,
+    bad: NewJob,
+    error: type[EnqueueError],
+    position: str,
 ) -> None:
     good = [NewJob("echo", {"i": i}, key=f"good-{i}") for i in range(4)]
     index = {"first": 0, "middle": 2, "last": len(good)}[position]
@@ -706,7 +709,7 @@ def args_of_size(size: int) -> dict[str, str]:
     return args
 
 
-async def test_size_limit_per_call(db: Executor, pool: asyncpg.Pool) -> None:
+async def test_size_limit_per_call(db: Enqueuer, pool: asyncpg.Pool) -> None:
     at_limit = await enqueue(db, "echo", args_of_size(100), max_args_bytes=100)
     with pytest.raises(ArgsTooLarge):
         await enqueue(db, "echo", args_of_size(101), max_args_bytes=100)
@@ -718,7 +721,7 @@ async def test_size_limit_per_call(db: Executor, pool: asyncpg.Pool) -> None:
 
 
 async def test_args_that_share_a_list_are_measured_before_they_are_encoded(
-    db: Executor, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     """Sixty levels of a list that holds the level below twice: 2**60 elements once
     encoded. Refused by their size without encoding them, where json.dumps would run for
@@ -755,7 +758,7 @@ def test_the_size_measured_first_never_exceeds_the_encoded_size(args: dict[str, 
 
 
 async def test_default_size_limit_is_one_mebibyte(
-    db: Executor, pool: asyncpg.Pool, default_settings: pytest.MonkeyPatch
+    db: Enqueuer, pool: asyncpg.Pool, default_settings: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(ArgsTooLarge):
         await enqueue(db, "echo", args_of_size(int(1.1 * MIB)))
@@ -771,7 +774,7 @@ async def test_default_size_limit_is_one_mebibyte(
 
 
 async def test_size_limit_from_the_environment(
-    db: Executor, pool: asyncpg.Pool, default_settings: pytest.MonkeyPatch
+    db: Enqueuer, pool: asyncpg.Pool, default_settings: pytest.MonkeyPatch
 ) -> None:
     default_settings.setenv("OUTBOX_MAX_ARGS_BYTES", "64")
     with pytest.raises(ArgsTooLarge):

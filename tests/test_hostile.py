@@ -25,7 +25,6 @@ import asyncpg
 import pytest
 
 from outbox_worker import NewJob, enqueue, enqueue_many
-from outbox_worker.admin import AdminSession
 from outbox_worker.config import MAX_DELAY_SECONDS
 from outbox_worker.errors import (
     ArgsTooLarge,
@@ -40,6 +39,7 @@ from outbox_worker.names import is_valid_name
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.harness import CALM, settle, stop_workers
 from tests.faults.invariants import check_invariants
+from tests.support import Enqueuer
 
 INT32_MAX = 2**31 - 1
 RTL = "\u202e"  # RIGHT-TO-LEFT OVERRIDE
@@ -158,7 +158,7 @@ async def _job_ids(pool: asyncpg.Pool) -> list[int]:
 
 
 async def test_hostile_enqueues_get_a_typed_error_and_write_nothing(
-    db: AdminSession, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     problems: list[str] = []
     kept: list[int] = []
@@ -178,7 +178,7 @@ async def test_hostile_enqueues_get_a_typed_error_and_write_nothing(
 
 
 async def test_hostile_enqueue_many_refuses_the_whole_batch(
-    db: AdminSession, pool: asyncpg.Pool
+    db: Enqueuer, pool: asyncpg.Pool
 ) -> None:
     problems: list[str] = []
     for name, kwargs, error in REFUSED:
@@ -221,9 +221,7 @@ ODD_TEXTS = [
 ]
 
 
-async def test_odd_but_valid_values_are_stored_exactly(
-    db: AdminSession, pool: asyncpg.Pool
-) -> None:
+async def test_odd_but_valid_values_are_stored_exactly(db: Enqueuer, pool: asyncpg.Pool) -> None:
     jobs = []
     for i, text_value in enumerate(ODD_TEXTS):
         args = {text_value: text_value, "nested": {text_value: [text_value, i]}}

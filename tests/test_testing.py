@@ -35,7 +35,6 @@ from outbox_worker import (
     enqueue,
     testing,
 )
-from outbox_worker.admin import AdminSession
 from outbox_worker.testing import (
     DrainResult,
     assert_enqueued,
@@ -45,6 +44,7 @@ from outbox_worker.testing import (
     refute_enqueued,
 )
 from outbox_worker.testing import sync as testing_sync
+from tests.support import Enqueuer
 from tests.test_drivers import (
     KINDS,
     AsyncCaller,
@@ -190,7 +190,7 @@ async def test_signup_answers_before_the_welcome_email_and_a_drain_sends_it_once
 
 
 async def test_the_callers_uncommitted_jobs_are_seen_through_its_own_session(
-    db: AdminSession, engine: AsyncEngine
+    db: Enqueuer, engine: AsyncEngine
 ) -> None:
     job = await enqueue(db, "t_add", {"a": 1, "b": 2})
     assert [found.id for found in await assert_enqueued(db, "t_add", {"a": 1, "b": 2})] == [job.id]
@@ -199,7 +199,7 @@ async def test_the_callers_uncommitted_jobs_are_seen_through_its_own_session(
 
 
 async def test_args_match_as_a_subset_and_a_failure_lists_what_is_enqueued(
-    db: AdminSession,
+    db: Enqueuer,
 ) -> None:
     job = await enqueue(db, "t_add", {"a": 1, "b": 2}, key="k-1")
     [found] = await assert_enqueued(db, "t_add", {"a": 1})
@@ -220,7 +220,7 @@ async def test_args_match_as_a_subset_and_a_failure_lists_what_is_enqueued(
     await refute_enqueued(db, "t_add", {"c": None})
 
 
-async def test_a_failure_on_an_empty_table_says_it_is_empty(db: AdminSession) -> None:
+async def test_a_failure_on_an_empty_table_says_it_is_empty(db: Enqueuer) -> None:
     with pytest.raises(AssertionError, match="outbox_jobs is empty"):
         await assert_enqueued(db, "t_add")
 
@@ -236,7 +236,7 @@ MATCHING: dict[str, tuple[Any, Any]] = {
 
 
 @pytest.mark.parametrize("name", sorted(MATCHING))
-async def test_each_filter_narrows_to_its_column(db: AdminSession, name: str) -> None:
+async def test_each_filter_narrows_to_its_column(db: Enqueuer, name: str) -> None:
     job = await enqueue(
         db,
         "t_add",
@@ -257,12 +257,12 @@ async def test_each_filter_narrows_to_its_column(db: AdminSession, name: str) ->
         await refute_enqueued(db, "t_add", **{name: match})
 
 
-async def test_a_state_that_does_not_exist_is_refused(db: AdminSession) -> None:
+async def test_a_state_that_does_not_exist_is_refused(db: Enqueuer) -> None:
     with pytest.raises(ValueError, match="bogus"):
         await assert_enqueued(db, "t_add", state="bogus")
 
 
-async def test_count_asks_for_exactly_that_many(db: AdminSession) -> None:
+async def test_count_asks_for_exactly_that_many(db: Enqueuer) -> None:
     await enqueue(db, "t_add", {"a": 1})
     await enqueue(db, "t_add", {"a": 1, "b": 1})
     assert len(await assert_enqueued(db, "t_add", {"a": 1}, count=2)) == 2
@@ -272,7 +272,7 @@ async def test_count_asks_for_exactly_that_many(db: AdminSession) -> None:
         await assert_enqueued(db, "t_add", {"a": 1}, count=1)
 
 
-async def test_a_long_list_shows_the_newest_jobs(db: AdminSession) -> None:
+async def test_a_long_list_shows_the_newest_jobs(db: Enqueuer) -> None:
     ids = [(await enqueue(db, "t_add", {"a": n})).id for n in range(25)]
     with pytest.raises(AssertionError) as failure:
         await assert_enqueued(db, "t_fails")
@@ -283,7 +283,9 @@ async def test_a_long_list_shows_the_newest_jobs(db: AdminSession) -> None:
     assert f"#{ids[4]} t_add" not in message
 
 
-async def test_clear_jobs_empties_the_queue_in_the_callers_transaction(db: AdminSession) -> None:
+async def test_clear_jobs_empties_the_queue_in_the_callers_transaction(
+    db: Enqueuer,
+) -> None:
     for n in range(3):
         await enqueue(db, "t_add", {"a": n})
     assert await clear_jobs(db) == 3

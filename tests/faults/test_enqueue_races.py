@@ -14,10 +14,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from outbox_worker import NewJob, enqueue, enqueue_many
-from outbox_worker.admin import AdminSession
 from tests.conftest import WorkerProcess
 from tests.faults.harness import CALM, settle, stop_workers
 from tests.faults.invariants import check_invariants
+from tests.support import Enqueuer
 
 # The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ async def _caller(
 ) -> Call:
     """One client on its own connection and transaction; every third one rolls back."""
     rng = random.Random(seed)
-    executor: AdminSession
+    executor: Enqueuer
     async with AsyncSession(engine) if caller % 2 else engine.connect() as executor:
         await executor.execute(text("SELECT 1"))  # connection and transaction are open
         await barrier.wait()
