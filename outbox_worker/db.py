@@ -29,6 +29,7 @@ from tenacity.stop import stop_base
 
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.errors import ConfigError, DatabaseUnavailable, OutboxError
+from outbox_worker.formatting import error_line, one_line
 
 T = TypeVar("T")
 
@@ -97,7 +98,7 @@ def _log_retry(what: str) -> Callable[[RetryCallState], None]:
             "database_retry",
             unit=what,
             attempt=state.attempt_number,
-            error=f"{type(exc).__name__}: {exc}",
+            error=error_line(exc) if exc is not None else None,
             sleep=round(state.upcoming_sleep, 3),
         )
 
@@ -238,10 +239,6 @@ def _raised_by_a_driver(exc: BaseException) -> bool:
     return False
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def where(dsn: str) -> str:
     """host:port/database of a URL, for messages (never the password)."""
     try:
@@ -260,7 +257,7 @@ def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
     database cannot be used (see is_database_unavailable), or it has no pgoutbox schema."""
     cause = _unavailable_cause(exc)
     if cause is not None:
-        reason = _one_line(cause) or (
+        reason = one_line(cause) or (
             f"no answer within {CONNECT_TIMEOUT_SECONDS:g}s"
             if isinstance(cause, TimeoutError)
             else type(cause).__name__
@@ -269,7 +266,7 @@ def database_error(exc: BaseException, dsn: str) -> OutboxError | None:
     for link in _causes(exc):
         if isinstance(link, asyncpg.exceptions.UndefinedTableError):
             return ConfigError(
-                f"the database at {where(dsn)} has no pgoutbox schema ({_one_line(link)}): "
+                f"the database at {where(dsn)} has no pgoutbox schema ({one_line(link)}): "
                 "run `outbox-worker migrate`"
             )
     return None

@@ -1,5 +1,6 @@
-"""Times and durations as people read them: one form for every face (the CLI's tables, the
-dashboard's pages), so an operator reading either sees the same "3 min 5 s"."""
+"""Times, durations and messages as people read them: one form for every face (the CLI's
+tables, the dashboard's pages, log lines), so an operator reading either sees the same
+"3 min 5 s" and the same line of an error."""
 
 from __future__ import annotations
 
@@ -44,3 +45,24 @@ def format_relative(moment: datetime | None, now: datetime | None = None) -> str
     if abs(delta) < 1:
         return "now"
     return f"{format_duration(delta)} ago" if delta > 0 else f"in {format_duration(-delta)}"
+
+
+def one_line(text: object) -> str:
+    """Any message on one line: an error line must stay one line on stderr or in a cell."""
+    return " ".join(str(text).split())
+
+
+def error_line(exc: BaseException) -> str:
+    """``ValueError: what went wrong``: an exception as a log field."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def first_line(text: str | None, width: int) -> str:
+    """The line of a stored error that says what it is, cut to ``width``: what fits a table
+    cell. A traceback's last line names the exception; anything else reads best from the
+    top."""
+    if not text:
+        return ""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    line = lines[-1] if lines and lines[0].startswith("Traceback") else (lines or [""])[0]
+    return line if len(line) <= width else line[: width - 1] + "…"

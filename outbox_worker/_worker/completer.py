@@ -38,6 +38,7 @@ from outbox_worker._worker.outcomes import (
     Succeeded,
 )
 from outbox_worker._worker.slots import Slots
+from outbox_worker.formatting import error_line
 
 T = TypeVar("T")
 
@@ -168,7 +169,7 @@ class Completer:
                 self._log.error(
                     "outcomes_not_written",
                     jobs=[o.job_id for o in outcomes],
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=error_line(exc),
                 )
                 abandoned.extend(outcomes)
                 return
@@ -176,7 +177,7 @@ class Completer:
                 "outcome_batch_refused",
                 outcome=what,
                 jobs=[o.job_id for o in outcomes],
-                error=f"{type(exc).__name__}: {exc}",
+                error=error_line(exc),
             )
             for outcome in outcomes:
                 await self._write_alone(what, outcome, done, abandoned)

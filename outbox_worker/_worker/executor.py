@@ -29,6 +29,7 @@ from outbox_worker._worker.outcomes import (
 from outbox_worker._worker.storable import encode_result, storable_text
 from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.errors import LeaseLost
+from outbox_worker.formatting import error_line
 from outbox_worker.registry import Registry
 
 MAX_ERROR_CHARS = 8000
@@ -140,7 +141,7 @@ class Executor:
             # Exception, and also what is not one (SystemExit, KeyboardInterrupt, a library's
             # own BaseException): one handler must never end the worker or hold its slot.
             if ctx.completed_in_transaction:
-                ctx.log.warning("job_raised_after_commit", error=f"{type(exc).__name__}: {exc}")
+                ctx.log.warning("job_raised_after_commit", error=error_line(exc))
                 return Settled(job.id, job.attempt)
             if not isinstance(exc, Exception):
                 ctx.log.error(

@@ -19,6 +19,7 @@ import structlog
 from outbox_worker import db, sql
 from outbox_worker._worker.outcomes import StopReason
 from outbox_worker._worker.slots import Slots
+from outbox_worker.formatting import error_line
 
 
 class Heartbeat:
@@ -75,7 +76,7 @@ class Heartbeat:
             except Exception as exc:
                 if not db.is_transient(exc):
                     raise
-                self._log.warning("heartbeat_missed", error=f"{type(exc).__name__}: {exc}")
+                self._log.warning("heartbeat_missed", error=error_line(exc))
                 complete = False
             delay = self.interval if complete else self.interval / 4
 

@@ -15,6 +15,7 @@ import structlog
 
 from outbox_worker import sql
 from outbox_worker.db import is_transient
+from outbox_worker.formatting import error_line
 
 
 class Notifier:
@@ -42,9 +43,7 @@ class Notifier:
             except Exception as exc:
                 if not is_transient(exc):
                     raise
-                self._log.warning(
-                    "listener_lost", error=f"{type(exc).__name__}: {exc}", retry_in=delay
-                )
+                self._log.warning("listener_lost", error=error_line(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

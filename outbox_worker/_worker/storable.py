@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from outbox_worker.formatting import error_line
+
 REPLACEMENT = "\ufffd"
 # A lone surrogate, as Python holds it: with ensure_ascii=False, json.dumps writes a valid
 # astral character as one code point, so any surrogate code point left is unpaired.
@@ -55,7 +57,7 @@ def encode_result(value: Any) -> EncodedResult:
     try:
         encoded = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
-        return EncodedResult(None, f"not stored: no JSON form ({type(exc).__name__}: {exc})")
+        return EncodedResult(None, f"not stored: no JSON form ({error_line(exc)})")
     altered = False
     if "\\u0000" in encoded:
         fixed = _NUL_ESCAPE.sub(r"\1\\ufffd", encoded)

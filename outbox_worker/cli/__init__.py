@@ -25,11 +25,12 @@ from typer.exceptions import TyperException
 from outbox_worker.cli.health import health
 from outbox_worker.cli.jobs import jobs_cancel, jobs_list, jobs_retry, jobs_retry_dead, jobs_show
 from outbox_worker.cli.migrate import migrate_schema
-from outbox_worker.cli.output import one_line, visible
+from outbox_worker.cli.output import visible
 from outbox_worker.cli.prune import prune
 from outbox_worker.cli.queues import queues
 from outbox_worker.cli.run import run
 from outbox_worker.errors import ConfigError, OutboxError
+from outbox_worker.formatting import one_line
 
 __all__ = ["app", "main"]
 

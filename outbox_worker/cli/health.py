@@ -16,10 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from outbox_worker import admin, db, migrate
 from outbox_worker.cli.database import with_engine
-from outbox_worker.cli.output import one_line, print_json, stdout, visible
+from outbox_worker.cli.output import print_json, stdout, visible
 from outbox_worker.cli.params import AsJson, DatabaseUrl, duration, resolve_dsn
 from outbox_worker.db import database_error
 from outbox_worker.errors import ConfigError, DatabaseUnavailable
+from outbox_worker.formatting import one_line
 
 
 def expected_heads(ini: Path) -> list[str] | None:

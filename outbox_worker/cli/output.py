@@ -11,6 +11,7 @@ from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.text import Text
 
+from outbox_worker import formatting
 from outbox_worker.jobs import JobState
 
 STATE_STYLES = {
@@ -45,11 +46,6 @@ def print_json(data: object) -> None:
     sys.stdout.write("\n")
 
 
-def one_line(text: object) -> str:
-    """Any message on one line: an error line must stay one line on stderr."""
-    return " ".join(str(text).split())
-
-
 # What jobs carry (errors, arguments, worker ids) may hold characters a terminal obeys rather
 # than shows: escape sequences, C1 controls (\x9b opens one too), a carriage return that
 # overwrites the line, bidirectional overrides that reorder it. Shown escaped, as \x1b.
@@ -71,9 +67,5 @@ def state_text(state: JobState) -> Text:
 
 
 def first_line(text: str | None, width: int = 60) -> str:
-    """The first line of an error, cut to ``width``: what fits a table cell."""
-    if not text:
-        return ""
-    text = visible(text, lines=True)
-    line = text.strip().splitlines()[0] if text.strip() else ""
-    return line if len(line) <= width else line[: width - 1] + "…"
+    """The line of an error that fits a table cell, safe for a terminal."""
+    return formatting.first_line(visible(text, lines=True) if text else text, width)

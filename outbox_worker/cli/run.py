@@ -22,9 +22,9 @@ from typing import Annotated, Any
 import structlog
 import typer
 
-from outbox_worker.cli.output import one_line
 from outbox_worker.cli.params import DatabaseUrl, queue_names, settings
 from outbox_worker.errors import ConfigError
+from outbox_worker.formatting import one_line
 from outbox_worker.logs import configure_logging
 from outbox_worker.registry import Registry
 from outbox_worker.worker import Worker

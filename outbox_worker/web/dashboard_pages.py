@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from pydantic import BaseModel
 
-from outbox_worker.formatting import format_duration, format_relative, format_time
+from outbox_worker.formatting import first_line, format_duration, format_relative, format_time
 from outbox_worker.jobs import JobState
 from outbox_worker.web.router import NotCommitted
 
@@ -47,15 +48,6 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
-def first_line(text: str | None, width: int = 90) -> str:
-    if not text:
-        return ""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    # A traceback's last line names the exception; anything else reads best from the top.
-    line = lines[-1] if lines and lines[0].startswith("Traceback") else (lines or [""])[0]
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
 templates = Environment(
     loader=PackageLoader("outbox_worker.web", "templates"),
     autoescape=True,
@@ -68,7 +60,7 @@ templates.filters.update(
     when=format_time,
     ago=format_relative,
     pretty_json=pretty_json,
-    first_line=first_line,
+    first_line=functools.partial(first_line, width=90),
 )
 
 
