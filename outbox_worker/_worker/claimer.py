@@ -162,18 +162,7 @@ class Claimer:
 
     def _take(self, rows: list[asyncpg.Record], leased_at: float) -> int:
         for row in rows:
-            self._start(
-                ClaimedJob(
-                    id=row["id"],
-                    task=row["task"],
-                    queue=row["queue"],
-                    args=row["args"],
-                    attempt=row["attempts"],
-                    max_attempts=row["max_attempts"],
-                    correlation_id=row["correlation_id"],
-                    leased_at=leased_at,
-                )
-            )
+            self._start(ClaimedJob.of(row, leased_at))
         return len(rows)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,3 +21,17 @@ class ClaimedJob:
     # When the claim that leased it was sent (time.monotonic()): its lease runs at least
     # until this plus the lease, until the heartbeat extends it.
     leased_at: float = 0.0
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any], leased_at: float = 0.0) -> ClaimedJob:
+        """From a row of a claim statement (JOB_CLAIM, JOB_COMPLETE_AND_CLAIM)."""
+        return cls(
+            id=row["id"],
+            task=row["task"],
+            queue=row["queue"],
+            args=row["args"],
+            attempt=row["attempts"],
+            max_attempts=row["max_attempts"],
+            correlation_id=row["correlation_id"],
+            leased_at=leased_at,
+        )

@@ -109,15 +109,7 @@ async def drain(
             if not claimed:
                 break
             row = claimed[0]
-            job = ClaimedJob(
-                id=row["id"],
-                task=row["task"],
-                queue=row["queue"],
-                args=row["args"],
-                attempt=row["attempts"],
-                max_attempts=row["max_attempts"],
-                correlation_id=row["correlation_id"],
-            )
+            job = ClaimedJob.of(row)
             # A task of its own, as the worker runs each job: the correlation id and log
             # fields the Executor binds stay out of the caller's context.
             outcome = await asyncio.create_task(executor.run(job))
