@@ -1,5 +1,8 @@
 """Fixtures for the whole suite: one PostgreSQL server per session, a migrated template
-database, and a fresh clone of it for every test (``CREATE DATABASE … TEMPLATE``)."""
+database, and a fresh clone of it for every test (``CREATE DATABASE … TEMPLATE``).
+
+The library's tests are in tests/ and reach its HTTP face through ``admin_host``, an app of
+``outbox_worker.web`` alone; the sample service's tests and fixtures are in tests/sample/."""
 
 from __future__ import annotations
 
@@ -22,12 +25,11 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from alembic import command
-from app.core.config import Settings
-from app.main import create_app
 from outbox_worker import current_correlation_id
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
 from outbox_worker.enqueue import default_max_args_bytes
+from tests.admin_host import begun, create_admin_host
 from tests.support import Enqueuer
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
@@ -277,17 +279,17 @@ def levels(value: Any) -> tuple[int, Any]:
 
 
 @pytest.fixture
-async def app(database_url: str) -> AsyncIterator[FastAPI]:
-    """The sample service on this test's database, its lifespan running."""
-    application = create_app(Settings(database_url=database_url))
-    async with application.router.lifespan_context(application):
-        yield application
+def admin_host(engine: AsyncEngine) -> FastAPI:
+    """The library's HTTP face alone (tests/admin_host.py) on this test's database, its
+    session dependency opening the transaction as the sample's does; admin is off until the
+    test sets ``admin_host.state.admin_token``."""
+    return create_admin_host(begun(engine))
 
 
 @pytest.fixture
-async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """Real HTTP requests through the ASGI app (no network, no mocks)."""
-    transport = httpx.ASGITransport(app=app)
+async def admin_client(admin_host: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Real HTTP requests through the admin host (no network, no mocks)."""
+    transport = httpx.ASGITransport(app=admin_host)
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
         yield client
 

@@ -1,16 +1,18 @@
-"""The admin service through its HTTP face cancel of a running job, backpressure,
-metrics and readiness."""
+"""The admin service through its HTTP face, the JSON routes of
+``outbox_worker.web.create_admin_router`` on the library's own host (``admin_host``): the
+token, listing and filters, retry and cancel (of a running job too), jobs no reader takes
+whole, the CLI's --json against the API's answers, no-store, and the database away. The
+sample service's health, metrics and backpressure answers are in tests/sample/."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,15 +20,16 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from outbox_worker import QueueFull, enqueue, sql
+from outbox_worker import enqueue, sql
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.devdb import PostgresServer
-from outbox_worker.enqueue import default_backpressure
 from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, cookie_value
@@ -38,9 +41,10 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def admin_app(app: FastAPI) -> FastAPI:
-    app.state.settings.admin_token = TOKEN
-    return app
+def admin_app(admin_host: FastAPI) -> FastAPI:
+    """The admin host with admin on: its token set."""
+    admin_host.state.admin_token = TOKEN
+    return admin_host
 
 
 async def insert_job(pool: asyncpg.Pool, task: str = "echo", **columns: object) -> int:
@@ -55,7 +59,7 @@ async def insert_job(pool: asyncpg.Pool, task: str = "echo", **columns: object) 
 
 
 async def test_admin_routes_are_refused_without_a_configured_token(
-    client: httpx.AsyncClient,
+    admin_client: httpx.AsyncClient,
 ) -> None:
     for method, path in [
         ("GET", "/jobs"),
@@ -64,7 +68,7 @@ async def test_admin_routes_are_refused_without_a_configured_token(
         ("POST", "/jobs/1/cancel"),
         ("GET", "/queues"),
     ]:
-        response = await client.request(method, path, headers=AUTH)
+        response = await admin_client.request(method, path, headers=AUTH)
         assert response.status_code == 403, (path, response.text)
         assert "OUTBOX_ADMIN_TOKEN" in response.json()["detail"]
 
@@ -80,16 +84,16 @@ async def test_admin_routes_are_refused_without_a_configured_token(
     ],
 )
 async def test_a_missing_or_wrong_token_is_401(
-    admin_app: FastAPI, client: httpx.AsyncClient, headers: dict[str, str]
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, headers: dict[str, str]
 ) -> None:
-    response = await client.get("/jobs", headers=headers)
+    response = await admin_client.get("/jobs", headers=headers)
     assert response.status_code == 401
     assert response.headers["www-authenticate"] == "Bearer"
     assert "token" in response.json()["detail"]
 
 
 async def test_list_filters_and_keyset_pagination(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     ids = [await insert_job(pool, "echo") for _ in range(7)]
     dead = await insert_job(
@@ -103,7 +107,7 @@ async def test_list_filters_and_keyset_pagination(
         params: dict[str, str | int] = {"task": "echo", "state": "queued", "limit": 3}
         if cursor:
             params["cursor"] = cursor
-        body = (await client.get("/jobs", params=params, headers=AUTH)).json()
+        body = (await admin_client.get("/jobs", params=params, headers=AUTH)).json()
         seen += [item["id"] for item in body["items"]]
         pages += 1
         cursor = body["next_cursor"]
@@ -111,12 +115,12 @@ async def test_list_filters_and_keyset_pagination(
             break
     assert pages == 3
     assert seen == sorted(ids, reverse=True)
-    body = (await client.get("/jobs", params={"state": "dead"}, headers=AUTH)).json()
+    body = (await admin_client.get("/jobs", params={"state": "dead"}, headers=AUTH)).json()
     assert [item["id"] for item in body["items"]] == [dead]
     assert body["items"][0]["last_error"] == "boom"
-    body = (await client.get("/jobs", params={"queue": "other"}, headers=AUTH)).json()
+    body = (await admin_client.get("/jobs", params={"queue": "other"}, headers=AUTH)).json()
     assert [item["id"] for item in body["items"]] == [other]
-    shown = (await client.get(f"/jobs/{other}", headers=AUTH)).json()
+    shown = (await admin_client.get(f"/jobs/{other}", headers=AUTH)).json()
     assert (shown["task"], shown["queue"], shown["state"]) == ("noop", "other", "queued")
 
 
@@ -136,20 +140,20 @@ async def test_list_filters_and_keyset_pagination(
     ],
 )
 async def test_bad_filters_are_422(
-    admin_app: FastAPI, client: httpx.AsyncClient, params: dict[str, object], fragment: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, params: dict[str, object], fragment: str
 ) -> None:
-    response = await client.get("/jobs", params=params, headers=AUTH)  # type: ignore[arg-type]
+    response = await admin_client.get("/jobs", params=params, headers=AUTH)  # type: ignore[arg-type]
     assert response.status_code == 422
     assert fragment in json.dumps(response.json()["detail"])
 
 
-async def test_unknown_job_is_404(admin_app: FastAPI, client: httpx.AsyncClient) -> None:
+async def test_unknown_job_is_404(admin_app: FastAPI, admin_client: httpx.AsyncClient) -> None:
     for method, path in [
         ("GET", "/jobs/999"),
         ("POST", "/jobs/999/retry"),
         ("POST", "/jobs/999/cancel"),
     ]:
-        response = await client.request(method, path, headers=AUTH)
+        response = await admin_client.request(method, path, headers=AUTH)
         assert response.status_code == 404
         assert response.json()["detail"] == "no job 999"
 
@@ -165,29 +169,29 @@ async def test_unknown_job_is_404(admin_app: FastAPI, client: httpx.AsyncClient)
     ],
 )
 async def test_an_id_no_job_can_have_is_a_4xx(
-    admin_app: FastAPI, client: httpx.AsyncClient, job_id: str, status: int
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, job_id: str, status: int
 ) -> None:
     for method, path in [
         ("GET", f"/jobs/{job_id}"),
         ("POST", f"/jobs/{job_id}/retry"),
         ("POST", f"/jobs/{job_id}/cancel"),
     ]:
-        response = await client.request(method, path, headers=AUTH)
+        response = await admin_client.request(method, path, headers=AUTH)
         assert response.status_code == status, (path[:40], response.text[:300])
         assert response.json()["detail"]
 
 
 async def test_the_largest_cursor_is_accepted(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id = await insert_job(pool, "echo")
-    response = await client.get("/jobs", params={"cursor": str(2**63 - 1)}, headers=AUTH)
+    response = await admin_client.get("/jobs", params={"cursor": str(2**63 - 1)}, headers=AUTH)
     assert response.status_code == 200, response.text
     assert [item["id"] for item in response.json()["items"]] == [job_id]
 
 
 async def test_retry_and_cancel_follow_the_state_machine(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     dead = await insert_job(
         pool, "echo", state="dead", attempts=5, max_attempts=5, last_error="boom"
@@ -195,41 +199,43 @@ async def test_retry_and_cancel_follow_the_state_machine(
     done = await insert_job(pool, "echo", state="succeeded", attempts=1)
     queued = await insert_job(pool, "echo")
 
-    retried = (await client.post(f"/jobs/{dead}/retry", headers=AUTH)).json()
+    retried = (await admin_client.post(f"/jobs/{dead}/retry", headers=AUTH)).json()
     assert (retried["state"], retried["attempts"], retried["max_attempts"]) == ("queued", 5, 6)
     assert retried["last_error"] == "boom"  # history is kept
-    refused = await client.post(f"/jobs/{done}/retry", headers=AUTH)
+    refused = await admin_client.post(f"/jobs/{done}/retry", headers=AUTH)
     assert refused.status_code == 409
     assert "succeeded" in refused.json()["detail"]
 
-    cancelled = (await client.post(f"/jobs/{queued}/cancel", headers=AUTH)).json()
+    cancelled = (await admin_client.post(f"/jobs/{queued}/cancel", headers=AUTH)).json()
     assert cancelled["state"] == "cancelled"
     assert cancelled["finished_at"] is not None
-    again = await client.post(f"/jobs/{queued}/cancel", headers=AUTH)
+    again = await admin_client.post(f"/jobs/{queued}/cancel", headers=AUTH)
     assert again.status_code == 409
-    finished = await client.post(f"/jobs/{done}/cancel", headers=AUTH)
+    finished = await admin_client.post(f"/jobs/{done}/cancel", headers=AUTH)
     assert finished.status_code == 409
     # A cancelled job may be retried.
-    assert (await client.post(f"/jobs/{queued}/retry", headers=AUTH)).json()["state"] == "queued"
+    assert (await admin_client.post(f"/jobs/{queued}/retry", headers=AUTH)).json()[
+        "state"
+    ] == "queued"
     rows = {r["id"]: r["state"] for r in await pool.fetch("SELECT id, state FROM outbox_jobs")}
     assert rows == {dead: "queued", done: "succeeded", queued: "queued"}
 
 
 async def test_bulk_retry_of_dead_jobs_by_filter(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     echo_dead = [
         await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1) for _ in range(3)
     ]
     noop_dead = await insert_job(pool, "noop", state="dead", attempts=1, max_attempts=1)
-    response = await client.post("/jobs/retry-dead", params={"task": "echo"}, headers=AUTH)
+    response = await admin_client.post("/jobs/retry-dead", params={"task": "echo"}, headers=AUTH)
     assert sorted(response.json()["retried"]) == echo_dead
     states = {r["id"]: r["state"] for r in await pool.fetch("SELECT id, state FROM outbox_jobs")}
     assert states == {**dict.fromkeys(echo_dead, "queued"), noop_dead: "dead"}
 
 
 async def test_queue_stats(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     await insert_job(pool, "echo")
     await pool.execute("UPDATE outbox_jobs SET run_at = now() - interval '90 seconds'")
@@ -239,7 +245,7 @@ async def test_queue_stats(
     )
     await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
     await pool.execute("UPDATE outbox_jobs SET finished_at = now() WHERE state = 'dead'")
-    body = (await client.get("/queues", headers=AUTH)).json()
+    body = (await admin_client.get("/queues", headers=AUTH)).json()
     [default] = [q for q in body["queues"] if q["queue"] == "default"]
     assert default["depth"] == {
         "queued": 3,
@@ -255,7 +261,7 @@ async def test_queue_stats(
 
 async def test_cancel_of_a_running_job_stops_its_handler(
     admin_app: FastAPI,
-    client: httpx.AsyncClient,
+    admin_client: httpx.AsyncClient,
     pool: asyncpg.Pool,
     spawn_worker: Callable[..., WorkerProcess],
 ) -> None:
@@ -267,7 +273,7 @@ async def test_cancel_of_a_running_job_stops_its_handler(
         ),
         what="the job to start",
     )
-    asked = (await client.post(f"/jobs/{job_id}/cancel", headers=AUTH)).json()
+    asked = (await admin_client.post(f"/jobs/{job_id}/cancel", headers=AUTH)).json()
     assert asked["state"] == "running"
     assert asked["cancel_requested_at"] is not None
     await wait_until(
@@ -291,84 +297,12 @@ async def test_cancel_of_a_running_job_stops_its_handler(
     assert '"job_cancelled"' in worker.output()
 
 
-@pytest.fixture
-def depth_limit(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_LIMITS", json.dumps({"reports": 3}))
-    monkeypatch.setenv("OUTBOX_QUEUE_DEPTH_CACHE_SECONDS", "0")
-    default_backpressure.cache_clear()
-    yield
-    default_backpressure.cache_clear()
-
-
-async def testdefault_backpressure_is_503_with_retry_after(
-    depth_limit: None, client: httpx.AsyncClient, pool: asyncpg.Pool, engine: AsyncEngine
-) -> None:
-    for _ in range(3):
-        assert (await client.post("/reports", json={})).status_code == 202
-    full = await client.post("/reports", json={})
-    assert full.status_code == 503
-    assert full.headers["retry-after"] == "1"
-    assert "depth limit" in full.json()["detail"]
-    assert await pool.fetchval("SELECT count(*) FROM reports") == 3  # rolled back with it
-    assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == 3
-    # Other queues are not limited; the library raises the typed error itself.
-    async with engine.begin() as conn:
-        await enqueue(conn, "echo")
-        with pytest.raises(QueueFull) as raised:
-            await enqueue(conn, "generate_report", {"report_id": "x"}, key="x")
-    assert raised.value.retry_after == 1
-    # Once the workers catch up, enqueue is accepted again.
-    await pool.execute(
-        "UPDATE outbox_jobs SET state = 'cancelled', finished_at = now() WHERE queue = 'reports'"
-    )
-    assert (await client.post("/reports", json={})).status_code == 202
-
-
-async def test_metrics_expose_counters_and_queue_gauges(
-    client: httpx.AsyncClient, pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
-) -> None:
-    assert (await client.post("/reports", json={})).status_code == 202
-    text = (await client.get("/metrics")).text
-    assert re.search(
-        r'outbox_jobs_enqueued_total\{queue="reports",task="generate_report"\} '
-        r"[1-9]",
-        text,
-    )
-    assert 'outbox_queue_depth{queue="reports",state="queued"} 1.0' in text
-    assert 'outbox_queue_depth{queue="reports",state="due"} 1.0' in text
-    assert "outbox_workers_alive 0.0" in text
-    await pool.execute("UPDATE outbox_jobs SET state = 'cancelled', finished_at = now()")
-    worker = spawn_worker()
-    await worker.wait_for_log("worker_ready")
-    text = (await client.get("/metrics")).text
-    assert 'outbox_queue_depth{queue="reports",state="queued"} 0.0' in text
-    assert "outbox_workers_alive 1.0" in text
-    worker.signal(signal.SIGTERM)
-    assert worker.wait() == 0
-
-
-async def test_readyz_reports_live_workers(
-    client: httpx.AsyncClient, spawn_worker: Callable[..., WorkerProcess]
-) -> None:
-    body = (await client.get("/readyz")).json()
-    assert body["checks"]["workers"]["alive"] == 0
-    worker = spawn_worker()
-    await worker.wait_for_log("worker_ready")
-    body = (await client.get("/readyz")).json()
-    assert body["status"] == "ready"
-    assert body["checks"]["workers"]["alive"] == 1
-    worker.signal(signal.SIGTERM)
-    assert worker.wait() == 0
-    # A clean stop says goodbye.
-    assert (await client.get("/readyz")).json()["checks"]["workers"]["alive"] == 0
-
-
 async def test_json_routes_take_the_bearer_token_not_the_dashboard_cookie(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id = await insert_job(pool, "echo")
-    client.cookies.set(COOKIE, cookie_value(TOKEN))
-    response = await client.post(f"/jobs/{job_id}/cancel")
+    admin_client.cookies.set(COOKIE, cookie_value(TOKEN))
+    response = await admin_client.post(f"/jobs/{job_id}/cancel")
     assert response.status_code == 401
     assert await pool.fetchval("SELECT state FROM outbox_jobs WHERE id = $1", job_id) == "queued"
 
@@ -395,16 +329,16 @@ async def test_a_requested_cancel_wins_however_the_attempt_ends(
 
 
 async def test_retry_of_dead_jobs_forgets_an_old_cancel_request(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id = await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
     await pool.execute("UPDATE outbox_jobs SET cancel_requested_at = now()")
-    assert (await client.post("/jobs/retry-dead", headers=AUTH)).json()["retried"] == [job_id]
+    assert (await admin_client.post("/jobs/retry-dead", headers=AUTH)).json()["retried"] == [job_id]
     assert await pool.fetchval("SELECT cancel_requested_at FROM outbox_jobs") is None
 
 
 async def test_jobs_at_the_edges_of_run_at_list_and_show(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     """The edges the table allows (outbox_jobs_run_at_readable) are readable everywhere: a row
     one step outside them used to make every listing that included it fail."""
@@ -413,7 +347,7 @@ async def test_jobs_at_the_edges_of_run_at_list_and_show(
     first = await pool.fetchval(f"{insert} RETURNING id", "0001-01-01 00:00:00+00")
     last = await pool.fetchval(f"{insert} RETURNING id", "9999-12-31 23:59:59.999999+00")
 
-    listed = await client.get("/jobs", headers=AUTH)
+    listed = await admin_client.get("/jobs", headers=AUTH)
 
     assert listed.status_code == 200, listed.text
     run_at = {item["id"]: item["run_at"] for item in listed.json()["items"]}
@@ -422,7 +356,7 @@ async def test_jobs_at_the_edges_of_run_at_list_and_show(
         9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC
     )
     for job_id in (first, last):
-        shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+        shown = await admin_client.get(f"/jobs/{job_id}", headers=AUTH)
         assert shown.status_code == 200, shown.text
 
 
@@ -433,7 +367,7 @@ async def test_jobs_at_the_edges_of_run_at_list_and_show(
 
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 300, 1000, 5000])
 async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
 ) -> None:
     """Plain SQL stores what jsonb takes (thousands of levels); every answer cuts it to
     MAX_JSON_DEPTH levels and says so, and the job can still be retried and cancelled."""
@@ -442,18 +376,18 @@ async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
     )
     cut = (MAX_JSON_DEPTH, TOO_DEEP)
 
-    listed = await client.get("/jobs", headers=AUTH)
+    listed = await admin_client.get("/jobs", headers=AUTH)
     assert listed.status_code == 200, listed.text[:300]
     [item] = listed.json()["items"]
     assert (levels(item["args"]), levels(item["result"])) == (cut, cut)
-    shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+    shown = await admin_client.get(f"/jobs/{job_id}", headers=AUTH)
     assert shown.status_code == 200, shown.text[:300]
     assert levels(shown.json()["args"]) == cut
 
-    retried = await client.post(f"/jobs/{job_id}/retry", headers=AUTH)
+    retried = await admin_client.post(f"/jobs/{job_id}/retry", headers=AUTH)
     assert retried.status_code == 200, retried.text[:300]
     assert (retried.json()["state"], levels(retried.json()["args"])) == ("queued", cut)
-    cancelled = await client.post(f"/jobs/{job_id}/cancel", headers=AUTH)
+    cancelled = await admin_client.post(f"/jobs/{job_id}/cancel", headers=AUTH)
     assert cancelled.status_code == 200, cancelled.text[:300]
     assert cancelled.json()["state"] == "cancelled"
     # Only the answers are cut: the row keeps what was written.
@@ -462,30 +396,30 @@ async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
 
 
 async def test_args_as_deep_as_enqueue_takes_come_back_whole(
-    admin_app: FastAPI, client: httpx.AsyncClient, engine: AsyncEngine
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, engine: AsyncEngine
 ) -> None:
     args = json.loads(deep_json(MAX_JSON_DEPTH))
     async with engine.begin() as conn:
         job = await enqueue(conn, "echo", args)
-    shown = await client.get(f"/jobs/{job.id}", headers=AUTH)
+    shown = await admin_client.get(f"/jobs/{job.id}", headers=AUTH)
     assert shown.status_code == 200, shown.text[:300]
     assert shown.json()["args"] == args
     assert levels(shown.json()["args"]) == (MAX_JSON_DEPTH, [])
 
 
 async def test_numbers_longer_than_python_reads_are_shown_as_markers(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id = await insert_job(
         pool, "echo", args='{"big": 1e5000, "fine": 10, "small": 1e-5000}', result="-1e5000"
     )
-    shown = await client.get(f"/jobs/{job_id}", headers=AUTH)
+    shown = await admin_client.get(f"/jobs/{job_id}", headers=AUTH)
     assert shown.status_code == 200, shown.text[:300]
     body = shown.json()
     assert body["args"]["big"] == "(integer of 5001 digits: not shown)"
     assert (body["args"]["fine"], body["args"]["small"]) == (10, 0.0)
     assert body["result"] == "(integer of 5001 digits: not shown)"
-    assert (await client.get("/jobs", headers=AUTH)).status_code == 200
+    assert (await admin_client.get("/jobs", headers=AUTH)).status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +449,7 @@ def cli_json(database_url: str, *args: str) -> Any:
 
 
 async def test_the_cli_shows_a_job_as_the_api_answers_it(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
 ) -> None:
     """``jobs show --json`` and ``GET /jobs/{id}`` give the same object, key for key (times
     end in Z in both), and so do ``jobs list --json`` and ``GET /jobs``."""
@@ -539,7 +473,7 @@ async def test_the_cli_shows_a_job_as_the_api_answers_it(
     )
     await insert_job(pool, "echo")  # a second job, with its nulls, for the lists
 
-    api = (await client.get(f"/jobs/{job_id}", headers=AUTH)).json()
+    api = (await admin_client.get(f"/jobs/{job_id}", headers=AUTH)).json()
     shown = await asyncio.to_thread(cli_json, database_url, "jobs", "show", str(job_id))
 
     assert shown == api
@@ -548,7 +482,7 @@ async def test_the_cli_shows_a_job_as_the_api_answers_it(
         "2024-05-01T12:30:07.123456Z",
     )
     listed = await asyncio.to_thread(cli_json, database_url, "jobs", "list")
-    assert listed == (await client.get("/jobs", headers=AUTH)).json()
+    assert listed == (await admin_client.get("/jobs", headers=AUTH)).json()
     assert len(listed["items"]) == 2
 
 
@@ -557,30 +491,39 @@ async def test_the_cli_shows_a_job_as_the_api_answers_it(
 # ---------------------------------------------------------------------------------------------
 
 
+async def own_validation_answer(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """An app's own answer to invalid requests, shaped its own way as the sample's is: the
+    admin routes answer with it, and add no-store to it."""
+    detail = [{"loc": list(error["loc"]), "msg": error["msg"]} for error in exc.errors()]
+    return JSONResponse({"detail": detail, "answered_by": "the app"}, status_code=422)
+
+
+@pytest.mark.parametrize("invalid_requests", ["fastapis-answer", "the-apps-own-answer"])
 async def test_every_admin_answer_says_no_store(
-    app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_host: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, invalid_requests: str
 ) -> None:
+    if invalid_requests == "the-apps-own-answer":
+        admin_host.exception_handler(RequestValidationError)(own_validation_answer)
     dead = await insert_job(pool, "echo", state="dead", attempts=1, max_attempts=1)
     queued = await insert_job(pool, "echo")
     done = await insert_job(pool, "echo", state="succeeded", attempts=1)
-    app.state.settings.admin_token = None
-    disabled = await client.get("/jobs", headers=AUTH)
-    app.state.settings.admin_token = TOKEN
+    disabled = await admin_client.get("/jobs", headers=AUTH)
+    admin_host.state.admin_token = TOKEN
     answers = [
         (disabled, 403),
-        (await client.get("/jobs"), 401),
-        (await client.get("/jobs", headers=AUTH), 200),
-        (await client.get("/jobs", params={"state": "bogus"}, headers=AUTH), 422),
-        (await client.get("/jobs", params={"limit": 0}, headers=AUTH), 422),
-        (await client.get(f"/jobs/{queued}", headers=AUTH), 200),
-        (await client.get("/jobs/999", headers=AUTH), 404),
-        (await client.get("/jobs/abc", headers=AUTH), 422),
-        (await client.post(f"/jobs/{dead}/retry", headers=AUTH), 200),
-        (await client.post(f"/jobs/{done}/retry", headers=AUTH), 409),
-        (await client.post(f"/jobs/{queued}/cancel", headers=AUTH), 200),
-        (await client.post("/jobs/retry-dead", headers=AUTH), 200),
-        (await client.get("/queues", headers=AUTH), 200),
-        (await client.get("/queues", params={"window_seconds": 0}, headers=AUTH), 422),
+        (await admin_client.get("/jobs"), 401),
+        (await admin_client.get("/jobs", headers=AUTH), 200),
+        (await admin_client.get("/jobs", params={"state": "bogus"}, headers=AUTH), 422),
+        (await admin_client.get("/jobs", params={"limit": 0}, headers=AUTH), 422),
+        (await admin_client.get(f"/jobs/{queued}", headers=AUTH), 200),
+        (await admin_client.get("/jobs/999", headers=AUTH), 404),
+        (await admin_client.get("/jobs/abc", headers=AUTH), 422),
+        (await admin_client.post(f"/jobs/{dead}/retry", headers=AUTH), 200),
+        (await admin_client.post(f"/jobs/{done}/retry", headers=AUTH), 409),
+        (await admin_client.post(f"/jobs/{queued}/cancel", headers=AUTH), 200),
+        (await admin_client.post("/jobs/retry-dead", headers=AUTH), 200),
+        (await admin_client.get("/queues", headers=AUTH), 200),
+        (await admin_client.get("/queues", params={"window_seconds": 0}, headers=AUTH), 422),
     ]
     for response, status in answers:
         where = f"{response.request.method} {response.request.url}"
@@ -588,8 +531,10 @@ async def test_every_admin_answer_says_no_store(
         assert response.headers.get("cache-control") == "no-store", where
         if status >= 400:
             assert response.json()["detail"], where
-    # Validation errors keep FastAPI's shape.
-    assert answers[4][0].json()["detail"][0]["loc"] == ["query", "limit"]
+    # Validation errors keep their shape: FastAPI's, or the app's own.
+    invalid = answers[4][0].json()
+    assert invalid["detail"][0]["loc"] == ["query", "limit"]
+    assert ("answered_by" in invalid) == (invalid_requests == "the-apps-own-answer")
 
 
 # ---------------------------------------------------------------------------------------------

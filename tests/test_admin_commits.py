@@ -5,19 +5,18 @@ nothing."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from fastapi import FastAPI
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
-from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, cookie_value
 from outbox_worker.web.dashboard import FLASH_COOKIE, decode_flash
+from tests.admin_host import SessionDependency, begun, create_admin_host, plain
 
 TOKEN = "commit-test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -41,28 +40,6 @@ CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT OR UPDATE ON outbox_revoked
     DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();
 """
 REFUSE = text("SELECT set_config('pgoutbox_test.refuse_commit', 'on', true)")
-
-SessionDependency = Callable[[], AsyncIterator[AsyncSession]]
-
-
-def plain(engine: AsyncEngine) -> SessionDependency:
-    """The natural dependency: a session, no transaction opened, nothing committed."""
-
-    async def get_session() -> AsyncIterator[AsyncSession]:
-        async with AsyncSession(engine) as session:
-            yield session
-
-    return get_session
-
-
-def begun(engine: AsyncEngine) -> SessionDependency:
-    """A session inside a transaction the dependency opened and commits (the sample app's)."""
-
-    async def get_session() -> AsyncIterator[AsyncSession]:
-        async with AsyncSession(engine) as session, session.begin():
-            yield session
-
-    return get_session
 
 
 def refusing(engine: AsyncEngine, *, opens_transaction: bool) -> SessionDependency:
@@ -90,10 +67,9 @@ async def refuse_commits(pool: asyncpg.Pool) -> None:
 
 
 async def mounted(get_session: SessionDependency) -> httpx.AsyncClient:
-    """A bare app with the admin router on that dependency; its 500s come back as answers."""
-    app = FastAPI()
-    app.include_router(create_admin_router(get_session=get_session, admin_token=TOKEN))
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    """The admin host on that dependency, admin on; its 500s come back as answers."""
+    host = create_admin_host(get_session, admin_token=TOKEN)
+    transport = httpx.ASGITransport(app=host, raise_app_exceptions=False)
     return httpx.AsyncClient(transport=transport, base_url=HOST)
 
 
@@ -187,14 +163,11 @@ async def test_a_refused_commit_is_a_500_that_says_so_and_changes_nothing(
     assert await state_of(pool, dead) == "dead"
 
 
-async def test_the_sample_app_commits_each_change_once(
-    app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+async def each_change_commits_once(
+    client: httpx.AsyncClient, pool: asyncpg.Pool, commits: list[object]
 ) -> None:
-    """Its dependency opens the transaction (session.begin()) and commits it on the way out;
-    the route's own commit must not make that a second one, nor an error."""
-    app.state.settings.admin_token = TOKEN
-    commits: list[object] = []
-    event.listen(app.state.engine.sync_engine, "commit", commits.append)
+    """Every change through the JSON routes and the dashboard's forms, signed in with TOKEN,
+    each adds exactly one to ``commits`` (the engine's commit events) and changes its row."""
     queued = await insert_job(pool, "queued")
     dead = await insert_job(pool, "dead")
     other_dead = await insert_job(pool, "dead")
@@ -221,6 +194,19 @@ async def test_the_sample_app_commits_each_change_once(
     assert response.status_code == 303, response.text
     assert len(commits) == before + 1
     assert await state_of(pool, dashboard_dead) == "cancelled"
+
+
+@pytest.mark.parametrize("dependency", sorted(COMMITTING))
+async def test_each_change_commits_once_whoever_opened_the_transaction(
+    engine: AsyncEngine, pool: asyncpg.Pool, dependency: str
+) -> None:
+    """When the dependency opens the transaction (session.begin()) and commits it on the way
+    out, the route's own commit must not make that a second one, nor an error; when it opens
+    none, the route's commit is the one."""
+    commits: list[object] = []
+    event.listen(engine.sync_engine, "commit", commits.append)
+    async with await mounted(COMMITTING[dependency](engine)) as client:
+        await each_change_commits_once(client, pool, commits)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The dashboard end to end: the real service under uvicorn, driven by Debian's Chromium through
-Playwright (never a downloaded browser), plus its refusals through the ASGI app in process.
+"""The dashboard end to end: the library's admin host (tests/admin_host.py, an app of
+``outbox_worker.web`` alone) served by uvicorn on a real socket, driven by Debian's Chromium
+through Playwright (never a downloaded browser), plus its refusals and pages through the same
+host in process (``admin_host``). The sample service's own tests are in tests/sample/.
 
 Screenshots land in test-artifacts/ (git-ignored): dashboard.png (the overview) and
 dashboard-job.png (the retried job's page).
@@ -11,7 +13,6 @@ import asyncio
 import base64
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -26,16 +27,15 @@ import pytest
 from fastapi import FastAPI
 from itsdangerous import TimestampSigner
 from playwright.async_api import Page, async_playwright, expect
-from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from app.core.config import Settings
-from app.main import create_app
+from outbox_worker import sqlalchemy_url
 from outbox_worker.devdb import free_port
 from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from outbox_worker.web import create_admin_router
 from outbox_worker.web.auth import COOKIE, SESSION_MAX_AGE, cookie_value, read_session
 from outbox_worker.web.dashboard import format_duration
+from tests.admin_host import begun, create_admin_host
 from tests.conftest import ROOT, WorkerProcess, deep_json
 
 TOKEN = "dashboard-token-for-the-e2e-test"
@@ -53,7 +53,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-# --- the service under uvicorn, and the browser ---------------------------------------------
+# --- the admin host under uvicorn, and the browser ------------------------------------------
 
 
 @dataclass
@@ -79,7 +79,8 @@ def start_uvicorn(database_url: str, token: str | None, log: Path) -> Served:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "app.main:app",
+                "--factory",
+                "tests.admin_host:from_environment",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -94,7 +95,8 @@ def start_uvicorn(database_url: str, token: str | None, log: Path) -> Served:
 
 
 async def serve(database_url: str, token: str | None, log: Path) -> Served:
-    """``uvicorn app.main:app`` on a free port, once it answers /healthz."""
+    """The admin host under uvicorn on a free port, once it answers (uvicorn answers only
+    after the app has started)."""
     served = start_uvicorn(database_url, token, log)
     proc = served.proc
     deadline = time.monotonic() + 30
@@ -103,10 +105,11 @@ async def serve(database_url: str, token: str | None, log: Path) -> Served:
             if proc.poll() is not None:
                 pytest.fail(f"uvicorn exited with {proc.returncode}:\n{served.output()}")
             try:
-                if (await client.get(f"{served.url}/healthz")).status_code == 200:
-                    return served
+                await client.get(f"{served.url}/dashboard/login")
             except httpx.TransportError:
                 pass
+            else:
+                return served
             if time.monotonic() > deadline:
                 stop(served)
                 pytest.fail(f"uvicorn did not answer within 30 s:\n{served.output()}")
@@ -125,7 +128,7 @@ def stop(served: Served) -> None:
 
 @pytest.fixture
 async def served(database_url: str, tmp_path: Path) -> AsyncIterator[Served]:
-    """``uvicorn app.main:app`` on this test's database, with an admin token."""
+    """The admin host under uvicorn on this test's database, with an admin token."""
     server = await serve(database_url, TOKEN, tmp_path / "uvicorn.log")
     try:
         yield server
@@ -328,8 +331,9 @@ async def test_a_cross_site_form_cannot_retry_a_job(
     await page.goto(f"{served.url}/dashboard/login")
     await sign_in(page, served)
     await expect(page).to_have_url(f"{served.url}/dashboard")
-    # Another site (localhost is not 127.0.0.1 to the browser) posts a form to the dashboard.
-    await page.goto(f"http://localhost:{served.port}/healthz")
+    # Another site (localhost is not 127.0.0.1 to the browser) posts a form to the dashboard,
+    # from a page without the dashboard's Content-Security-Policy (its form-action).
+    await page.goto(f"http://localhost:{served.port}/openapi.json")
     async with page.expect_response(lambda response: "/retry" in response.url) as answer:
         await page.evaluate(
             """(action) => {
@@ -364,16 +368,17 @@ async def test_with_no_token_configured_the_served_dashboard_refuses(
         stop(server)
 
 
-# --- refusals and pages through the ASGI app ------------------------------------------------
+# --- refusals and pages through the admin host in process -----------------------------------
 
 HOST = "http://testserver"
 SIGNED_IN = {"Cookie": f"{COOKIE}={cookie_value(TOKEN)}"}
 
 
 @pytest.fixture
-def admin_app(app: FastAPI) -> FastAPI:
-    app.state.settings.admin_token = TOKEN
-    return app
+def admin_app(admin_host: FastAPI) -> FastAPI:
+    """The admin host with admin on: its token set."""
+    admin_host.state.admin_token = TOKEN
+    return admin_host
 
 
 async def insert_dead(pool: asyncpg.Pool, task: str = "echo") -> int:
@@ -386,9 +391,8 @@ async def insert_dead(pool: asyncpg.Pool, task: str = "echo") -> int:
 
 
 async def test_no_configured_token_refuses_every_page_and_the_login(
-    app: FastAPI, client: httpx.AsyncClient
+    admin_client: httpx.AsyncClient,
 ) -> None:
-    app.state.settings.admin_token = None
     for method, path in [
         ("GET", "/dashboard"),
         ("GET", "/dashboard/jobs"),
@@ -397,10 +401,10 @@ async def test_no_configured_token_refuses_every_page_and_the_login(
         ("POST", "/dashboard/jobs/1/retry"),
         ("POST", "/dashboard/jobs/1/cancel"),
     ]:
-        response = await client.request(method, path, headers={**SIGNED_IN, "Origin": HOST})
+        response = await admin_client.request(method, path, headers={**SIGNED_IN, "Origin": HOST})
         assert response.status_code == 403, (path, response.text)
         assert "Admin is disabled" in response.text
-    response = await client.post(
+    response = await admin_client.post(
         "/dashboard/login", data={"token": TOKEN}, headers={"Origin": HOST}
     )
     assert response.status_code == 403
@@ -420,36 +424,36 @@ async def test_no_configured_token_refuses_every_page_and_the_login(
     ],
 )
 async def test_a_post_without_a_same_host_origin_is_refused(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, headers: dict[str, str]
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, headers: dict[str, str]
 ) -> None:
     job_id = await insert_dead(pool)
     for action in ("retry", "cancel"):
-        response = await client.post(
+        response = await admin_client.post(
             f"/dashboard/jobs/{job_id}/{action}", headers={**SIGNED_IN, **headers}
         )
         assert response.status_code == 403, response.text
         assert "Request refused" in response.text
     assert await job_state(pool, job_id) == "dead"
-    response = await client.post("/dashboard/login", data={"token": TOKEN}, headers=headers)
+    response = await admin_client.post("/dashboard/login", data={"token": TOKEN}, headers=headers)
     assert response.status_code == 403
     assert COOKIE not in response.cookies
-    response = await client.post("/dashboard/logout", headers={**SIGNED_IN, **headers})
+    response = await admin_client.post("/dashboard/logout", headers={**SIGNED_IN, **headers})
     assert response.status_code == 403
 
 
 @pytest.mark.parametrize("headers", [{"Origin": HOST}, {"Referer": f"{HOST}/dashboard/jobs/1"}])
 async def test_a_same_host_post_acts_and_flashes(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, headers: dict[str, str]
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, headers: dict[str, str]
 ) -> None:
     job_id = await insert_dead(pool)
-    response = await client.post(
+    response = await admin_client.post(
         f"/dashboard/jobs/{job_id}/retry", headers={**SIGNED_IN, **headers}
     )
     assert response.status_code == 303
     assert response.headers["location"] == f"/dashboard/jobs/{job_id}"
     assert await job_state(pool, job_id) == "queued"
     flash = response.cookies["outbox_flash"]
-    page = await client.get(
+    page = await admin_client.get(
         response.headers["location"],
         headers={"Cookie": f"{SIGNED_IN['Cookie']}; outbox_flash={flash}"},
     )
@@ -457,17 +461,17 @@ async def test_a_same_host_post_acts_and_flashes(
     assert f"Job {job_id} is queued again" in page.text
     assert "max-age=0" in page.headers["set-cookie"].lower()  # shown once
 
-    response = await client.post(
+    response = await admin_client.post(
         f"/dashboard/jobs/{job_id}/cancel", headers={**SIGNED_IN, **headers}
     )
     assert response.status_code == 303
     assert await job_state(pool, job_id) == "cancelled"
     # Cancelling a finished job is refused with the reason (a flash), not a 500.
-    response = await client.post(
+    response = await admin_client.post(
         f"/dashboard/jobs/{job_id}/cancel", headers={**SIGNED_IN, **headers}
     )
     assert response.status_code == 303
-    page = await client.get(
+    page = await admin_client.get(
         response.headers["location"],
         headers={
             "Cookie": f"{SIGNED_IN['Cookie']}; outbox_flash={response.cookies['outbox_flash']}"
@@ -477,24 +481,24 @@ async def test_a_same_host_post_acts_and_flashes(
 
 
 async def test_unauthenticated_pages_redirect_and_posts_do_not_act(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id = await insert_dead(pool)
     for path in ("/dashboard", "/dashboard/jobs?queue=default", f"/dashboard/jobs/{job_id}"):
-        response = await client.get(path)
+        response = await admin_client.get(path)
         assert response.status_code == 303, path
         assert response.headers["location"].startswith("/dashboard/login?next=%2Fdashboard")
     wrong = {"Cookie": f"{COOKIE}={cookie_value('some-other-token-entirely')}"}
-    response = await client.get("/dashboard", headers=wrong)
+    response = await admin_client.get("/dashboard", headers=wrong)
     assert response.status_code == 303
-    response = await client.post(
+    response = await admin_client.post(
         f"/dashboard/jobs/{job_id}/retry", headers={**wrong, "Origin": HOST}
     )
     assert response.status_code == 303
     assert response.headers["location"] == "/dashboard/login?next=%2Fdashboard"
     assert await job_state(pool, job_id) == "dead"
     # The bearer token works too (scripts), as for the JSON routes.
-    response = await client.get("/dashboard", headers={"Authorization": f"Bearer {TOKEN}"})
+    response = await admin_client.get("/dashboard", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
 
 
@@ -503,9 +507,9 @@ async def test_unauthenticated_pages_redirect_and_posts_do_not_act(
     ["https://evil.example/", "//evil.example/dashboard", "/dashboard\\..\\x", "/other", ""],
 )
 async def test_login_never_redirects_off_the_dashboard(
-    admin_app: FastAPI, client: httpx.AsyncClient, target: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, target: str
 ) -> None:
-    response = await client.post(
+    response = await admin_client.post(
         "/dashboard/login", data={"token": TOKEN, "next": target}, headers={"Origin": HOST}
     )
     assert response.status_code == 303
@@ -556,13 +560,13 @@ def assert_sent_to_login(response: httpx.Response) -> None:
 )
 async def test_a_session_lasts_twelve_hours_from_sign_in(
     admin_app: FastAPI,
-    client: httpx.AsyncClient,
+    admin_client: httpx.AsyncClient,
     monkeypatch: pytest.MonkeyPatch,
     seconds_ago: int,
     valid: bool,
 ) -> None:
     cookie = session_signed(monkeypatch, seconds_ago)
-    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=cookie))
+    response = await admin_client.get("/dashboard", headers=cookie_header(outbox_admin=cookie))
     if valid:
         assert response.status_code == 200, response.text
     else:
@@ -570,13 +574,13 @@ async def test_a_session_lasts_twelve_hours_from_sign_in(
 
 
 async def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, database_url: str
 ) -> None:
-    copied = await sign_in_with_the_form(client)
-    elsewhere = await sign_in_with_the_form(client)  # another browser, signed in on its own
+    copied = await sign_in_with_the_form(admin_client)
+    elsewhere = await sign_in_with_the_form(admin_client)  # another browser, signed in on its own
     job_id = await insert_dead(pool)
 
-    response = await client.post(
+    response = await admin_client.post(
         "/dashboard/logout", headers={**cookie_header(outbox_admin=copied), "Origin": HOST}
     )
     assert response.status_code == 303, response.text
@@ -584,26 +588,31 @@ async def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(
     assert "max-age=0" in response.headers["set-cookie"].lower()
 
     # A copy of the cookie, sent after the sign-out, is a stranger's: to the login form.
-    assert_sent_to_login(await client.get("/dashboard", headers=cookie_header(outbox_admin=copied)))
-    response = await client.post(
+    assert_sent_to_login(
+        await admin_client.get("/dashboard", headers=cookie_header(outbox_admin=copied))
+    )
+    response = await admin_client.post(
         f"/dashboard/jobs/{job_id}/retry",
         headers={**cookie_header(outbox_admin=copied), "Origin": HOST},
     )
     assert_sent_to_login(response)
     assert await job_state(pool, job_id) == "dead"
-    # The same in another process of the app: an app of its own on the same database.
-    other = create_app(Settings(database_url=database_url, admin_token=TOKEN))
-    async with (
-        other.router.lifespan_context(other),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url=HOST) as peer,
-    ):
-        assert_sent_to_login(
-            await peer.get("/dashboard", headers=cookie_header(outbox_admin=copied))
-        )
-        response = await peer.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
-        assert response.status_code == 200
+    # The same in another process of the app: an app and engine of its own, same database.
+    other_engine = create_async_engine(sqlalchemy_url(database_url))
+    other = create_admin_host(begun(other_engine), admin_token=TOKEN)
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=other), base_url=HOST
+        ) as peer:
+            assert_sent_to_login(
+                await peer.get("/dashboard", headers=cookie_header(outbox_admin=copied))
+            )
+            response = await peer.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
+            assert response.status_code == 200
+    finally:
+        await other_engine.dispose()
     # Only that session ended.
-    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
+    response = await admin_client.get("/dashboard", headers=cookie_header(outbox_admin=elsewhere))
     assert response.status_code == 200
 
 
@@ -622,9 +631,9 @@ NOT_SESSIONS = [
 
 @pytest.mark.parametrize("value", NOT_SESSIONS)
 async def test_a_cookie_that_is_no_session_goes_to_the_login_form(
-    admin_app: FastAPI, client: httpx.AsyncClient, value: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, value: str
 ) -> None:
-    response = await client.get("/dashboard", headers=cookie_header(outbox_admin=value))
+    response = await admin_client.get("/dashboard", headers=cookie_header(outbox_admin=value))
     assert response.status_code == 303, response.text
     assert response.headers["location"].startswith("/dashboard/login")
 
@@ -691,66 +700,26 @@ HOSTILE_FLASHES = [
 
 @pytest.mark.parametrize("value", HOSTILE_FLASHES)
 async def test_a_flash_cookie_that_is_not_ours_is_ignored(
-    admin_app: FastAPI, client: httpx.AsyncClient, value: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, value: str
 ) -> None:
     signed_in = cookie_value(TOKEN)
     for path, cookies in [
         ("/dashboard", {"outbox_admin": signed_in, "outbox_flash": value}),
         ("/dashboard/login", {"outbox_flash": value}),
     ]:
-        response = await client.get(path, headers=cookie_header(**cookies))
+        response = await admin_client.get(path, headers=cookie_header(**cookies))
         assert response.status_code == 200, (path, response.text[:300])
         assert 'id="flash"' not in response.text
 
 
-# --- the admin token ------------------------------------------------------------------------
-
-ANY_URL = "postgresql://localhost/any"
-
-
-@pytest.mark.parametrize(
-    "weak",
-    ["a" * 16, "ab" * 16, "abcd" * 8, "0123456789012345", "password12345678", "tooshort-123"],
-)
-def test_a_guessable_admin_token_stops_the_app_with_a_clear_message(weak: str) -> None:
-    with pytest.raises(ValidationError) as refused:
-        Settings(database_url=ANY_URL, admin_token=weak)
-    message = str(refused.value)
-    assert "OUTBOX_ADMIN_TOKEN" in message
-    assert weak not in message  # the secret stays out of logs
-
-
-@pytest.mark.parametrize(
-    "strong",
-    [
-        # Ids fixed by hand: random values differ at every collection, and pytest-xdist
-        # needs every worker to collect the same test ids.
-        pytest.param(secrets.token_hex(32), id="token_hex"),
-        pytest.param(secrets.token_urlsafe(24), id="token_urlsafe"),
-        pytest.param(TOKEN, id="the-tests-token"),
-        pytest.param(f"  {TOKEN}\n", id="padded"),
-    ],
-)
-def test_a_random_admin_token_is_taken(strong: str) -> None:
-    assert Settings(database_url=ANY_URL, admin_token=strong).admin_token == strong.strip()
-
-
-@pytest.mark.parametrize("value", ["", "  "])
-def test_an_empty_admin_token_means_admin_is_off(
-    monkeypatch: pytest.MonkeyPatch, value: str
-) -> None:
-    monkeypatch.setenv("OUTBOX_ADMIN_TOKEN", value)
-    assert Settings(database_url=ANY_URL).admin_token is None
-
-
 async def test_job_list_pages_with_the_cursor_and_reports_bad_filters(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     await pool.execute(
         "INSERT INTO outbox_jobs (task, args) "
         "SELECT 'echo', jsonb_build_object('n', n) FROM generate_series(1, 60) n"
     )
-    first = await client.get("/dashboard/jobs", params={"task": "echo"}, headers=SIGNED_IN)
+    first = await admin_client.get("/dashboard/jobs", params={"task": "echo"}, headers=SIGNED_IN)
     assert first.status_code == 200
     first_ids = [int(i) for i in re.findall(r'data-job-id="(\d+)"', first.text)]
     assert len(first_ids) == 50
@@ -759,7 +728,7 @@ async def test_job_list_pages_with_the_cursor_and_reports_bad_filters(
     assert next_link is not None
     href = next_link.group(1).replace("&amp;", "&")
     assert href == f"/dashboard/jobs?task=echo&cursor={first_ids[-1]}"
-    second = await client.get(href, headers=SIGNED_IN)
+    second = await admin_client.get(href, headers=SIGNED_IN)
     second_ids = [int(i) for i in re.findall(r'data-job-id="(\d+)"', second.text)]
     assert len(second_ids) == 10
     assert max(second_ids) < min(first_ids)
@@ -773,13 +742,13 @@ async def test_job_list_pages_with_the_cursor_and_reports_bad_filters(
         ({"cursor": str(2**63)}, "cursor"),
         ({"cursor": "9" * 19}, "cursor"),
     ]:
-        response = await client.get("/dashboard/jobs", params=params, headers=SIGNED_IN)
+        response = await admin_client.get("/dashboard/jobs", params=params, headers=SIGNED_IN)
         assert response.status_code == 400, params
         assert fragment in response.text
 
 
 async def test_job_page_escapes_what_jobs_carry_and_unknown_jobs_are_404(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool
 ) -> None:
     job_id: int = await pool.fetchval(
         "INSERT INTO outbox_jobs (task, args, correlation_id, last_error) "
@@ -787,7 +756,7 @@ async def test_job_page_escapes_what_jobs_carry_and_unknown_jobs_are_404(
         '{"html": "<script>alert(1)</script>"}',
         "Traceback:\n  <b>boom</b>",
     )
-    page = await client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
+    page = await admin_client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
     assert page.status_code == 200
     assert "<script>alert(1)</script>" not in page.text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
@@ -797,10 +766,10 @@ async def test_job_page_escapes_what_jobs_carry_and_unknown_jobs_are_404(
     assert page.headers["cache-control"] == "no-store"
     assert "script-src" not in page.headers["content-security-policy"]
     assert "default-src 'none'" in page.headers["content-security-policy"]
-    missing = await client.get("/dashboard/jobs/999999", headers=SIGNED_IN)
+    missing = await admin_client.get("/dashboard/jobs/999999", headers=SIGNED_IN)
     assert missing.status_code == 404
     assert "no job 999999" in missing.text
-    response = await client.post(
+    response = await admin_client.post(
         "/dashboard/jobs/999999/retry", headers={**SIGNED_IN, "Origin": HOST}
     )
     assert response.status_code == 404
@@ -808,14 +777,14 @@ async def test_job_page_escapes_what_jobs_carry_and_unknown_jobs_are_404(
 
 @pytest.mark.parametrize("job_id", [str(2**63), "9" * 40])
 async def test_an_id_past_bigint_is_the_not_found_page(
-    admin_app: FastAPI, client: httpx.AsyncClient, job_id: str
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, job_id: str
 ) -> None:
     for method, path in [
         ("GET", f"/dashboard/jobs/{job_id}"),
         ("POST", f"/dashboard/jobs/{job_id}/retry"),
         ("POST", f"/dashboard/jobs/{job_id}/cancel"),
     ]:
-        response = await client.request(method, path, headers={**SIGNED_IN, "Origin": HOST})
+        response = await admin_client.request(method, path, headers={**SIGNED_IN, "Origin": HOST})
         assert response.status_code == 404, (method, path, response.text[:300])
         assert response.headers["content-type"].startswith("text/html")
         assert "Job not found" in response.text
@@ -824,7 +793,7 @@ async def test_an_id_past_bigint_is_the_not_found_page(
 
 @pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 1000, 5000])
 async def test_jobs_nested_deeper_than_readers_go_show_and_can_be_acted_on(
-    admin_app: FastAPI, client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, depth: int
 ) -> None:
     job_id = await insert_dead(pool)
     await pool.execute(
@@ -832,14 +801,14 @@ async def test_jobs_nested_deeper_than_readers_go_show_and_can_be_acted_on(
         job_id,
         deep_json(depth),
     )
-    listed = await client.get("/dashboard/jobs", headers=SIGNED_IN)
+    listed = await admin_client.get("/dashboard/jobs", headers=SIGNED_IN)
     assert listed.status_code == 200, listed.text[:300]
     assert f'data-job-id="{job_id}"' in listed.text
-    page = await client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
+    page = await admin_client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
     assert page.status_code == 200, page.text[:300]
     assert page.text.count(TOO_DEEP) == 2  # args and result
     for action, state in [("retry", "queued"), ("cancel", "cancelled")]:
-        response = await client.post(
+        response = await admin_client.post(
             f"/dashboard/jobs/{job_id}/{action}", headers={**SIGNED_IN, "Origin": HOST}
         )
         assert response.status_code == 303, response.text[:300]
@@ -847,9 +816,9 @@ async def test_jobs_nested_deeper_than_readers_go_show_and_can_be_acted_on(
 
 
 async def test_overview_with_no_jobs_and_no_worker(
-    admin_app: FastAPI, client: httpx.AsyncClient
+    admin_app: FastAPI, admin_client: httpx.AsyncClient
 ) -> None:
-    page = await client.get("/dashboard", headers=SIGNED_IN)
+    page = await admin_client.get("/dashboard", headers=SIGNED_IN)
     assert page.status_code == 200
     assert "No jobs yet" in page.text
     assert "No worker heartbeat seen" in page.text
@@ -857,9 +826,9 @@ async def test_overview_with_no_jobs_and_no_worker(
 
 
 async def test_dashboard_routes_stay_out_of_the_openapi_schema(
-    admin_app: FastAPI, client: httpx.AsyncClient
+    admin_app: FastAPI, admin_client: httpx.AsyncClient
 ) -> None:
-    paths = (await client.get("/openapi.json")).json()["paths"]
+    paths = (await admin_client.get("/openapi.json")).json()["paths"]
     assert "/jobs" in paths
     assert not [path for path in paths if path.startswith("/dashboard")]
 

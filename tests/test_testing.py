@@ -1,6 +1,7 @@
 """outbox_worker.testing, the helpers an app's tests use, on real PostgreSQL: what was
 enqueued (through every session kind enqueue takes, async or with the sync twins), draining
-the due jobs as a worker would, one handler run alone, a clean queue."""
+the due jobs as a worker would, one handler run alone, a clean queue. The sample service's
+tests written with them, as docs/testing.md shows, are in tests/sample/test_welcome_email.py."""
 
 from __future__ import annotations
 
@@ -15,14 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import httpx
 import psycopg
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from app.tasks import registry as app_registry
 from outbox_worker import (
     InvalidArgs,
     JobContext,
@@ -145,43 +144,6 @@ async def row(pool: asyncpg.Pool, job_id: int) -> asyncpg.Record:
         "run_at > now() AS later FROM outbox_jobs WHERE id = $1",
         job_id,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# The seed's story: the e-mail is sent after the answer, once
-# ---------------------------------------------------------------------------------------------
-
-
-async def test_signup_answers_before_the_welcome_email_and_a_drain_sends_it_once(
-    client: httpx.AsyncClient, engine: AsyncEngine, database_url: str
-) -> None:
-    response = await client.post("/signup", json={"email": "Ada@Example.com", "name": "Ada"})
-    assert response.status_code == 201, response.text
-    user_id, job_id = response.json()["user_id"], response.json()["job_id"]
-
-    sent = text("SELECT job_id, user_id, to_address FROM sent_emails")
-    async with AsyncSession(engine) as session:
-        assert (await session.execute(sent)).all() == []  # answered, not sent yet
-        [job] = await assert_enqueued(
-            session,
-            "send_welcome_email",
-            {"user_id": user_id},
-            state="queued",
-            queue="emails",
-            key=f"welcome:{user_id}",
-        )
-    assert job.id == job_id
-
-    first = await drain(app_registry, database_url)
-    assert first == DrainResult(succeeded=1, job_ids=(job_id,))
-    async with AsyncSession(engine) as session:
-        assert (await session.execute(sent)).all() == [(job_id, user_id, "ada@example.com")]
-        [done] = await assert_enqueued(session, "send_welcome_email", state="succeeded", count=1)
-    assert done.result == {"sent": True, "to": "ada@example.com"}
-
-    assert await drain(app_registry, database_url) == DrainResult()
-    async with AsyncSession(engine) as session:
-        assert len((await session.execute(sent)).all()) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,24 +637,3 @@ async def test_on_a_connection_ctx_transaction_is_a_savepoint_of_its_transaction
         assert await pool.fetchval("SELECT count(*) FROM test_effects") == 0
         await outer.rollback()
     assert await pool.fetchval("SELECT count(*) FROM test_effects") == 0
-
-
-async def test_perform_job_runs_the_sample_apps_welcome_email_in_the_tests_transaction(
-    pool: asyncpg.Pool,
-) -> None:
-    """The example of docs/testing.md."""
-    user_id = await pool.fetchval(
-        "INSERT INTO users (email, name) VALUES ('bo@example.com', 'Bo') RETURNING id"
-    )
-    async with pool.acquire() as conn:
-        outer = conn.transaction()
-        await outer.start()
-        sent = await perform_job(
-            app_registry, "send_welcome_email", {"user_id": user_id}, database=conn, job_id=41
-        )
-        assert sent == {"sent": True, "to": "bo@example.com"}
-        assert "Hello Bo," in await conn.fetchval("SELECT body FROM sent_emails")
-        assert await conn.fetchval("SELECT job_id FROM sent_emails") == 41
-        await outer.rollback()
-    assert await pool.fetchval("SELECT count(*) FROM sent_emails") == 0
-    assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == 0

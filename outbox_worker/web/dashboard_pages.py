@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -60,7 +59,7 @@ templates.filters.update(
     when=format_time,
     ago=format_relative,
     pretty_json=pretty_json,
-    first_line=functools.partial(first_line, width=90),
+    first_line=first_line,
 )
 
 

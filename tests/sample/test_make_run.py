@@ -23,12 +23,10 @@ import pytest
 from alembic import command
 from app.main import schema_heads
 from outbox_worker.devdb import free_port
-from tests.conftest import alembic_config
+from tests.conftest import ROOT, alembic_config
 
 # The slow tier (`make test-slow`): processes, servers and builds, minutes in all.
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def listening(port: int) -> bool:

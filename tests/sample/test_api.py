@@ -1,5 +1,6 @@
 """The sample service's HTTP routes, through the ASGI app on real PostgreSQL,
-with real ``outbox-worker run --burst`` processes running the jobs the routes enqueue."""
+with real ``outbox-worker run --burst`` processes running the jobs the routes enqueue. Its
+health, metrics and outage answers are in test_health.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -19,14 +19,9 @@ import pytest
 from fastapi import FastAPI
 from starlette.types import Message, Receive, Scope, Send
 
-from alembic import command
-from app.core.config import Settings
-from app.main import create_app, schema_heads
 from app.services import reports as reports_service
 from outbox_worker import EnqueueError, Job, Outbox, get_job
-from outbox_worker.devdb import PostgresServer
-from outbox_worker.web.router import RETRY_AFTER_SECONDS
-from tests.conftest import WorkerProcess, alembic_config, wait_until
+from tests.conftest import WorkerProcess, wait_until
 
 SpawnWorker = Callable[..., WorkerProcess]
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -914,122 +909,6 @@ async def test_an_unknown_report_names_it_in_the_detail(client: httpx.AsyncClien
     response = await client.get(f"/reports/{missing}")
     assert response.status_code == 404
     assert str(missing) in assert_json_detail(response)
-
-
-# --------------------------------------------------------------------------- health
-
-
-async def test_healthz(client: httpx.AsyncClient) -> None:
-    response = await client.get("/healthz")
-    assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
-
-
-async def test_readyz_is_200_when_migrated(client: httpx.AsyncClient) -> None:
-    response = await client.get("/readyz")
-    assert response.status_code == 200, response.text
-    assert response.json() == {
-        "status": "ready",
-        "checks": {
-            "database": "ok",
-            "schema": "ok",
-            "workers": {"alive": 0, "seen_within_seconds": 60.0},
-        },
-    }
-
-
-async def test_readyz_is_503_when_the_schema_is_behind(
-    client: httpx.AsyncClient, database_url: str
-) -> None:
-    await asyncio.to_thread(command.downgrade, alembic_config(database_url), "pgoutbox@-1")
-
-    response = await client.get("/readyz")
-
-    assert response.status_code == 503, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    body = response.json()
-    assert body["status"] == "unavailable"
-    assert body["checks"]["database"] == "ok"
-    assert "pgoutbox_0004" in body["checks"]["schema"]
-    for head in schema_heads():
-        assert head in body["checks"]["schema"]
-    # Alive nonetheless.
-    assert (await client.get("/healthz")).status_code == 200
-
-    await asyncio.to_thread(command.upgrade, alembic_config(database_url), "heads")
-    assert (await client.get("/readyz")).status_code == 200
-
-
-async def test_readyz_is_503_when_the_database_is_unreachable(
-    pg_server: PostgresServer,
-) -> None:
-    unreachable = create_app(Settings(database_url=pg_server.url_for("no_such_database_here")))
-    async with unreachable.router.lifespan_context(unreachable):
-        transport = httpx.ASGITransport(app=unreachable)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            ready = await client.get("/readyz")
-            alive = await client.get("/healthz")
-
-    assert ready.status_code == 503, ready.text
-    assert ready.headers["content-type"].startswith("application/json")
-    body = ready.json()
-    assert body["status"] == "unavailable"
-    assert body["checks"]["database"].startswith("unreachable")
-    assert "x-request-id" in ready.headers
-    assert alive.status_code == 200
-
-
-ADMIN = {"Authorization": "Bearer an-admin-token-for-the-outage-test"}
-EVERY_DATABASE_ROUTE: list[tuple[str, str, dict[str, Any]]] = [
-    ("POST", "/signup", {"json": {"email": "ann@example.com"}}),
-    ("POST", "/comments", {"json": {"author": "ann", "body": "hello"}}),
-    ("POST", "/reports", {"json": {}}),
-    ("GET", f"/reports/{uuid.UUID(int=1)}", {}),
-    ("GET", "/metrics", {}),
-    ("GET", "/jobs", {"headers": ADMIN}),
-    ("GET", "/jobs/1", {"headers": ADMIN}),
-    ("POST", "/jobs/1/retry", {"headers": ADMIN}),
-    ("POST", "/jobs/1/cancel", {"headers": ADMIN}),
-    ("POST", "/jobs/retry-dead", {"headers": ADMIN}),
-    ("GET", "/queues", {"headers": ADMIN}),
-    ("GET", "/dashboard", {"headers": ADMIN}),
-    ("GET", "/dashboard/jobs", {"headers": ADMIN}),
-    ("GET", "/dashboard/jobs/1", {"headers": ADMIN}),
-]
-
-
-def as_user(url: str, user: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
-
-
-@pytest.mark.parametrize("outage", ["nothing-listens", "too-many-connections"])
-async def test_every_route_answers_503_with_retry_after_when_the_database_is_down(
-    database_url: str, crowded_user: str, outage: str
-) -> None:
-    if outage == "nothing-listens":
-        url = "postgresql://nobody@127.0.0.1:1/nothing"
-    else:
-        url = as_user(database_url, crowded_user)
-    down = create_app(Settings(database_url=url, admin_token=ADMIN["Authorization"][7:]))
-    async with down.router.lifespan_context(down):
-        transport = httpx.ASGITransport(app=down)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
-            answers = [
-                (method, path, await client.request(method, path, **kwargs))
-                for method, path, kwargs in EVERY_DATABASE_ROUTE
-            ]
-            ready = await client.get("/readyz")
-            alive = await client.get("/healthz")
-
-    for method, path, response in answers:
-        assert response.status_code == 503, (method, path, response.text)
-        assert response.headers["retry-after"] == str(RETRY_AFTER_SECONDS), (method, path)
-        assert "database" in assert_json_detail(response), (method, path)
-        assert "x-request-id" in response.headers, (method, path)
-    assert ready.status_code == 503
-    assert ready.json()["status"] == "unavailable"
-    assert alive.status_code == 200
 
 
 # --------------------------------------------------------------------------- comments
