@@ -28,11 +28,10 @@ from app.models import Report
 from app.schemas import ReportIn, ReportQueued
 from app.tasks import generate_report
 from bench.plain import JOB_INSERT
-from outbox_worker import DeclaredTask
 
 # The options app/tasks.py registers generate_report with, which its jobs take: what a
 # service writing the row by plain SQL states itself.
-_REPORT_TASK = DeclaredTask(generate_report.name, queue="reports", max_attempts=5)
+_REPORT_TASK = generate_report.declared
 
 
 def _params(body: ReportIn | None, idempotency_key: str | None) -> dict[str, Any]:

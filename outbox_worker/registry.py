@@ -140,6 +140,13 @@ class Task(Generic[P, R]):
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def declared(self) -> DeclaredTask:
+        """This task's name and options without its handler: what a process that enqueues
+        it but does not run it declares (``Outbox(tasks=[...])``)."""
+        spec = self.spec
+        return DeclaredTask(spec.name, spec.queue, spec.max_attempts, spec.priority)
+
     def __call__(self, ctx: JobContext, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
         result: Awaitable[R] = self.spec.handler(ctx, *args, **kwargs)
         return result

@@ -157,6 +157,21 @@ async def test_a_declared_task_is_enqueued_by_name_without_its_handler(
     assert [refund.id, many.id] == [r["id"] for r in (await rows(pool))[1:]]
 
 
+def test_a_task_declares_itself_for_a_process_without_its_handler() -> None:
+    """``task.declared`` carries the options the registry gave the task, so an API process
+    can be handed the same names and defaults as the worker's registry."""
+    registry = Registry()
+
+    @registry.task(name="declared.charge", queue="billing", max_attempts=9, priority=3)
+    async def charge(ctx: JobContext, order: int) -> None: ...
+
+    @registry.task(name="declared.plain")
+    async def plain(ctx: JobContext) -> None: ...
+
+    assert charge.declared == DeclaredTask("declared.charge", "billing", 9, 3)
+    assert plain.declared == DeclaredTask("declared.plain")
+
+
 async def test_a_registry_and_declared_names_together(
     session: AsyncSession, pool: asyncpg.Pool
 ) -> None:
