@@ -174,9 +174,6 @@ class Cluster:
         with contextlib.suppress(OSError):
             child.log.close()
 
-    def worker_by_pid(self) -> dict[int, Child]:
-        return {c.pid: c for c in [*self.workers, *self.retired]}
-
     async def start_api(self, port: int | None = None) -> None:
         self.api_port = port or free_port()
         env = {
