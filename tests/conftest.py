@@ -30,7 +30,7 @@ from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
 from outbox_worker.enqueue import default_max_args_bytes
 from tests.admin_host import begun, create_admin_host
-from tests.support import Enqueuer
+from tests.support import ADMIN_TOKEN, Enqueuer
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
 
@@ -324,3 +324,10 @@ def default_settings(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyP
     default_max_args_bytes.cache_clear()
     yield monkeypatch
     default_max_args_bytes.cache_clear()
+
+
+@pytest.fixture
+def admin_app(admin_host: FastAPI) -> FastAPI:
+    """The admin host with admin on: its token set (ADMIN_TOKEN, tests/support.py)."""
+    admin_host.state.admin_token = ADMIN_TOKEN
+    return admin_host

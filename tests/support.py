@@ -8,11 +8,16 @@ Helpers the bench needs as well live in :mod:`outbox_worker.devdb` (``admin``, `
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+from datetime import datetime
 from typing import TypeAlias
 
 import asyncpg
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from outbox_worker import Job
 from outbox_worker.devdb import PostgresServer
 
 # The enqueuing caller's side, as the ``db`` fixture gives it: a session or a connection.
@@ -37,3 +42,59 @@ async def ensure_server_up(pg_server: PostgresServer) -> None:
         await asyncio.to_thread(pg_server.start_server)
     else:
         await conn.close()
+
+
+# The enqueue tests' view of the table: what another connection reads, and a returned Job
+# checked against it.
+
+
+async def job_rows(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Every committed row, as a separate connection sees it."""
+    return list(await pool.fetch("SELECT *, args::text AS args_text FROM outbox_jobs ORDER BY id"))
+
+
+async def db_now(db: Enqueuer) -> datetime:
+    """The transaction's now(), which the insert uses for run_at and created_at."""
+    value = (await db.execute(text("SELECT now()"))).scalar_one()
+    assert isinstance(value, datetime)
+    return value
+
+
+def assert_job_matches_row(job: Job, row: asyncpg.Record) -> None:
+    assert job.id == row["id"]
+    assert job.queue == row["queue"]
+    assert job.task == row["task"]
+    assert job.args == json.loads(row["args_text"])
+    assert job.state == row["state"]
+    assert job.priority == row["priority"]
+    assert job.attempts == row["attempts"]
+    assert job.max_attempts == row["max_attempts"]
+    assert job.run_at == row["run_at"]
+    assert job.dedupe_key == row["dedupe_key"]
+    assert job.correlation_id == row["correlation_id"]
+    assert job.created_at == row["created_at"]
+
+
+# Hostile text, for the tests of hostile input (tests/test_hostile*.py).
+
+INT32_MAX = 2**31 - 1
+RTL = "\u202e"  # RIGHT-TO-LEFT OVERRIDE
+ZWSP = "\u200b"  # ZERO WIDTH SPACE
+ZWJ_FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one glyph, five code points
+
+
+def astral(n: int, seed: int = 5) -> str:
+    """``n`` random characters outside the BMP: four bytes each, and incompressible."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x1F300, 0x1FAFF)) for _ in range(n))
+
+
+async def job_states(pool: asyncpg.Pool) -> dict[str, int]:
+    """How many jobs are in each state (a state no job is in left out)."""
+    rows = await pool.fetch("SELECT state, count(*) AS n FROM outbox_jobs GROUP BY state")
+    return {r["state"]: r["n"] for r in rows}
+
+
+# The admin token the library's admin host runs with in the admin routes' and the dashboard's
+# tests (the ``admin_app`` fixture, tests/admin_support.py, tests/dashboard_support.py).
+ADMIN_TOKEN = "s3cret-admin-token-for-tests"

@@ -1,28 +1,20 @@
-"""Hostile input, from both doors: the Python API and plain SQL.
+"""Hostile input through the Python API.
 
 Through ``enqueue``/``enqueue_many`` every bad value gets a typed error from the library's
-hierarchy, nothing is written, and the caller's transaction goes on (tests/test_enqueue.py
-has the basics; these are the nastier cases). Odd but valid values are stored exactly.
-Through plain SQL, the table's constraints refuse what no worker could run, and they agree
-with the library's own name check. Rows that pass the constraints but are bad for the worker
-never crash it: a real worker drains them, the bad ones end dead with a clear last_error,
-the good ones succeed, and it still stops cleanly on SIGTERM.
+hierarchy, nothing is written, and the caller's transaction goes on
+(tests/test_enqueue_refusals.py has the basics; these are the nastier cases). Odd but valid
+values are stored exactly. Plain SQL, the other door, is in tests/test_hostile_sql.py, and
+what a worker does with bad rows in tests/test_hostile_worker.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import math
-import random
-import signal
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
-import pytest
 
 from outbox_worker import NewJob, enqueue, enqueue_many
 from outbox_worker.config import MAX_DELAY_SECONDS
@@ -35,16 +27,7 @@ from outbox_worker.errors import (
     UnknownTask,
 )
 from outbox_worker.jobs import MAX_JSON_DEPTH
-from outbox_worker.names import is_valid_name
-from tests.conftest import WorkerProcess, wait_until
-from tests.faults.harness import CALM, settle, stop_workers
-from tests.faults.invariants import check_invariants
-from tests.support import Enqueuer
-
-INT32_MAX = 2**31 - 1
-RTL = "\u202e"  # RIGHT-TO-LEFT OVERRIDE
-ZWSP = "\u200b"  # ZERO WIDTH SPACE
-ZWJ_FAMILY = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one glyph, five code points
+from tests.support import INT32_MAX, RTL, ZWJ_FAMILY, ZWSP, Enqueuer, astral
 
 
 def nested(depth: int) -> list[Any]:
@@ -63,12 +46,6 @@ def circular() -> dict[str, Any]:
     me: dict[str, Any] = {}
     me["me"] = me
     return me
-
-
-def astral(n: int, seed: int = 5) -> str:
-    """``n`` random characters outside the BMP: four bytes each, and incompressible."""
-    rng = random.Random(seed)
-    return "".join(chr(rng.randrange(0x1F300, 0x1FAFF)) for _ in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,266 +239,3 @@ async def test_odd_but_valid_values_are_stored_exactly(db: Enqueuer, pool: async
     assert json.loads(rows[extremes[5].id]["args"]) == {"n": 10**4000}
     assert json.loads(rows[extremes[6].id]["args"]) == args_of_depth(MAX_JSON_DEPTH)
     assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == len(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain SQL: the constraints refuse, and agree with the library's name check
-# ---------------------------------------------------------------------------------------------
-
-NAMES = [
-    # refused by both
-    "",
-    "1a",
-    "_a",
-    "a b",
-    "a\n",
-    "a" * 129,
-    "\u0435cho",
-    "\uff45cho",
-    "\u212aelvin",
-    f"echo{ZWSP}",
-    f"{RTL}echo",
-    "\u0131",
-    "\u00e9",
-    "a\u00a0b",
-    "a;b",
-    "a'b",
-    "a/b",
-    "a*",
-    # accepted by both
-    "a",
-    "Z",
-    "a" * 128,
-    "x:y.z-w_9",
-    "a--",
-    "A.",
-    "q:",
-]
-
-
-async def test_the_table_and_the_library_agree_on_names(pool: asyncpg.Pool) -> None:
-    disagreements = []
-    for name in NAMES:
-        for column in ("task", "queue"):
-            refused_by: str | None = None
-            try:
-                await pool.execute(
-                    "INSERT INTO outbox_jobs (task, queue) VALUES ($1, $2)",
-                    name if column == "task" else "echo",
-                    name if column == "queue" else "default",
-                )
-            except asyncpg.CheckViolationError as exc:
-                refused_by = exc.constraint_name
-            if refused_by not in (None, f"outbox_jobs_{column}_name_valid"):
-                disagreements.append((column, name, f"refused by {refused_by}"))
-            if (refused_by is None) != is_valid_name(name):
-                disagreements.append((column, name, f"table refused by {refused_by}"))
-    assert disagreements == []
-    accepted = sum(is_valid_name(name) for name in NAMES)
-    assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == 2 * accepted
-
-
-BAD_SQL: list[tuple[str, str, type[Exception], str | None]] = [
-    (
-        "state-upper-case",
-        "INSERT INTO outbox_jobs (task, state) VALUES ('echo', 'QUEUED')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_state_valid",
-    ),
-    (
-        "state-trailing-space",
-        "INSERT INTO outbox_jobs (task, state) VALUES ('echo', 'queued ')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_state_valid",
-    ),
-    (
-        "args-true",
-        "INSERT INTO outbox_jobs (task, args) VALUES ('echo', 'true')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_args_is_object",
-    ),
-    (
-        "args-number",
-        "INSERT INTO outbox_jobs (task, args) VALUES ('echo', '1')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_args_is_object",
-    ),
-    (
-        "args-sql-null",
-        "INSERT INTO outbox_jobs (task, args) VALUES ('echo', NULL)",
-        asyncpg.NotNullViolationError,
-        None,
-    ),
-    (
-        "args-nul-escape",
-        "INSERT INTO outbox_jobs (task, args) VALUES ('echo', '{\"a\": \"\\u0000\"}')",
-        asyncpg.UntranslatableCharacterError,
-        None,
-    ),
-    (
-        "task-injection-in-check",
-        "INSERT INTO outbox_jobs (task) VALUES ('echo''); DROP TABLE outbox_jobs; --')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_task_name_valid",
-    ),
-    (
-        "priority-over-int4",
-        "INSERT INTO outbox_jobs (task, priority) VALUES ('echo', 2147483648)",
-        asyncpg.NumericValueOutOfRangeError,
-        None,
-    ),
-    (
-        "max-attempts-negative",
-        "INSERT INTO outbox_jobs (task, state, max_attempts) VALUES ('echo', 'dead', -5)",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_attempts_valid",
-    ),
-    (
-        "running-lease-but-no-worker",
-        "INSERT INTO outbox_jobs (task, state, attempts, locked_until) "
-        "VALUES ('echo', 'running', 1, 'infinity')",
-        asyncpg.CheckViolationError,
-        "outbox_jobs_running_is_locked",
-    ),
-    (
-        # Too big for the unique index even compressed: refused, nothing half-written.
-        "dedupe-key-10k-incompressible",
-        f"INSERT INTO outbox_jobs (task, dedupe_key) VALUES ('echo', '{astral(2600)}')",
-        asyncpg.ProgramLimitExceededError,
-        None,
-    ),
-]
-
-
-async def test_plain_sql_with_bad_values_is_refused(pool: asyncpg.Pool) -> None:
-    for name, statement, error, constraint in BAD_SQL:
-        with pytest.raises(error) as caught:
-            await pool.execute(statement)
-        if constraint is not None:
-            assert getattr(caught.value, "constraint_name", None) == constraint, name
-    assert await pool.fetchval("SELECT count(*) FROM outbox_jobs") == 0
-    assert await pool.fetchval("SELECT to_regclass('outbox_jobs') IS NOT NULL")
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker and rows that pass the constraints but are bad for it
-# ---------------------------------------------------------------------------------------------
-
-# (name, task, args (JSON text), extra columns, expected state, words in last_error)
-ROWS: list[tuple[str, str, str, dict[str, Any], str, list[str]]] = [
-    ("unknown-task", "A:b.c-d_9", "{}", {}, "dead", ["unknown task", "A:b.c-d_9"]),
-    ("unknown-lookalike", "Echo", "{}", {}, "dead", ["unknown task", "'Echo'"]),
-    ("missing-arg", "takes_id", "{}", {}, "dead", ["user_id", "missing"]),
-    ("extra-arg", "takes_id", '{"user_id": 1, "admin": true}', {}, "dead", ["admin"]),
-    ("ctx-as-arg", "echo", '{"ctx": 1}', {}, "dead", ["ctx", "multiple values"]),
-    ("number-too-long", "takes_id", '{"user_id": 1e5000}', {}, "dead", ["args", "4300"]),
-    ("not-identifier-keys", "echo", '{"": 1, "a b": 2, "ü": 3}', {}, "succeeded", []),
-    ("priority-max", "echo", "{}", {"priority": INT32_MAX}, "succeeded", []),
-    ("priority-min", "echo", "{}", {"priority": -(2**31)}, "succeeded", []),
-    ("run-at-year-1", "echo", "{}", {"run_at": "0001-01-01 00:00:00+00"}, "succeeded", []),
-    ("key-10k", "echo", "{}", {"dedupe_key": "k" * 10240}, "succeeded", []),
-    ("correlation-emoji", "echo", "{}", {"correlation_id": ZWJ_FAMILY + RTL}, "succeeded", []),
-    (
-        "correlation-log-injection",
-        "echo",
-        "{}",
-        {"correlation_id": '"}\n{"event": "FAKE"}\nFAKE LOG LINE\x1b[2J'},
-        "succeeded",
-        [],
-    ),
-    ("huge-args", "echo", json.dumps({"blob": "x" * 3_000_000}), {}, "succeeded", []),
-    ("many-keys", "echo", json.dumps({f"k{i}": i for i in range(20_000)}), {}, "succeeded", []),
-    (
-        "last-attempt",
-        "always_fails",
-        "{}",
-        {"attempts": 2, "max_attempts": 3},
-        "dead",
-        ["ValueError"],
-    ),
-    ("queue-of-its-own", "echo", "{}", {"queue": "x.y:z-1"}, "succeeded", []),
-]
-
-
-async def _insert_row(pool: asyncpg.Pool, task: str, args: str, extra: dict[str, Any]) -> int:
-    columns = ["task", "args", *extra]
-    values = ["$1", "$2::jsonb"] + [
-        f"${i}::text::timestamptz" if column == "run_at" else f"${i}"
-        for i, column in enumerate(extra, start=3)
-    ]
-    job_id: int = await pool.fetchval(
-        f"INSERT INTO outbox_jobs ({', '.join(columns)}) VALUES ({', '.join(values)}) RETURNING id",
-        task,
-        args,
-        *extra.values(),
-    )
-    return job_id
-
-
-async def test_worker_drains_rows_that_pass_the_constraints_but_are_bad(
-    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
-) -> None:
-    ids = {name: await _insert_row(pool, task, args, extra) for name, task, args, extra, *_ in ROWS}
-    worker = spawn_worker(*CALM, "--queues", "default,x.y:z-1", "--concurrency", "4")
-    await settle(pool, timeout=60)
-    assert worker.proc.poll() is None, worker.output()[-3000:]
-
-    rows = {
-        r["id"]: r
-        for r in await pool.fetch(
-            "SELECT id, state, last_error, result::text AS result, args::text AS args "
-            "FROM outbox_jobs"
-        )
-    }
-    wrong = []
-    for name, _, _, _, state, words in ROWS:
-        row = rows[ids[name]]
-        error = row["last_error"] or ""
-        if row["state"] != state or not all(word in error for word in words):
-            wrong.append((name, row["state"], error[:200]))
-    assert wrong == []
-    huge = rows[ids["huge-args"]]
-    assert json.loads(huge["result"]) == json.loads(huge["args"])  # stored whole, both ways
-
-    # The worker's log is still one JSON object per line: no forged lines.
-    assert not [
-        line for line in worker.output().splitlines() if "FAKE" in line and not line.startswith("{")
-    ]
-
-    await stop_workers([worker])
-    await check_invariants(pool, workers=[worker], expected_ids=list(ids.values()))
-
-
-async def test_args_and_results_too_deep_for_json_do_not_wedge_the_worker(
-    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
-) -> None:
-    """PostgreSQL stores JSON nested thousands deep; Python's json gives up near a thousand,
-    with a RecursionError. A job like that must end dead, not hold its slot forever."""
-    deep_args = await _insert_row(pool, "echo", '{"a": ' + "[" * 3000 + "]" * 3000 + "}", {})
-    deep_result = await _insert_row(pool, "deep_result", '{"depth": 3000}', {})
-    fine = await _insert_row(pool, "echo", '{"after": true}', {})
-    worker = spawn_worker(*CALM, "--concurrency", "4")
-
-    async def rows() -> list[asyncpg.Record]:
-        found: list[asyncpg.Record] = await pool.fetch(
-            "SELECT id, state, last_error FROM outbox_jobs ORDER BY id"
-        )
-        return found
-
-    async def finished() -> bool:
-        return all(r["state"] in ("succeeded", "dead") for r in await rows())
-
-    with contextlib.suppress(pytest.fail.Exception):  # the message below says more
-        await wait_until(finished, timeout=20, what="every job to finish")
-    final = await rows()
-    assert await finished(), f"jobs wedged: {[dict(r) for r in final]}"
-    states = {r["id"]: (r["state"], r["last_error"] or "") for r in final}
-    assert states[fine][0] == "succeeded"
-    assert states[deep_args][0] == "dead"
-    assert "deep" in states[deep_args][1] or "recursion" in states[deep_args][1].lower()
-    # The handler ran; only its result cannot be stored as JSON.
-    assert states[deep_result][0] in ("succeeded", "dead")
-    assert worker.proc.poll() is None
-    worker.signal(signal.SIGTERM)
-    assert await asyncio.to_thread(worker.wait, 30) == 0
-    await check_invariants(pool, workers=[worker], expected_ids=[deep_args, deep_result, fine])

@@ -33,7 +33,7 @@ from outbox_worker.testing.sync import (
     refute_enqueued,
 )
 from tests.conftest import TEMPLATE
-from tests.test_drivers import sqlalchemy_url
+from tests.drivers_support import sqlalchemy_url
 
 tasks = Registry()
 

@@ -165,7 +165,7 @@ async def chatty(ctx: JobContext, child: bool = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Tasks of the fault-injection suite (tests/faults/) and of tests/test_hostile.py
+# Tasks of the fault-injection suite (tests/faults/) and of tests/test_hostile_worker.py
 # ---------------------------------------------------------------------------------------------
 
 

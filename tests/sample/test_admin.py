@@ -1,7 +1,7 @@
 """The sample service's admin: the token it reads from OUTBOX_ADMIN_TOKEN (a guessable one
 stops it, an empty one turns admin off), and its mount of pgoutbox's admin router, whose
 session dependency opens the transaction, committing each change once. The router itself is
-tested on the library's own host (tests/test_admin.py, tests/test_dashboard.py)."""
+tested on the library's own host (tests/test_admin_*.py, tests/test_dashboard_*.py)."""
 
 from __future__ import annotations
 

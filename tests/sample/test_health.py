@@ -27,7 +27,7 @@ from outbox_worker.devdb import PostgresServer
 from outbox_worker.enqueue import default_backpressure
 from outbox_worker.web.router import RETRY_AFTER_SECONDS
 from tests.conftest import WorkerProcess, alembic_config
-from tests.sample.test_api import assert_json_detail
+from tests.sample.support import assert_json_detail
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:

@@ -1,6 +1,6 @@
 """The sample service's welcome e-mail tested with outbox_worker.testing, as an app's own
 test suite would test it: docs/testing.md's examples, run. The helpers themselves are tested
-in tests/test_testing.py."""
+in tests/test_testing_*.py."""
 
 from __future__ import annotations
 

@@ -1,83 +1,39 @@
 """``outbox-worker migrate``, run as a user runs it (the real entry point in a subprocess,
 real PostgreSQL): the library's schema under its own bookkeeping, once however often and
-however many deploys run it, its SQL for review, and the wheel that ships it. Then the
-worker's start-up check of where a database's schema stands, by either bookkeeping.
+however many deploys run it, its SQL for review, and the wheel that ships it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import os
-import signal
 import subprocess
 import sys
 import tomllib
 import zipfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 from packaging.requirements import Requirement
 
 from outbox_worker import migrate
 from tests.catalog import catalog
-from tests.conftest import WorkerProcess, wait_until
+from tests.conftest import wait_until
+from tests.migrate_support import (
+    HEAD,
+    ROOT,
+    NewDatabase,
+    execute,
+    migrate_argv,
+    ok,
+    one_line_error,
+    run,
+    subprocess_env,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-ERROR_PREFIX = "outbox-worker: error:"
 UNREACHABLE_URL = "postgresql://nobody@127.0.0.1:1/nothing"
-HEAD = "pgoutbox_0005"
-NewDatabase = Callable[[], Awaitable[str]]
-Spawn = Callable[..., WorkerProcess]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DATABASE_URL", "OUTBOX_DATABASE_URL") and not k.startswith("OUTBOX_")
-    }
-    return env | {"PYTHONPATH": str(ROOT)} | extra
-
-
-def _migrate(*args: str) -> list[str]:
-    return [sys.executable, "-m", "outbox_worker", "migrate", *args]
-
-
-async def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """``outbox-worker migrate ARGS`` with only ``env`` set of the variables it reads."""
-
-    def go() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            _migrate(*args), env=_env(**env), cwd=ROOT, capture_output=True, text=True, timeout=60
-        )
-
-    return await asyncio.to_thread(go)
-
-
-def _report(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> list[str]:
-    assert result.returncode == 0, _report(result)
-    assert result.stderr == "", _report(result)
-    return result.stdout.splitlines()
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], code: int, *mentions: str) -> None:
-    report = _report(result)
-    assert result.returncode == code, report
-    assert result.stdout == "", report
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, report
-    assert lines[0].startswith(ERROR_PREFIX), report
-    for text in mentions:
-        assert text in lines[0], report
 
 
 def applied(lines: list[str]) -> list[str]:
@@ -90,19 +46,6 @@ async def fetch(url: str, query: str) -> list[tuple[object, ...]]:
         return [tuple(row) for row in await conn.fetch(query)]
     finally:
         await conn.close()
-
-
-async def execute(url: str, statements: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(statements)
-    finally:
-        await conn.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# the command
-# ---------------------------------------------------------------------------------------------
 
 
 def test_the_head_is_the_newest_revision_of_the_branch() -> None:
@@ -162,8 +105,8 @@ async def test_two_deploys_migrating_at_once_take_turns(empty_databases: NewData
         for _ in range(2):
             runs.append(
                 await asyncio.create_subprocess_exec(
-                    *_migrate("--database-url", url),
-                    env=_env(),
+                    *migrate_argv("--database-url", url),
+                    env=subprocess_env(),
                     cwd=ROOT,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
@@ -314,7 +257,7 @@ async def test_the_wheel_ships_the_migrations(tmp_path: Path, empty_databases: N
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", program, "migrate", "--database-url", url],
-        env=_env() | {"PYTHONPATH": str(site)},
+        env=subprocess_env() | {"PYTHONPATH": str(site)},
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -323,113 +266,3 @@ async def test_the_wheel_ships_the_migrations(tmp_path: Path, empty_databases: N
     lines = ok(result)
     assert lines[0] == str(site / "outbox_worker" / "__init__.py")
     assert applied(lines[1:]) == sorted(migrate.revisions())
-
-
-# ---------------------------------------------------------------------------------------------
-# the worker's start-up check
-# ---------------------------------------------------------------------------------------------
-
-
-async def _refused(url: str) -> subprocess.CompletedProcess[str]:
-    # The sample's registry: the test workload's says goodbye on stderr at exit.
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "outbox_worker", "run", "app.tasks:registry"],
-        env=_env(DATABASE_URL=url, OUTBOX_STARTUP_TIMEOUT_SECONDS="10"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def test_the_worker_refuses_a_schema_recorded_behind_its_code(
-    database_url: str, empty_databases: NewDatabase
-) -> None:
-    # The application's Alembic records the branch in alembic_version.
-    await execute(
-        database_url,
-        f"UPDATE alembic_version SET version_num = 'pgoutbox_0004' WHERE version_num = '{HEAD}'",
-    )
-    one_line_error(
-        await _refused(database_url),
-        2,
-        f"is at pgoutbox_0004 (recorded in alembic_version), this code needs {HEAD}",
-        "run your application's `alembic upgrade heads`",
-    )
-
-    # `outbox-worker migrate` records it in its own table.
-    own = await empty_databases()
-    ok(await run("--database-url", own))
-    await execute(own, "UPDATE pgoutbox_alembic_version SET version_num = 'pgoutbox_0003'")
-    one_line_error(
-        await _refused(own),
-        2,
-        f"is at pgoutbox_0003, this code needs {HEAD}: run `outbox-worker migrate`",
-    )
-
-
-# The commands that read or change jobs.
-ADMIN_COMMANDS = [
-    ("queues",),
-    ("jobs", "list"),
-    ("jobs", "show", "1"),
-    ("jobs", "retry", "1"),
-    ("jobs", "cancel", "1"),
-    ("prune", "--older-than", "7d"),
-]
-
-
-async def _command(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "outbox_worker", *args],
-        env=_env(DATABASE_URL=url),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-async def test_every_command_refuses_a_schema_missing_or_behind_in_one_line(
-    empty_databases: NewDatabase,
-) -> None:
-    absent, behind = await empty_databases(), await empty_databases()
-    ok(await run("--database-url", behind))
-    await execute(behind, "UPDATE pgoutbox_alembic_version SET version_num = 'pgoutbox_0003'")
-    cases = [
-        (absent, "has no pgoutbox schema: run `outbox-worker migrate`"),
-        (behind, f"is at pgoutbox_0003, this code needs {HEAD}: run `outbox-worker migrate`"),
-    ]
-    for url, says in cases:
-        results = await asyncio.gather(*(_command(url, *args) for args in ADMIN_COMMANDS))
-        for result in results:
-            one_line_error(result, 2, says)
-        # health reports it among its checks, and fails.
-        result = await _command(url, "health", "--json")
-        assert result.returncode == 1, _report(result)
-        schema = json.loads(result.stdout)["checks"]["schema"]
-        assert schema["status"] == "failing", schema
-        assert says in schema["detail"], schema
-
-
-@pytest.mark.parametrize("state", ["own-head", "unrecorded", "ahead"])
-async def test_the_worker_serves_a_schema_not_known_to_be_behind(
-    state: str, empty_databases: NewDatabase, spawn_worker: Spawn
-) -> None:
-    """At head by its own bookkeeping; tables no bookkeeping explains (the worker cannot
-    tell, and takes them as they are); recorded by a newer pgoutbox (a rolling deploy whose
-    migration ran first)."""
-    url = await empty_databases()
-    ok(await run("--database-url", url))
-    if state == "unrecorded":
-        await execute(url, "DROP TABLE pgoutbox_alembic_version")
-    elif state == "ahead":
-        await execute(url, "UPDATE pgoutbox_alembic_version SET version_num = 'pgoutbox_0099'")
-        # Which `migrate` itself will not touch: this version cannot know what 0099 did.
-        one_line_error(await run("--check", DATABASE_URL=url), 1, "does not know")
-    worker = spawn_worker(env={"DATABASE_URL": url})
-    await worker.wait_for_log("worker_ready")
-    worker.signal(signal.SIGTERM)
-    assert await asyncio.to_thread(worker.wait) == 0, worker.output()
