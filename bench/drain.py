@@ -1,6 +1,9 @@
-"""Drain throughput: N no-op jobs pre-filled, one worker process, from ready to queue empty.
+"""Drain throughput: N jobs pre-filled, one worker process, from ready to queue empty.
 
-    python -m bench.drain [--jobs 20000] [--concurrency 100] [--repeat 3]
+    python -m bench.drain [--jobs 20000] [--concurrency 10 16 64 100] [--job-ms 1] [--repeat 3]
+
+No-op jobs by default; ``--job-ms`` gives each job that much awaited time, as a job that calls
+an API or the database has. Several ``--concurrency`` values make a sweep on one server.
 
 Uses DATABASE_URL when set, else an embedded PostgreSQL in a temporary folder. The worker's
 start-up (import, connect, first rescue) is reported apart from the drain.
@@ -30,14 +33,15 @@ from outbox_worker.devdb import PostgresServer, start_embedded
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def fill(url: str, jobs: int) -> None:
+async def fill(url: str, jobs: int, job_ms: float) -> None:
     conn = await asyncpg.connect(url)
     await conn.execute("TRUNCATE outbox_jobs")
     await conn.close()
     engine = create_async_engine(sqlalchemy_url(url))
     async with AsyncSession(engine) as session, session.begin():
         for start in range(0, jobs, 10_000):
-            await enqueue_many(session, [NewJob("noop")] * min(10_000, jobs - start))
+            job = NewJob("waits", {"ms": job_ms}) if job_ms else NewJob("noop")
+            await enqueue_many(session, [job] * min(10_000, jobs - start))
     await engine.dispose()
     conn = await asyncpg.connect(url)
     await conn.execute("VACUUM ANALYZE outbox_jobs")
@@ -79,7 +83,8 @@ def drain(url: str, concurrency: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[100])
+    parser.add_argument("--job-ms", type=float, default=0.0, help="awaited time per job")
     parser.add_argument("--repeat", type=int, default=3)
     opts = parser.parse_args()
     server: PostgresServer | None = None
@@ -92,19 +97,21 @@ def main() -> None:
         config.attributes["database_url"] = url
         config.attributes["configure_logging"] = False
         command.upgrade(config, "heads")
-        rates = []
-        for i in range(opts.repeat):
-            asyncio.run(fill(url, opts.jobs))
-            startup, seconds = drain(url, opts.concurrency)
-            rates.append(opts.jobs / seconds)
+        for concurrency in opts.concurrency:
+            rates = []
+            for i in range(opts.repeat):
+                asyncio.run(fill(url, opts.jobs, opts.job_ms))
+                startup, seconds = drain(url, concurrency)
+                rates.append(opts.jobs / seconds)
+                print(
+                    f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in "
+                    f"{seconds:.2f}s = {opts.jobs / seconds:,.0f} jobs/s"
+                )
             print(
-                f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in {seconds:.2f}s "
-                f"= {opts.jobs / seconds:,.0f} jobs/s"
+                f"median {statistics.median(rates):,.0f} jobs/s (min {min(rates):,.0f}, "
+                f"max {max(rates):,.0f}), concurrency {concurrency}, "
+                f"{f'{opts.job_ms:g} ms jobs' if opts.job_ms else 'no-op jobs'}"
             )
-        print(
-            f"median {statistics.median(rates):,.0f} jobs/s "
-            f"(min {min(rates):,.0f}, max {max(rates):,.0f}), concurrency {opts.concurrency}"
-        )
     finally:
         if server is not None:
             server.close()
