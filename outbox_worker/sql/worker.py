@@ -187,17 +187,21 @@ RETURNING j.id
 # Claims taken back: rows claimed under the worker's name that never ran
 # ---------------------------------------------------------------------------------------------
 
+# A claimed row that never ran, back to queued with the claim's attempt taken back: the SET
+# list of JOB_UNCLAIM_MANY and JOB_RELEASE_ORPHANS.
+_NEVER_STARTED = """state = 'queued',
+    attempts = j.attempts - 1,
+    run_at = now(),
+    locked_by = NULL,
+    locked_until = NULL"""
+
 # Hands back claimed rows the worker never started (a claim answered too late to be
 # trusted): they never ran, so the claim's attempt is taken back. Index: primary key.
 JOB_UNCLAIM_MANY = statement(
     params=("ids", "attempts", "worker_id"),
     text=f"""
 UPDATE outbox_jobs AS j
-SET state = 'queued',
-    attempts = j.attempts - 1,
-    run_at = now(),
-    locked_by = NULL,
-    locked_until = NULL
+SET {_NEVER_STARTED}
 FROM unnest(:ids::bigint[], :attempts::integer[]) AS r(id, attempt)
 WHERE j.id = r.id
   AND {fence("r.attempt")}
@@ -215,13 +219,9 @@ RETURNING j.id
 # Index: outbox_jobs_running_idx (only running rows are read).
 JOB_RELEASE_ORPHANS = statement(
     params=("worker_id", "ids", "attempts"),
-    text="""
+    text=f"""
 UPDATE outbox_jobs AS j
-SET state = 'queued',
-    attempts = j.attempts - 1,
-    run_at = now(),
-    locked_by = NULL,
-    locked_until = NULL
+SET {_NEVER_STARTED}
 WHERE j.state = 'running' AND j.locked_by = :worker_id
   AND NOT EXISTS (
       SELECT 1 FROM unnest(:ids::bigint[], :attempts::integer[]) AS s(id, attempt)
