@@ -1,9 +1,11 @@
 """Drain throughput: N jobs pre-filled, one worker process, from ready to queue empty.
 
-    python -m bench.drain [--jobs 20000] [--concurrency 10 16 64 100] [--job-ms 1] [--repeat 3]
+    python -m bench.drain [--jobs 20000] [--concurrency 10 16 64 100] [--prefetch 0 10]
+                          [--job-ms 1] [--repeat 3]
 
 No-op jobs by default; ``--job-ms`` gives each job that much awaited time, as a job that calls
-an API or the database has. Several ``--concurrency`` values make a sweep on one server.
+an API or the database has. Several ``--concurrency`` (and ``--prefetch``: jobs claimed ahead of
+a free slot; the worker's default when not given) values make a sweep on one server.
 
 Uses DATABASE_URL when set, else an embedded PostgreSQL in a temporary folder. The worker's
 start-up (import, connect, first rescue) is reported apart from the drain.
@@ -13,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -48,7 +52,7 @@ async def fill(url: str, jobs: int, job_ms: float) -> None:
     await conn.close()
 
 
-def drain(url: str, concurrency: int) -> tuple[float, float]:
+def drain(url: str, concurrency: int, prefetch: int | None) -> tuple[float, float]:
     """Seconds of start-up and of draining, read from the worker's own log timestamps."""
     env = {**os.environ, "DATABASE_URL": url, "OUTBOX_LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)}
     began = time.time()
@@ -62,6 +66,7 @@ def drain(url: str, concurrency: int) -> tuple[float, float]:
             "--burst",
             "--concurrency",
             str(concurrency),
+            *([] if prefetch is None else ["--prefetch", str(prefetch)]),
         ],
         env=env,
         capture_output=True,
@@ -69,14 +74,10 @@ def drain(url: str, concurrency: int) -> tuple[float, float]:
     )
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    ended = time.time()
     ready = next(json.loads(line) for line in proc.stderr.splitlines() if '"worker_ready"' in line)
     done = next(json.loads(line) for line in proc.stderr.splitlines() if '"burst_done"' in line)
-    from datetime import datetime
-
     t_ready = datetime.fromisoformat(ready["timestamp"]).timestamp()
     t_done = datetime.fromisoformat(done["timestamp"]).timestamp()
-    del ended
     return t_ready - began, t_done - t_ready
 
 
@@ -84,6 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[100])
+    parser.add_argument(
+        "--prefetch", type=int, nargs="+", default=[None], help="jobs claimed ahead of a slot"
+    )
     parser.add_argument("--job-ms", type=float, default=0.0, help="awaited time per job")
     parser.add_argument("--repeat", type=int, default=3)
     opts = parser.parse_args()
@@ -97,11 +101,11 @@ def main() -> None:
         config.attributes["database_url"] = url
         config.attributes["configure_logging"] = False
         command.upgrade(config, "heads")
-        for concurrency in opts.concurrency:
+        for concurrency, prefetch in itertools.product(opts.concurrency, opts.prefetch):
             rates = []
             for i in range(opts.repeat):
                 asyncio.run(fill(url, opts.jobs, opts.job_ms))
-                startup, seconds = drain(url, concurrency)
+                startup, seconds = drain(url, concurrency, prefetch)
                 rates.append(opts.jobs / seconds)
                 print(
                     f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in "
@@ -110,6 +114,7 @@ def main() -> None:
             print(
                 f"median {statistics.median(rates):,.0f} jobs/s (min {min(rates):,.0f}, "
                 f"max {max(rates):,.0f}), concurrency {concurrency}, "
+                f"prefetch {'default' if prefetch is None else prefetch}, "
                 f"{f'{opts.job_ms:g} ms jobs' if opts.job_ms else 'no-op jobs'}"
             )
     finally:

@@ -81,6 +81,8 @@ class WorkerSettings(BaseSettings):
     queue_depth_limits: dict[str, Annotated[int, Field(gt=0)]] = Field(default_factory=dict)
     queue_depth_cache_seconds: float = Field(default=1.0, ge=0)
     concurrency: int = Field(default=10, ge=1, le=10_000)
+    # Jobs claimed ahead of a free slot; unset: as many as the concurrency.
+    prefetch: int | None = Field(default=None, ge=0, le=10_000)
     pool_size: int = Field(default=10, ge=2)
     prepared_statements: bool = True
     # At most MAX_DELAY_SECONDS: a retry must land on a run_at the table takes (years 1 to 9999).
@@ -120,6 +122,7 @@ class WorkerSettings(BaseSettings):
             queues=queues,
             burst=burst,
             concurrency=self.concurrency,
+            prefetch=self.prefetch,
             lease_seconds=self.lease_seconds,
             poll_interval=self.poll_interval_seconds,
             drain_timeout=self.drain_timeout_seconds,

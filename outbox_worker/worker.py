@@ -46,6 +46,10 @@ class WorkerOptions:
     dsn: str
     queues: tuple[str, ...] = ()
     concurrency: int = 10
+    # The most jobs claimed ahead of a free slot, so that a slot whose job ends starts the
+    # next one at once (fewer when jobs are long: see _worker/slots.py); None: the
+    # concurrency, and at least 64.
+    prefetch: int | None = None
     lease_seconds: float = 30.0
     poll_interval: float = 1.0
     drain_timeout: float = 30.0
@@ -92,7 +96,8 @@ class Worker:
         self.ready = asyncio.Event()
         # Handlers still running when the worker stopped: they ignored their cancellation.
         self.stuck: list[asyncio.Task[None]] = []
-        self._slots = Slots(options.concurrency, log=self.log)
+        ahead = max(64, options.concurrency) if options.prefetch is None else options.prefetch
+        self._slots = Slots(options.concurrency, ahead=ahead, log=self.log)
         self._stop = asyncio.Event()
         self._give_up_writes = asyncio.Event()
 
@@ -186,18 +191,13 @@ class Worker:
             stop_reason=slots.stop_reason,
             log=self.log,
         )
-        completer: Completer
-
-        def start(job: ClaimedJob) -> None:
-            slots.run(job, self._execute(job, executor, completer))
-
         claimer = Claimer(
             pool=pool,
             worker_id=self.worker_id,
             queues=self.queues,
             lease_seconds=opts.lease_seconds,
             slots=slots,
-            start=start,
+            start=slots.offer,
             log=self.log,
         )
         completer = Completer(
@@ -218,6 +218,11 @@ class Worker:
             lease_seconds=opts.lease_seconds,
             slots=slots,
             log=self.log,
+        )
+        slots.attach(
+            execute=functools.partial(self._execute, executor=executor, completer=completer),
+            put=completer.put,
+            fresh=heartbeat.fresh,
         )
         rescuer = Rescuer(pool=pool, interval=max(0.5, opts.lease_seconds / 2), log=self.log)
         # Stopped with the claiming: they only serve claims.
@@ -256,7 +261,11 @@ class Worker:
             loop=asyncio.get_running_loop(), threshold=heartbeat.interval, slots=slots, log=self.log
         )
         self.log.info(
-            "worker_starting", queues=self.queues, concurrency=opts.concurrency, burst=opts.burst
+            "worker_starting",
+            queues=self.queues,
+            concurrency=opts.concurrency,
+            prefetch=slots.ahead,
+            burst=opts.burst,
         )
         try:
             async with asyncio.TaskGroup() as group:

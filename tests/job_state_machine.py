@@ -44,7 +44,7 @@ class JobStateMachine(JobStateMachineBase):
     def claim(self, worker: str, queues: tuple[str, ...], limit: int) -> None:
         self._tick()
         expected = self._claimable(queues)[:limit]
-        rows = self.env.run(self.conn.fetch(sql.JOB_CLAIM, list(queues), limit, worker, LEASE))
+        rows = self.env.run(self.conn.fetch(sql.JOB_CLAIM, list(queues), limit, 0, worker, LEASE))
         assert len(rows) <= limit
         assert sorted((r["id"], r["attempts"]) for r in rows) == sorted(
             (j.id, j.attempts + 1) for j in expected

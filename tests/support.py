@@ -98,3 +98,28 @@ async def job_states(pool: asyncpg.Pool) -> dict[str, int]:
 # The admin token the library's admin host runs with in the admin routes' and the dashboard's
 # tests (the ``admin_app`` fixture, tests/admin_support.py, tests/dashboard_support.py).
 ADMIN_TOKEN = "s3cret-admin-token-for-tests"
+
+
+async def insert_sleepy(
+    pool: asyncpg.Pool, count: int, seconds: float, *, max_attempts: int = 5
+) -> list[int]:
+    """``count`` jobs of the workload's ``sleepy`` task, in id order."""
+    rows = await pool.fetch(
+        "INSERT INTO outbox_jobs (queue, task, args, max_attempts) "
+        "SELECT 'slow', 'sleepy', jsonb_build_object('seconds', $2::float8), $3 "
+        "FROM generate_series(1, $1) RETURNING id",
+        count,
+        seconds,
+        max_attempts,
+    )
+    return sorted(r["id"] for r in rows)
+
+
+async def count_started(pool: asyncpg.Pool, job_ids: list[int]) -> int:
+    """How many of these jobs a handler of the workload has started (test_executions)."""
+    n: int = await pool.fetchval(
+        "SELECT count(DISTINCT job_id) FROM test_executions "
+        "WHERE event = 'start' AND job_id = ANY($1::bigint[])",
+        job_ids,
+    )
+    return n

@@ -106,7 +106,7 @@ async def test_a_requested_cancel_wins_however_the_attempt_ends(
     pool: asyncpg.Pool, leaves_by: str
 ) -> None:
     job_id = await insert_job(pool, "echo")
-    [claimed] = await pool.fetch(sql.JOB_CLAIM, ["default"], 1, "w1", 30.0)
+    [claimed] = await pool.fetch(sql.JOB_CLAIM, ["default"], 1, 0, "w1", 30.0)
     await pool.execute("UPDATE outbox_jobs SET cancel_requested_at = now() WHERE id = $1", job_id)
     if leaves_by == "fail":
         await pool.fetch(sql.JOB_FAIL_MANY, [job_id], [1], ["boom"], [0.0], [False], "w1")

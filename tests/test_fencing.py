@@ -33,7 +33,7 @@ async def _row(pool: asyncpg.Pool, job_id: int) -> dict[str, Any]:
 
 
 async def _claim(pool: asyncpg.Pool, worker_id: str, lease: float) -> asyncpg.Record:
-    rows = await pool.fetch(sql.JOB_CLAIM, QUEUES, 1, worker_id, lease)
+    rows = await pool.fetch(sql.JOB_CLAIM, QUEUES, 1, 0, worker_id, lease)
     assert len(rows) == 1, rows
     return rows[0]
 
@@ -136,7 +136,7 @@ async def test_finished_job_never_moves_backwards(pool: asyncpg.Pool) -> None:
     assert await _row(pool, job_id) == done
 
     # A second claim cannot pick it up either.
-    assert await pool.fetch(sql.JOB_CLAIM, QUEUES, 10, "w3", 30.0) == []
+    assert await pool.fetch(sql.JOB_CLAIM, QUEUES, 10, 0, "w3", 30.0) == []
 
 
 async def test_dead_job_never_moves_backwards(pool: asyncpg.Pool) -> None:

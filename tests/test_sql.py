@@ -43,6 +43,7 @@ STATEMENTS = discover_statements()
 # means one thing in every statement that declares it, so arguments bound by name cannot land
 # on a placeholder of another kind. A new name must be added here.
 PARAMETER_TYPES = {
+    "ahead": "int4",
     "attempts": "int4[]",
     "batch": "int8",
     "concurrency": "int4",

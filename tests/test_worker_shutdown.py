@@ -12,29 +12,8 @@ import asyncpg
 
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.invariants import log_events
-from tests.support import job_states
+from tests.support import count_started, insert_sleepy, job_states
 from tests.workload import EXIT_HOOKS_RAN
-
-
-async def _insert_sleepy(pool: asyncpg.Pool, count: int, seconds: float) -> list[int]:
-    rows = await pool.fetch(
-        "INSERT INTO outbox_jobs (queue, task, args) "
-        "SELECT 'slow', 'sleepy', jsonb_build_object('seconds', $2::float8) "
-        "FROM generate_series(1, $1) RETURNING id",
-        count,
-        seconds,
-    )
-    return sorted(r["id"] for r in rows)
-
-
-async def _started(pool: asyncpg.Pool, job_ids: list[int]) -> int:
-    n: int = await pool.fetchval(
-        "SELECT count(DISTINCT job_id) FROM test_executions "
-        "WHERE event = 'start' AND job_id = ANY($1::bigint[])",
-        job_ids,
-    )
-    return n
-
 
 # ---------------------------------------------------------------------------------------------
 # SIGTERM drain
@@ -46,10 +25,10 @@ async def test_sigterm_lets_in_flight_jobs_finish(
 ) -> None:
     w = spawn_worker("--drain-timeout-seconds", "10")
     await w.wait_for_log("worker_ready")
-    ids = await _insert_sleepy(pool, 3, 2.0)
+    ids = await insert_sleepy(pool, 3, 2.0)
 
     async def all_started() -> bool:
-        return await _started(pool, ids) == len(ids)
+        return await count_started(pool, ids) == len(ids)
 
     await wait_until(all_started, timeout=20, what="all sleepy jobs to start")
     w.signal(signal.SIGTERM)
@@ -97,10 +76,10 @@ async def test_sigterm_after_drain_timeout_releases_jobs(
 ) -> None:
     w = spawn_worker("--drain-timeout-seconds", "0.5")
     await w.wait_for_log("worker_ready")
-    ids = await _insert_sleepy(pool, 3, 30.0)
+    ids = await insert_sleepy(pool, 3, 30.0)
 
     async def all_started() -> bool:
-        return await _started(pool, ids) == len(ids)
+        return await count_started(pool, ids) == len(ids)
 
     await wait_until(all_started, timeout=20, what="all sleepy jobs to start")
     w.signal(signal.SIGTERM)
@@ -145,10 +124,10 @@ async def test_leases_are_kept_alive_while_draining(
     twice."""
     a = spawn_worker("--lease-seconds", "1", "--drain-timeout-seconds", "10")
     await a.wait_for_log("worker_ready")
-    ids = await _insert_sleepy(pool, 2, 3.0)
+    ids = await insert_sleepy(pool, 2, 3.0)
 
     async def all_started() -> bool:
-        return await _started(pool, ids) == len(ids)
+        return await count_started(pool, ids) == len(ids)
 
     await wait_until(all_started, timeout=20, what="A to start both jobs")
     b = spawn_worker("--lease-seconds", "1")

@@ -1,10 +1,11 @@
-"""Claims jobs for free slots, never more than the slots allow: on its own (the producer) or
-in the statement that writes a batch of successes (the completer).
+"""Claims jobs for free slots and for the jobs waiting ahead of them, never more than the
+slots allow: on its own (the producer) or in the statement that writes a batch of successes
+(the completer).
 
-Each claim reserves its slots in the worker's Slots first, so claims may overlap without ever
-exceeding the concurrency. A claim asks for at most half the slots: with short jobs, one half
-runs while the other half's successes and their replacements travel to the database in one
-statement, so the event loop and the database work at the same time instead of in turn.
+Each claim reserves its rows in the worker's Slots first, so claims may overlap without ever
+exceeding the limits. With short jobs, the slots run the jobs claimed ahead while the
+successes of those before and their replacements travel to the database in one statement,
+so the event loop and the database work at the same time instead of in turn.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import structlog
 from outbox_worker import sql
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import Succeeded
-from outbox_worker._worker.slots import Slots
+from outbox_worker._worker.slots import NOTHING, Reservation, Slots
 
 
 class Claimer:
@@ -34,8 +35,8 @@ class Claimer:
         start: Callable[[ClaimedJob], None],
         log: structlog.typing.FilteringBoundLogger,
     ) -> None:
-        """``start`` is handed each job claimed (already counted in the slots' reservation,
-        to be held by ``start``)."""
+        """``start`` is handed each job claimed, to be held by it (Slots.offer), once the
+        claim's reservation has ended."""
         self._pool = pool
         self._worker_id = worker_id
         self._queues = list(queues)
@@ -43,23 +44,22 @@ class Claimer:
         self._slots = slots
         self._start = start
         self._log = log
-        self.chunk = max(1, (slots.concurrency + 1) // 2)
         # A claim was lost after it was sent: it may have committed without its answer
         # reaching us, leaving rows claimed under our name that we never started. The next
         # claim that runs alone hands them back first.
         self._orphans_suspected = False
 
     async def claim(self) -> tuple[int, int]:
-        """Claim for free slots on a connection of its own: (slots asked for, jobs started)."""
-        asked = self._reserve(freed=0)
-        if not asked:
+        """Claim on a connection of its own: (rows asked for, jobs claimed)."""
+        reservation = self._reserve(freed=0)
+        if not reservation:
             return 0, 0
         try:
             async with self._pool.acquire(timeout=30) as conn:
-                rows, sent = await self._send(conn, sql.JOB_CLAIM, asked)
+                rows, sent = await self._send(conn, sql.JOB_CLAIM, reservation)
         finally:
-            self._settle(asked)
-        return asked, self._take(rows, sent)
+            self._settle(reservation)
+        return reservation.asked, self._take(rows, sent)
 
     async def complete_and_claim(
         self, outcomes: Sequence[Succeeded], *, answer_within: float | None = None
@@ -68,13 +68,13 @@ class Claimer:
         (plus any free already). Returns the rows of the successes written.
         ``answer_within``: cancel the statement (TimeoutError) if it takes longer, waiting
         on a locked row say."""
-        asked = self._reserve(freed=len(outcomes))
+        reservation = self._reserve(freed=len(outcomes))
         done: dict[str, list[Any]] = {
             "ids": [o.job_id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
             "results": [o.result for o in outcomes],
         }
-        if not asked:
+        if not reservation:
             async with self._pool.acquire(timeout=30) as conn:
                 written: list[asyncpg.Record] = await conn.fetch(
                     *sql.bind(sql.JOB_COMPLETE_MANY, **done, worker_id=self._worker_id),
@@ -84,21 +84,25 @@ class Claimer:
         try:
             async with self._pool.acquire(timeout=30) as conn:
                 rows, sent = await self._send(
-                    conn, sql.JOB_COMPLETE_AND_CLAIM, asked, answer_within=answer_within, **done
+                    conn,
+                    sql.JOB_COMPLETE_AND_CLAIM,
+                    reservation,
+                    answer_within=answer_within,
+                    **done,
                 )
         finally:
-            self._settle(asked)
+            self._settle(reservation)
         self._take([row for row in rows if row["claimed"]], sent)
         return [row for row in rows if not row["claimed"]]
 
-    def _reserve(self, *, freed: int) -> int:
-        """Slots for one claim; ``freed`` are held slots the same statement gives back."""
+    def _reserve(self, *, freed: int) -> Reservation:
+        """Rows for one claim; ``freed`` are held rows the same statement gives back."""
         if self._orphans_suspected and self._slots.claims_in_flight:
-            return 0
-        return self._slots.reserve(self.chunk, freed=freed)
+            return NOTHING
+        return self._slots.reserve(freed=freed)
 
-    def _settle(self, asked: int) -> None:
-        self._slots.settle(asked)
+    def _settle(self, reservation: Reservation) -> None:
+        self._slots.settle(reservation)
         if self._orphans_suspected and not self._slots.claims_in_flight:
             self._slots.changed.set()  # the producer may now claim alone, and hand them back
 
@@ -106,7 +110,7 @@ class Claimer:
         self,
         conn: asyncpg.Connection,
         statement: str,
-        asked: int,
+        reservation: Reservation,
         *,
         answer_within: float | None = None,
         **done: list[Any],
@@ -132,7 +136,8 @@ class Claimer:
                 *sql.bind(
                     statement,
                     queues=self._queues,
-                    limit=asked,
+                    limit=reservation.asked,
+                    ahead=reservation.ahead,
                     worker_id=self._worker_id,
                     lease_seconds=self._lease_seconds,
                     **done,
@@ -142,7 +147,9 @@ class Claimer:
         except BaseException as exc:
             self._orphans_suspected = self._orphans_suspected or _outcome_unknown(exc)
             raise
-        if time.monotonic() - sent > self._lease_seconds / 2:
+        took = time.monotonic() - sent
+        self._slots.trip(took)
+        if took > self._lease_seconds / 2:
             # The answer took longer than half a lease (a stalled process, a paused VM): the
             # leases may have lapsed and the jobs run elsewhere by now. Hand the claimed ones
             # back unstarted; the fence makes that a no-op where it is so.

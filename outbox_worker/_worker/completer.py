@@ -36,6 +36,7 @@ from outbox_worker._worker.outcomes import (
     Released,
     Settled,
     Succeeded,
+    Unclaimed,
 )
 from outbox_worker._worker.slots import Slots
 from outbox_worker.formatting import error_line
@@ -274,9 +275,7 @@ class Completer:
                     timeout=self._stall_after,
                 )
             else:
-                statement = (
-                    sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_CANCEL_MANY
-                )
+                statement = _STATEMENTS[type(first)]
                 rows = await conn.fetch(
                     *sql.bind(statement, ids=ids, attempts=attempts, worker_id=self._worker_id),
                     timeout=self._stall_after,
@@ -314,12 +313,21 @@ class Completer:
 
 
 # The kinds written by statement, in the order they are written.
-_KINDS: tuple[tuple[str, type[Failed | Released | Cancelled | Succeeded]], ...] = (
+_KINDS: tuple[tuple[str, type[Failed | Released | Unclaimed | Cancelled | Succeeded]], ...] = (
     ("failed", Failed),
     ("released", Released),
+    ("unclaimed", Unclaimed),
     ("cancelled", Cancelled),
     ("succeeded", Succeeded),
 )
+
+
+# The statements of the kinds that carry nothing but the job and its attempt.
+_STATEMENTS: dict[type[Outcome], str] = {
+    Released: sql.JOB_RELEASE_MANY,
+    Unclaimed: sql.JOB_UNCLAIM_MANY,
+    Cancelled: sql.JOB_CANCEL_MANY,
+}
 
 
 def _kind(outcome: Outcome) -> str:

@@ -17,6 +17,7 @@ import asyncpg
 import structlog
 
 from outbox_worker import db, sql
+from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.outcomes import StopReason
 from outbox_worker._worker.slots import Slots
 from outbox_worker.formatting import error_line
@@ -122,9 +123,10 @@ class Heartbeat:
             if job.id in extended:
                 self._extended[job.id, job.attempt] = sent
         # A job whose handler has ended may be unextended only because its outcome was
-        # written meanwhile; a running handler's row can only be missed for a reason.
+        # written meanwhile; the row of a job running or waiting to start can only be missed
+        # for a reason.
         missed = [
-            job.id for job in jobs if job.id not in extended and self._slots.is_running(job.id)
+            job.id for job in jobs if job.id not in extended and self._slots.unfinished(job.id)
         ]
         if missed:
             self._log.warning(
@@ -147,13 +149,19 @@ class Heartbeat:
                 self._slots.stop(lapsing, StopReason.LEASE)
 
     def lapsing(self, now: float) -> list[int]:
-        """Jobs whose handler runs on while their lease ends within the margin."""
-        found = []
-        for job in list(self._slots.held.values()):
-            last = max(job.leased_at, self._extended.get((job.id, job.attempt), 0.0))
-            if now >= last + self._lease - self.margin and self._slots.is_running(job.id):
-                found.append(job.id)
-        return found
+        """Jobs running or waiting to start while their lease ends within the margin."""
+        return [
+            job.id
+            for job in list(self._slots.held.values())
+            if not self.fresh(job, now) and self._slots.unfinished(job.id)
+        ]
+
+    def fresh(self, job: ClaimedJob, now: float) -> bool:
+        """Whether the job's lease runs on past the margin: a job whose lease may lapse
+        soon must not start (a stalled worker wakes with jobs waiting whose leases lapsed
+        and were rescued meanwhile)."""
+        last = max(job.leased_at, self._extended.get((job.id, job.attempt), 0.0))
+        return now < last + self._lease - self.margin
 
     async def goodbye(self) -> None:
         """A clean stop removes the worker's row; a killed worker's row ages out."""

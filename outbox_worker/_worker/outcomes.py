@@ -42,6 +42,14 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True)
+class Unclaimed:
+    """Claimed ahead of a free slot and never started: handed back, the attempt taken back."""
+
+    job_id: int
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
 class Cancelled:
     """Stopped at an operator's request while running."""
 
@@ -68,4 +76,4 @@ class Abandoned:
     attempt: int
 
 
-Outcome = Succeeded | Failed | Released | Cancelled | Settled | Abandoned
+Outcome = Succeeded | Failed | Released | Unclaimed | Cancelled | Settled | Abandoned

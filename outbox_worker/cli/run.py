@@ -127,6 +127,15 @@ def run(
     concurrency: Annotated[
         int | None, typer.Option(min=1, max=10_000, help="Jobs run at once.")
     ] = None,
+    prefetch: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=10_000,
+            help="Jobs claimed ahead of a free slot, so that a slot starts its next job at "
+            "once (default: the concurrency; 0: claim only for free slots).",
+        ),
+    ] = None,
     queues: Annotated[
         str | None,
         typer.Option(
@@ -167,6 +176,7 @@ def run(
     worker_settings = settings(
         database_url=database_url,
         concurrency=concurrency,
+        prefetch=prefetch,
         lease_seconds=lease_seconds,
         poll_interval_seconds=poll_interval_seconds,
         drain_timeout_seconds=drain_timeout_seconds,

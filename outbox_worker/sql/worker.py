@@ -31,20 +31,32 @@ def fence(attempt: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 # The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: :queues to serve, :limit (the
-# slots the worker reserved), :worker_id, :lease_seconds.
+# rows the worker reserved), of which :ahead go to its buffer of jobs claimed ahead of a
+# free slot, :worker_id, :lease_seconds.
 # Lock in a MATERIALIZED CTE, then update, so that no more than :limit rows are ever claimed
 # (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL may run the subquery again and
 # lock more). Index: outbox_jobs_claim_idx, read in its order and stopped after :limit rows;
 # the update finds the rows by primary key (= ANY(ARRAY(...))).
-_CLAIM_PARAMS = ("queues", "limit", "worker_id", "lease_seconds")
+# A job on its last attempt is taken only for a slot that is free now, never ahead: a claim
+# counts the attempt, and a worker killed before starting a job it claimed ahead leaves that
+# attempt counted; so it must never be the last one, or the rescuer would bury a job that
+# never ran. Such a row past the first :limit - :ahead is locked for the statement and left
+# queued.
+_CLAIM_PARAMS = ("queues", "limit", "ahead", "worker_id", "lease_seconds")
 _CLAIMABLE = """
-claimable AS MATERIALIZED (
-    SELECT id
+due AS MATERIALIZED (
+    SELECT id, priority, run_at, attempts + 1 < max_attempts AS spare
     FROM outbox_jobs
     WHERE state = 'queued' AND run_at <= now() AND queue = ANY(:queues::text[])
     ORDER BY priority DESC, run_at, id
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
+),
+claimable AS (
+    SELECT id
+    FROM (SELECT id, spare, row_number() OVER (ORDER BY priority DESC, run_at, id) AS place
+          FROM due) AS d
+    WHERE spare OR place <= :limit - :ahead::integer
 )
 """
 _CLAIM_UPDATE = """

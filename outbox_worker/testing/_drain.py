@@ -102,6 +102,7 @@ async def drain(
                     sql.JOB_CLAIM,
                     queues=served,
                     limit=1,
+                    ahead=0,
                     worker_id=worker_id,
                     lease_seconds=DRAIN_LEASE_SECONDS,
                 )
