@@ -1,4 +1,5 @@
-"""How big each measurement is: full (``make bench``), quick (about 2 minutes) and smoke."""
+"""How big each measurement is: full (``make bench``), quick (about 10 minutes; 2 without the
+steady and xmin sections) and smoke."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ from dataclasses import dataclass, field, replace
 
 from bench.systems.base import Variant
 
-SECTIONS = ("processing", "latency", "enqueue", "growth", "requests")
+SECTIONS = ("processing", "latency", "enqueue", "growth", "requests", "steady", "xmin")
+
+# The load of the steady and xmin sections, the same in every mode (the rows' titles name it):
+# jobs per second in fixed-rate mode, jobs kept waiting in target-depth mode; and the rate and
+# concurrency under which the xmin section holds a snapshot.
+STEADY_RATE = 1_000.0
+STEADY_DEPTH = 4_000
+XMIN_RATE = 800.0
+XMIN_CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,20 @@ class Config:
     http_seconds: float = 8.0
     http_warmup: float = 1.5
     http_concurrency: int = 16
+    # Steady load, worker and producer in one process: the concurrencies, then seconds of
+    # warm-up and of measurement per run.
+    steady_concurrency: tuple[int, ...] = (10, 16, 64, 256)
+    steady_warmup: float = 2.0
+    steady_seconds: float = 10.0
+    # A snapshot held under steady load (one repetition whatever ``repeat`` says): seconds
+    # of warm-up, baseline, hold and recovery; the sampling window; and the span the
+    # figures "at the end of the hold" and "after the release" cover.
+    xmin_warmup: float = 2.0
+    xmin_baseline: float = 60.0
+    xmin_hold: float = 600.0
+    xmin_recovery: float = 120.0
+    xmin_window: float = 5.0
+    xmin_span: float = 60.0
     sections: tuple[str, ...] = SECTIONS
     systems: tuple[str, ...] = ()
     variants: tuple[Variant, ...] = field(default_factory=tuple)
@@ -40,7 +63,8 @@ class Config:
 
 FULL = Config(mode="full")
 # About 2 minutes: smaller runs, the PostgreSQL peers only and with one worker process, and
-# a history of 200,000 + 20,000 rows instead of 1.1 million for the cost-growth rows.
+# a history of 200,000 + 20,000 rows instead of 1.1 million for the cost-growth rows; the
+# steady and xmin sections add about 7 minutes (fewer concurrencies, a one-minute hold).
 QUICK = Config(
     mode="quick",
     jobs=3_000,
@@ -55,6 +79,14 @@ QUICK = Config(
     growth_future=20_000,
     http_seconds=2.0,
     http_warmup=0.5,
+    steady_concurrency=(10, 64),
+    steady_warmup=1.0,
+    steady_seconds=3.0,
+    xmin_warmup=1.0,
+    xmin_baseline=15.0,
+    xmin_hold=60.0,
+    xmin_recovery=30.0,
+    xmin_span=15.0,
 )
 SMOKE = Config(
     mode="smoke",
@@ -71,13 +103,22 @@ SMOKE = Config(
     http_seconds=1.0,
     http_warmup=0.3,
     http_concurrency=4,
+    steady_concurrency=(10,),
+    steady_warmup=0.3,
+    steady_seconds=1.0,
+    xmin_warmup=0.3,
+    xmin_baseline=1.0,
+    xmin_hold=3.0,
+    xmin_recovery=2.0,
+    xmin_window=0.5,
+    xmin_span=1.0,
 )
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
 # Each peer with its documented fast settings and with its defaults.
 VARIANTS = (
-    Variant("pgoutbox", "pgoutbox", {"concurrency": 100}, workers=(1, 2, 4)),
-    Variant("raw", "raw SQL", {"loops": 2, "batch_size": 100}, jobs_factor=3.0),
+    Variant("pgoutbox", "pgoutbox", {"concurrency": 100}, workers=(1, 2, 4), steady=True),
+    Variant("raw", "raw SQL", {"loops": 2, "batch_size": 100}, jobs_factor=3.0, steady=True),
     Variant(
         "pgqueuer",
         "pgqueuer b=100",
@@ -85,6 +126,7 @@ VARIANTS = (
         workers=(1,),
         latency=False,
         enqueue=False,
+        steady=True,
     ),
     Variant("pgqueuer", "pgqueuer b=10", {"batch_size": 10}),
     Variant("procrastinate", "procrastinate c=50", {"concurrency": 50}, jobs_factor=0.2),

@@ -9,7 +9,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from bench import pg
 from bench.config import Config
@@ -32,6 +32,8 @@ class Context:
     results: dict[tuple[str, str], Sample] = field(default_factory=lambda: defaultdict(Sample))
     notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Label -> what the xmin section saw over time (bench/xmin.py); --json writes it beside.
+    timelines: dict[str, dict[str, Any]] = field(default_factory=dict)
     machine: str = ""
     verbose: bool = True
     _numbers: itertools.count[int] = field(default_factory=itertools.count)

@@ -1,13 +1,14 @@
 """Enqueue throughput from one client process: one call and one transaction per job (and any
-other single-job way the system offers: pgoutbox's enqueue on a raw asyncpg connection), then
-the batch API with 1,000 jobs per call (where the system has one), timed apart, in one fresh
-process on a fresh database per system and repetition."""
+other single-job way the system offers: pgoutbox's enqueue on each kind of session it takes),
+then the batch API with 1,000 jobs per call (where the system has one, and its other batch
+ways: pgoutbox's enqueue_many on each kind of session), timed apart, in one fresh process on
+a fresh database per system and repetition."""
 
 from __future__ import annotations
 
 from bench.context import Context, rotated, system_of
 from bench.measure import BenchError
-from bench.systems.base import Variant
+from bench.systems.base import Variant, is_batch
 
 
 async def run_once(ctx: Context, variant: Variant) -> None:
@@ -31,8 +32,11 @@ async def run_once(ctx: Context, variant: Variant) -> None:
             tag=f"{variant.system}-enqueue",
         )
         child.start()
-        singles = len(modes) - ("batch" in modes)
-        await child.wait_ok(120 + singles * cfg.enqueue_single / 100 + cfg.enqueue_batch / 1000)
+        batches = sum(is_batch(mode) for mode in modes)
+        singles = len(modes) - batches
+        await child.wait_ok(
+            120 + singles * cfg.enqueue_single / 100 + batches * cfg.enqueue_batch / 1000
+        )
     answers = [e for e in child.events() if e.get("event") == "enqueued"]
     if [answer["mode"] for answer in answers] != list(modes):
         raise BenchError(f"{variant.label}: no timing from the enqueue run:\n{child.output()}")

@@ -33,7 +33,7 @@ from outbox_worker.devdb import PostgresServer
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smaller runs, about 2 minutes")
+    size.add_argument("--quick", action="store_true", help="smaller runs, about 10 minutes")
     size.add_argument("--smoke", action="store_true", help="tiny runs, for the test suite")
     parser.add_argument(
         "--systems", default="", help=f"comma-separated subset of {','.join(NAMES)}"
@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.json:
         figures = {f"{row} | {col}": s.values for (row, col), s in ctx.results.items()}
         opts.json.write_text(json.dumps(figures, indent=2) + "\n")
+        if ctx.timelines:
+            # Beside the figures, which hold "row | column" -> repetitions only.
+            timelines = opts.json.with_suffix(".timelines.json")
+            timelines.write_text(json.dumps(ctx.timelines, indent=2) + "\n")
     return 1 if ctx.failures else 0
 
 

@@ -34,6 +34,9 @@ class Variant:
     # Jobs drained per processing run, as a multiple of the configured count (slow peers
     # drain fewer, the raw loop more, so each run lasts long enough to time).
     jobs_factor: float = 1.0
+    # Measured by the steady and xmin sections (worker and producer in one process; one
+    # column per system there, its settings mapped from the concurrency).
+    steady: bool = False
 
 
 class System(abc.ABC):
@@ -43,12 +46,15 @@ class System(abc.ABC):
     # Single-job ways the system's client offers besides ``one`` (the one all systems share),
     # each a method of its client taking ``one``'s argument and timed as its own row.
     other_singles: tuple[str, ...] = ()
+    # Batch ways besides ``batch``, likewise: methods named ``batch_…`` taking its argument.
+    other_batches: tuple[str, ...] = ()
 
     @property
     def enqueue_modes(self) -> tuple[str, ...]:
         """What the enqueue section times, in order: ``single`` (``one``), then
-        ``other_singles``, then ``batch`` where there is a batch API."""
-        return ("single", *self.other_singles, *(("batch",) if self.has_batch else ()))
+        ``other_singles``, then ``batch`` and ``other_batches`` where there is a batch API."""
+        batches = ("batch", *self.other_batches) if self.has_batch else ()
+        return ("single", *self.other_singles, *batches)
 
     def missing(self) -> str | None:
         """Why the system cannot run here (a package not installed, no server), or None."""
@@ -133,14 +139,24 @@ class Client(Protocol):
     async def close(self) -> None: ...
 
 
+def is_batch(mode: str) -> bool:
+    """Whether an enqueue mode is a batch API (``batch``, ``batch_…``), timed with the batch
+    job count, rather than a single-job way."""
+    return mode == "batch" or mode.startswith("batch_")
+
+
 async def time_enqueue(client: Client, mode: str, jobs: int, batch: int) -> float:
     """Seconds to enqueue ``jobs`` jobs, after an untimed warm-up. ``mode``: ``single``
-    (``client.one``), ``batch`` or the name of another single-job method of the client."""
-    if mode == "batch":
-        await client.batch(batch)
+    (``client.one``), ``batch`` (``client.batch``) or the name of another single-job or
+    batch method of the client."""
+    if is_batch(mode):
+        many: Callable[[int], Awaitable[None]] = (
+            client.batch if mode == "batch" else getattr(client, mode)
+        )
+        await many(batch)
         began = time.perf_counter()
         for start in range(0, jobs, batch):
-            await client.batch(min(batch, jobs - start))
+            await many(min(batch, jobs - start))
         return time.perf_counter() - began
     one: Callable[[int | None], Awaitable[None]] = (
         client.one if mode == "single" else getattr(client, mode)
@@ -211,7 +227,7 @@ def child_main(
         try:
             if opts.command == "enqueue":
                 for mode in opts.modes.split(","):
-                    jobs = opts.batch_jobs if mode == "batch" else opts.jobs
+                    jobs = opts.batch_jobs if is_batch(mode) else opts.jobs
                     seconds = await time_enqueue(client, mode, jobs, opts.batch)
                     emit("enqueued", mode=mode, seconds=seconds, jobs=jobs)
             else:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from bench.inprocess import Driver, OnJob, Producer
 from bench.measure import Stamps, emit
 from bench.pg import execute, fetchval
 from bench.systems.base import Client, System, WorkerOpts, child_main
@@ -101,6 +103,33 @@ async def _noop() -> None:
     return None
 
 
+async def claim_loop(
+    conn: asyncpg.Connection,
+    *,
+    batch_size: int,
+    burst: bool,
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    run: Callable[[asyncpg.Record], Awaitable[None]],
+) -> None:
+    claim = await conn.prepare(CLAIM)
+    complete = await conn.prepare(COMPLETE)
+    while not stop.is_set():
+        wake.clear()
+        rows = await claim.fetch(batch_size)
+        if rows:
+            await asyncio.gather(*(run(row) for row in rows))
+            await complete.fetch([row["id"] for row in rows])
+            continue
+        if burst:
+            return
+        waiter = asyncio.ensure_future(wake.wait())
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiter, stopper}, timeout=1.0, return_when="FIRST_COMPLETED")
+        waiter.cancel()
+        stopper.cancel()
+
+
 async def work(opts: WorkerOpts) -> None:
     stamps = Stamps(opts.stamps)
     stop = asyncio.Event()
@@ -120,26 +149,15 @@ async def work(opts: WorkerOpts) -> None:
         else:
             await _noop()
 
-    async def claim_loop(conn: asyncpg.Connection) -> None:
-        claim = await conn.prepare(CLAIM)
-        complete = await conn.prepare(COMPLETE)
-        while not stop.is_set():
-            wake.clear()
-            rows = await claim.fetch(opts.batch_size)
-            if rows:
-                await asyncio.gather(*(run(row) for row in rows))
-                await complete.fetch([row["id"] for row in rows])
-                continue
-            if opts.burst:
-                return
-            waiter = asyncio.ensure_future(wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=1.0, return_when="FIRST_COMPLETED")
-            waiter.cancel()
-            stopper.cancel()
-
     emit("ready")
-    await asyncio.gather(*(claim_loop(conn) for conn in conns))
+    await asyncio.gather(
+        *(
+            claim_loop(
+                conn, batch_size=opts.batch_size, burst=opts.burst, stop=stop, wake=wake, run=run
+            )
+            for conn in conns
+        )
+    )
     emit("done")
     for conn in [*conns, *([listener] if listener else [])]:
         await conn.close()
@@ -164,6 +182,79 @@ class RawClient:
 
 async def connect(dsn: str) -> Client:
     return RawClient(await asyncpg.connect(dsn))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process worker and producer (the steady and xmin sections, bench/inprocess.py)
+# ---------------------------------------------------------------------------------------------
+
+
+class RawProducer:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+
+    async def one(self, stamp: float) -> None:
+        await self.conn.fetch(INSERT_ONE, "steady", json.dumps({"t": stamp}))
+
+    async def many(self, stamp: float, jobs: int) -> None:
+        await self.conn.fetch(INSERT_MANY, [json.dumps({"t": stamp})] * jobs)
+
+    async def close(self) -> None:
+        await self.conn.close()
+
+
+class RawInProcess:
+    """Two claim loops of ``concurrency / 2`` each, as the worker child runs them, woken by
+    LISTEN/NOTIFY."""
+
+    LOOPS = 2
+
+    def __init__(self, dsn: str, concurrency: int) -> None:
+        self.dsn = dsn
+        self.batch = max(1, concurrency // self.LOOPS)
+        self.settings = f"{self.LOOPS} claim loops of {self.batch}"
+        self.stop_event = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.conns: list[asyncpg.Connection] = []
+        self.task: asyncio.Future[list[None]] | None = None
+
+    async def start(self, on_job: OnJob) -> None:
+        self.conns = [await asyncpg.connect(self.dsn) for _ in range(self.LOOPS + 1)]
+        await self.conns[-1].add_listener("raw_jobs", lambda *_: self.wake.set())
+
+        async def run(job: asyncpg.Record) -> None:
+            await on_job(float(json.loads(job["args"])["t"]))
+
+        self.task = asyncio.gather(
+            *(
+                claim_loop(
+                    conn,
+                    batch_size=self.batch,
+                    burst=False,
+                    stop=self.stop_event,
+                    wake=self.wake,
+                    run=run,
+                )
+                for conn in self.conns[: self.LOOPS]
+            )
+        )
+
+    async def producer(self) -> Producer:
+        return RawProducer(await asyncpg.connect(self.dsn))
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        self.wake.set()
+        try:
+            if self.task is not None:
+                await self.task
+        finally:
+            for conn in self.conns:
+                await conn.close()
+
+
+def in_process(dsn: str, concurrency: int, batch_size: int) -> Driver:
+    return RawInProcess(dsn, concurrency)
 
 
 if __name__ == "__main__":
