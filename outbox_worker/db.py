@@ -118,6 +118,13 @@ async def retrying(
     instead of dying with it. ``give_up_after`` bounds that in seconds; ``until`` ends it
     when the event is set (a worker told to stop).
     """
+    try:
+        return await unit()
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+    # Only a unit that failed on the database pays for the retrying machinery: its first
+    # retry is at once, as a fresh connection from the pool usually answers.
     stop: stop_base = stop_never if give_up_after is None else stop_after_delay(give_up_after)
     if until is not None:
         stop = stop | stop_when_event_set(until)  # type: ignore[arg-type]

@@ -48,7 +48,7 @@ class WorkerOptions:
     concurrency: int = 10
     # The most jobs claimed ahead of a free slot, so that a slot whose job ends starts the
     # next one at once (fewer when jobs are long: see _worker/slots.py); None: the
-    # concurrency, and at least 64.
+    # concurrency, and at least 256.
     prefetch: int | None = None
     lease_seconds: float = 30.0
     poll_interval: float = 1.0
@@ -96,7 +96,7 @@ class Worker:
         self.ready = asyncio.Event()
         # Handlers still running when the worker stopped: they ignored their cancellation.
         self.stuck: list[asyncio.Task[None]] = []
-        ahead = max(64, options.concurrency) if options.prefetch is None else options.prefetch
+        ahead = max(256, options.concurrency) if options.prefetch is None else options.prefetch
         self._slots = Slots(options.concurrency, ahead=ahead, log=self.log)
         self._stop = asyncio.Event()
         self._give_up_writes = asyncio.Event()

@@ -42,12 +42,12 @@ async def _warm_up(pool: asyncpg.Pool, worker: WorkerProcess) -> None:
 
 
 def test_jobs_worth_claiming_ahead_follow_the_slots_finishing_during_a_round_trip() -> None:
-    slots = Slots(4, ahead=50, log=structlog.get_logger("test"))
+    slots = Slots(4, ahead=100, log=structlog.get_logger("test"))
     assert slots.worth_ahead() == 0, "nothing is known yet: claim for free slots only"
     slots.job_seconds, slots.trip_seconds = 0.001, 0.004
-    assert slots.worth_ahead() == 32  # 4 slots finish 16 jobs in a round trip; twice that
+    assert slots.worth_ahead() == 64  # 4 slots finish 16 jobs a round trip; 2 trips, doubled
     slots.job_seconds = 0.0001
-    assert slots.worth_ahead() == 50  # never past the setting
+    assert slots.worth_ahead() == 100  # never past the setting
     slots.job_seconds = 2.0
     assert slots.worth_ahead() == 1  # long jobs: one each round trip at most
     assert Slots(4, ahead=0, log=structlog.get_logger("test")).worth_ahead() == 0

@@ -12,7 +12,9 @@ and ride on the statement that writes successes, without ever holding more than
 ``concurrency + ahead`` rows or running more than ``concurrency`` handlers.
 
 How many jobs are worth claiming ahead follows from Little's law: as many as the slots
-finish while a claim travels to the database and back, twice over for the spread. With
+finish before a finished job's replacement arrives, which takes up to two round trips to the
+database (the write under way, then the one that carries its success and the claim of its
+replacement), and that doubled for the spread. With
 millisecond jobs that is dozens; with jobs of a second or more it is none, so a worker never
 hoards long jobs that an idle worker could run (prefetching's classic trap). Both figures
 are moving averages of what this worker sees; until its first job ends it claims for its
@@ -143,7 +145,7 @@ class Slots:
         """Jobs worth claiming ahead now (see the module's docstring), at most ``ahead``."""
         if not self.ahead or self.job_seconds is None or self.trip_seconds is None:
             return 0
-        finishing = 2 * self.concurrency * self.trip_seconds / max(self.job_seconds, 1e-5)
+        finishing = 4 * self.concurrency * self.trip_seconds / max(self.job_seconds, 1e-5)
         return min(self.ahead, math.ceil(finishing))
 
     def trip(self, seconds: float) -> None:

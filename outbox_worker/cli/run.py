@@ -133,7 +133,7 @@ def run(
             min=0,
             max=10_000,
             help="Jobs claimed ahead of a free slot, so that a slot starts its next job at "
-            "once (default: the concurrency; 0: claim only for free slots).",
+            "once (default: the concurrency, at least 256; 0: claim only for free slots).",
         ),
     ] = None,
     queues: Annotated[
