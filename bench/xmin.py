@@ -48,6 +48,13 @@ FROM pg_stat_user_tables
 WHERE relname = ANY($1::text[])
 """
 HOLDER_AGE = "SELECT age(backend_xmin) FROM pg_stat_activity WHERE pid = $1"
+# Scans and entries read per index so far: their growth over a window, divided, is how many
+# index entries (dead ones included) each scan stepped over.
+INDEX_STATS = """
+SELECT indexrelname, idx_scan, idx_tup_read
+FROM pg_stat_user_indexes
+WHERE relname = ANY($1::text[])
+"""
 # Recovered: the first window after the release whose pickup p99 is within this factor of
 # the baseline's.
 RECOVERED = 1.5
@@ -104,7 +111,12 @@ async def sample(probe: asyncpg.Connection, tables: tuple[str, ...], holder: int
         for row in rows
     }
     age = await probe.fetchval(HOLDER_AGE, holder)
+    indexes = {
+        str(row["indexrelname"]): (int(row["idx_scan"] or 0), int(row["idx_tup_read"] or 0))
+        for row in await probe.fetch(INDEX_STATS, list(tables))
+    }
     return {
+        "indexes": indexes,
         "dead": sum(t["dead"] for t in per_table.values()),
         "live": sum(t["live"] for t in per_table.values()),
         "table_mb": sum(t["table_bytes"] for t in per_table.values()) / MB,
@@ -112,6 +124,17 @@ async def sample(probe: asyncpg.Connection, tables: tuple[str, ...], holder: int
         "xmin_age": None if age is None else int(age),
         "tables": per_table,
     }
+
+
+def _per_scan(before: Mapping[str, tuple[int, int]], point: Mapping[str, Any]) -> float | None:
+    """The most index entries read per scan by any one index in the window: the claim's
+    index for a queue that claims by one, every entry it stepped over, dead or alive."""
+    ratios = [
+        (read - before.get(name, (0, 0))[1]) / (scans - before.get(name, (0, 0))[0])
+        for name, (scans, read) in point["indexes"].items()
+        if scans > before.get(name, (0, 0))[0]
+    ]
+    return max(ratios, default=None)
 
 
 def _ms(value: object) -> str:
@@ -128,6 +151,8 @@ def compact(label: str, point: Mapping[str, Any]) -> str:
         f"{point['per_s']:>6,.0f}/s (enqueued {point['enqueued_per_s']:,.0f}/s, "
         f"{point['depth']:,} waiting) p50 {_ms(point['p50'])} p99 {_ms(point['p99'])} ms, "
         f"dead {point['dead']:,}, live {point['live']:,}, "
+        f"{_count(None if point['per_scan'] is None else round(point['per_scan']))} "
+        "entries/scan, "
         f"{point['table_mb']:.1f}+{point['index_mb']:.1f} MB, xmin age {_count(point['xmin_age'])}"
     )
 
@@ -187,6 +212,7 @@ async def run_once(ctx: Context, variant: Variant) -> dict[str, Any]:
                     "depth": int(figures["depth"]),
                     **await sample(probe, tables, holder.get_server_pid()),
                 }
+                point["per_scan"] = _per_scan(points[-1]["indexes"] if points else {}, point)
                 points.append(point)
                 enqueued = int(figures["enqueued"])
                 ctx.say(compact(variant.label, point))
@@ -313,6 +339,7 @@ def timeline_table(timelines: Mapping[str, Mapping[str, Any]], every: float | No
             f"{label} jobs/s",
             f"{label} p99 (ms)",
             f"{label} dead tuples",
+            f"{label} index entries/scan",
             f"{label} MB",
             f"{label} xmin age",
         ]
@@ -325,12 +352,13 @@ def timeline_table(timelines: Mapping[str, Mapping[str, Any]], every: float | No
         for label in labels:
             p = by_label[label].get(k)
             if p is None:
-                cells += [""] * 5
+                cells += [""] * 6
                 continue
             cells += [
                 f"{float(p['per_s']):,.0f}",
                 _ms(p["p99"]),
                 f"{int(p['dead']):,}",
+                _count(None if p.get("per_scan") is None else round(p["per_scan"])),
                 f"{float(p['table_mb']) + float(p['index_mb']):.1f}",
                 _count(p["xmin_age"]),
             ]
