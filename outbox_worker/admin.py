@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import metrics, sql
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
-from outbox_worker.jobs import Job, JobState
+from outbox_worker.jobs import MAX_JOB_ID, Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 # What every admin read and change runs on: the caller's SQLAlchemy session or connection,
@@ -24,7 +24,6 @@ from outbox_worker.names import NAME_PATTERN, is_valid_name
 AdminSession = AsyncSession | AsyncConnection
 
 MAX_PAGE = 500
-MAX_JOB_ID = 2**63 - 1  # ids are a bigserial
 FINISHED = (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
 
 

@@ -6,7 +6,7 @@ whose tasks it enqueues (and the names an API process declares without their han
 size limit of a job's args, and the queues' depth limits with their cache. Nothing is read
 from the environment on a first call, and no other registry of the process is looked in.
 ``outbox.enqueue`` is awaited with an async session or connection, ``outbox.sync.enqueue``
-called with a sync one; both run the same plan (outbox_worker.enqueue) through the same
+called with a sync one; both run the same plan (outbox_worker.enqueue_plans) through the same
 drivers (outbox_worker.drivers), and refuse the other side's sessions before any SQL.
 
 The module-level ``outbox_worker.enqueue`` and ``outbox_worker.sync.enqueue`` are the methods
@@ -33,7 +33,7 @@ from outbox_worker.client_plans import (
     checked_autocommit,
 )
 from outbox_worker.config import WorkerSettings
-from outbox_worker.enqueue import Backpressure, NewJob
+from outbox_worker.enqueue_plans import Backpressure, NewJob
 from outbox_worker.errors import ConfigError
 from outbox_worker.jobs import Job
 from outbox_worker.names import NAME_PATTERN, is_valid_name

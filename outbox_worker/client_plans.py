@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from outbox_worker.enqueue import (
+from outbox_worker.enqueue_checks import TaskDefaults
+from outbox_worker.enqueue_plans import (
     Backpressure,
     NewJob,
     Plan,
@@ -19,7 +20,6 @@ from outbox_worker.enqueue import (
     plan_many,
     plan_one,
 )
-from outbox_worker.enqueue_checks import TaskDefaults
 from outbox_worker.errors import InvalidName, InvalidOption, UnknownTask
 from outbox_worker.jobs import Job
 from outbox_worker.names import NAME_PATTERN, is_valid_name

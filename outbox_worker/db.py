@@ -9,13 +9,12 @@ before it in the same transaction are gone too.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
 import structlog
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -213,12 +212,14 @@ def _unavailable_cause(exc: BaseException) -> BaseException | None:
 
 
 def _means_unavailable(link: BaseException) -> bool:
-    if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
-        return True  # the dialect saw the connection drop
-    if isinstance(link, sa_exc.TimeoutError):
-        return True  # no connection free in the pool within its timeout
-    if isinstance(link, sa_exc.SQLAlchemyError):
-        return False  # a wrapper: what it wraps says more
+    # A SQLAlchemy error can only exist once SQLAlchemy is loaded; a worker never loads it.
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(link, sa_exc.SQLAlchemyError):
+        if isinstance(link, sa_exc.DBAPIError) and link.connection_invalidated:
+            return True  # the dialect saw the connection drop
+        # No connection free in the pool within its timeout, or else a wrapper: what it
+        # wraps says more.
+        return isinstance(link, sa_exc.TimeoutError)
     state = getattr(link, "sqlstate", None)
     if isinstance(state, str):
         return state.startswith(_UNAVAILABLE_PREFIXES) or state in _UNAVAILABLE_STATES
@@ -248,6 +249,8 @@ def _raised_by_a_driver(exc: BaseException) -> bool:
 
 def where(dsn: str) -> str:
     """host:port/database of a URL, for messages (never the password)."""
+    from sqlalchemy.engine import make_url  # only once there is something to say
+
     try:
         url = make_url(sqlalchemy_url(dsn))
     except Exception:

@@ -1,4 +1,4 @@
-"""Run an enqueue's plan (outbox_worker.enqueue) on the session or connection the caller has.
+"""Run an enqueue's plan (outbox_worker.enqueue_plans) on the session or connection the caller has.
 
 A plan is the same whatever runs it; what differs per driver is only how one statement is
 sent and its rows read back: SQLAlchemy (any of its PostgreSQL drivers: ``text()``,
@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from outbox_worker import sql
-from outbox_worker.enqueue import Plan, Rows
+from outbox_worker.enqueue_plans import Plan, Rows
 from outbox_worker.errors import WrongSession
 
 if TYPE_CHECKING:

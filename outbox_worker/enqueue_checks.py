@@ -22,7 +22,7 @@ from outbox_worker.jobs import MAX_JSON_DEPTH
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 if TYPE_CHECKING:
-    from outbox_worker.enqueue import NewJob
+    from outbox_worker.enqueue_plans import NewJob
 
 INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 512

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 # give out between 300 and 1000 levels, while jsonb holds thousands; so readers cut anything
 # deeper (a handler's result, a row written by plain SQL) and show TOO_DEEP in its place.
 MAX_JSON_DEPTH = 100
+MAX_JOB_ID = 2**63 - 1  # ids are a bigserial
 TOO_DEEP = f"(nested deeper than {MAX_JSON_DEPTH} levels: not shown)"
 
 

@@ -14,7 +14,8 @@ A database gets them one of two ways, and each records them in its own place:
 check; which one applies tells which command brings the schema to head.
 
 Public for an application's Alembic: :data:`VERSIONS` and :func:`not_pgoutbox` (``__all__``);
-the rest serves the CLI and the worker.
+the rest serves the CLI and the worker. Alembic and SQLAlchemy are imported where they are
+used, so that the worker's start-up check (:func:`recorded_state`) loads neither.
 """
 
 from __future__ import annotations
@@ -25,20 +26,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import asyncpg
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext, MigrationInfo
-from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect, text
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alembic import command
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import ConfigError, OutboxError
-from outbox_worker.schema import metadata
 
 if TYPE_CHECKING:
+    from alembic.config import Config
     from alembic.runtime.environment import NameFilterParentNames, NameFilterType
+    from alembic.runtime.migration import MigrationInfo
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import Connection
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["VERSIONS", "not_pgoutbox"]
 
@@ -68,32 +67,40 @@ class MigrationFailed(OutboxError):
 
 def alembic_config() -> Config:
     """The library's own Alembic configuration (no file): what ``outbox-worker migrate`` runs."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(SCRIPTS))
     return config
 
 
 @functools.cache
-def _scripts() -> ScriptDirectory:
+def alembic_script_directory() -> ScriptDirectory:
+    """The branch as Alembic reads it."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
 def head() -> str:
     """The newest revision of the library's branch, which this code needs."""
-    revision = _scripts().get_current_head()
-    if revision is None:  # the package lost its versions directory
+    known = revisions()
+    if not known:  # the package lost its versions directory
         raise ConfigError(f"no pgoutbox migrations in {VERSIONS}")
-    return revision
+    return max(known)
 
 
+@functools.cache
 def revisions() -> frozenset[str]:
-    """Every revision of the library's branch."""
-    return frozenset(script.revision for script in _scripts().walk_revisions())
+    """Every revision of the library's branch, read from the file names without Alembic: each
+    revision ``pgoutbox_NNNN`` lives in ``pgoutbox_NNNN_<what>.py``, one after the other
+    (a test holds the names to Alembic's own reading of the files)."""
+    return frozenset("_".join(path.stem.split("_")[:2]) for path in VERSIONS.glob("pgoutbox_*.py"))
 
 
 def describe(revision: str) -> str:
     """The first paragraph of a revision's docstring, on one line."""
-    script = _scripts().get_revision(revision)
+    script = alembic_script_directory().get_revision(revision)
     return " ".join(script.doc.split()) if script is not None else revision
 
 
@@ -103,6 +110,8 @@ def not_pgoutbox(
     """``include_name`` for an application's Alembic: autogenerate then neither proposes to
     drop the library's tables (which the application's models do not declare) nor copies a
     change of them into the application's revisions (the library's branch brings it)."""
+    from outbox_worker.schema import metadata
+
     return type_ != "table" or (name not in metadata.tables and name != VERSION_TABLE)
 
 
@@ -175,6 +184,9 @@ class SchemaState:
 def state_of(conn: Connection) -> SchemaState:
     """The database's record, read the way Alembic reads it (no write: a missing version
     table stays missing)."""
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import inspect
+
     own = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
     app = MigrationContext.configure(conn, opts={"version_table": APP_VERSION_TABLE})
     return SchemaState(
@@ -214,6 +226,11 @@ async def upgrade(engine: AsyncEngine, where: str) -> tuple[str, ...]:
 
 
 def _upgrade_locked(conn: Connection, where: str) -> tuple[str, ...]:
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy import text
+
+    from alembic import command
+
     conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
     conn.commit()  # the lock outlives it; Alembic's per-revision transactions start clean
     try:
@@ -229,7 +246,10 @@ def _upgrade_locked(conn: Connection, where: str) -> tuple[str, ...]:
             raise ConfigError(state.summary(where))
         if state.status == "ahead":
             raise SchemaNotAtHead(state.summary(where))
-        pending = [s.revision for s in _scripts().iterate_revisions("heads", state.revision)]
+        pending = [
+            s.revision
+            for s in alembic_script_directory().iterate_revisions("heads", state.revision)
+        ]
         pending.reverse()
         applied: list[str] = []
 
@@ -272,4 +292,6 @@ async def check(engine: AsyncEngine) -> SchemaState:
 def offline_sql() -> None:
     """Print to stdout the SQL that brings an empty database to head, bookkeeping included
     (Alembic's offline mode): for a DBA to review and apply by hand."""
+    from alembic import command
+
     command.upgrade(alembic_config(), "heads", sql=True)

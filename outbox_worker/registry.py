@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from outbox_worker.context import JobContext
-from outbox_worker.enqueue import NewJob
 from outbox_worker.enqueue_checks import INT32_MAX
+from outbox_worker.enqueue_plans import NewJob
 from outbox_worker.errors import InvalidArgs, TaskDefinitionError
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 

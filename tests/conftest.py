@@ -28,7 +28,7 @@ from alembic import command
 from outbox_worker import current_correlation_id
 from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
-from outbox_worker.enqueue import default_max_args_bytes
+from outbox_worker.enqueue_plans import default_max_args_bytes
 from tests.admin_host import begun, create_admin_host
 from tests.support import ADMIN_TOKEN, Enqueuer
 from tests.workload import EXECUTIONS_DDL

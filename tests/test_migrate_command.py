@@ -53,6 +53,14 @@ def test_the_head_is_the_newest_revision_of_the_branch() -> None:
     assert migrate.revisions() == {f"pgoutbox_000{n}" for n in range(1, 6)}
 
 
+def test_the_revisions_read_from_file_names_are_alembics_own() -> None:
+    """The worker reads the revisions from the file names, without Alembic: they must be
+    what Alembic reads from the files, and the head the one Alembic finds."""
+    scripts = migrate.alembic_script_directory()
+    assert migrate.revisions() == {script.revision for script in scripts.walk_revisions()}
+    assert migrate.head() == scripts.get_current_head()
+
+
 async def test_migrate_installs_the_schema_once_and_check_tells_where_it_stands(
     empty_databases: NewDatabase,
 ) -> None:

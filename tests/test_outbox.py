@@ -36,7 +36,7 @@ from outbox_worker import (
     TaskDefinitionError,
     UnknownTask,
 )
-from outbox_worker.enqueue import default_backpressure, default_max_args_bytes
+from outbox_worker.enqueue_plans import default_backpressure, default_max_args_bytes
 from tests.workload import registry as workload_registry
 
 tasks = Registry()

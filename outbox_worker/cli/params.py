@@ -9,18 +9,16 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from outbox_worker import admin
 from outbox_worker.config import WorkerSettings, parse_duration
 from outbox_worker.errors import ConfigError
+from outbox_worker.jobs import MAX_JOB_ID
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 DatabaseUrl = Annotated[str | None, typer.Option(help="Default: $DATABASE_URL")]
 AsJson = Annotated[
     bool, typer.Option("--json", help="Print JSON to stdout (and nothing else) for scripts.")
 ]
-JobId = Annotated[
-    int, typer.Argument(metavar="JOB_ID", min=1, max=admin.MAX_JOB_ID, help="Job id.")
-]
+JobId = Annotated[int, typer.Argument(metavar="JOB_ID", min=1, max=MAX_JOB_ID, help="Job id.")]
 
 
 def queue_names(value: str | None) -> tuple[str, ...]:

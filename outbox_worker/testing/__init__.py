@@ -10,7 +10,7 @@
 The helpers that read or clear the table take every async session or connection enqueue
 takes; ``outbox_worker.testing.sync`` has their twins for a sync session, and a sync
 ``drain`` and ``perform_job``, for a sync test suite. Each of them is a plan, as an enqueue
-is (outbox_worker.enqueue), run by outbox_worker.drivers: one search and one failure message
+is (outbox_worker.enqueue_plans), run by outbox_worker.drivers: one search and one failure message
 whatever the session. docs/testing.md shows them in a FastAPI app's tests.
 
 Each job has a private module: ``_assertions`` (with the plans ``sync`` shares), ``_drain``

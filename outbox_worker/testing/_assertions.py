@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from outbox_worker import drivers, sql
 from outbox_worker.client import AsyncSessionLike
-from outbox_worker.enqueue import Plan
+from outbox_worker.enqueue_plans import Plan
 from outbox_worker.errors import WrongSession
 from outbox_worker.jobs import JOB_COLUMNS, Job, JobState
 

@@ -14,8 +14,8 @@ import structlog
 
 from outbox_worker.config import asyncpg_dsn
 from outbox_worker.context import JobContext, current_correlation_id
-from outbox_worker.enqueue import default_max_args_bytes
 from outbox_worker.enqueue_checks import encode_args
+from outbox_worker.enqueue_plans import default_max_args_bytes
 from outbox_worker.errors import InvalidArgs, OutboxError, UnknownTask
 from outbox_worker.registry import Registry
 

@@ -24,7 +24,7 @@ from app.core.config import Settings
 from app.main import create_app, schema_heads
 from outbox_worker import QueueFull, enqueue
 from outbox_worker.devdb import PostgresServer
-from outbox_worker.enqueue import default_backpressure
+from outbox_worker.enqueue_plans import default_backpressure
 from outbox_worker.web.router import RETRY_AFTER_SECONDS
 from tests.conftest import WorkerProcess, alembic_config
 from tests.sample.support import assert_json_detail
