@@ -9,8 +9,8 @@ import itertools
 import json
 import random
 import time
-from collections.abc import Awaitable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -49,11 +49,13 @@ class JobMix:
     """Mostly quick jobs, some slow ones, a few longer than the lease (for a row lock or a
     SIGTERM drain to catch mid-run), a few that fail once or twice, a few poison ones, and
     ``hostile_share`` of hostile ones. Only plain SQL writes a task no registry has, or args
-    nested past what enqueue accepts."""
+    nested past what enqueue accepts. Each path takes the hostile kinds in turn (in an order
+    the seed shuffles), so that even a short run meets every kind."""
 
     rng: random.Random
     lease_seconds: float
     hostile_share: float
+    turns: dict[bool, Iterator[str]] = field(default_factory=dict)
 
     def pick(self, marker: str, *, via_sql: bool) -> tuple[str, dict[str, Any]]:
         rng = self.rng
@@ -79,7 +81,12 @@ class JobMix:
         return "soak_work", {"marker": marker, "ms": ms, "fail": fail}
 
     def _hostile(self, marker: str, via_sql: bool) -> dict[str, Any]:
-        kind = self.rng.choice([k for k in HOSTILE_KINDS if via_sql or k != "too_deep"])
+        turn = self.turns.get(via_sql)
+        if turn is None:
+            kinds = [k for k in HOSTILE_KINDS if via_sql or k != "too_deep"]
+            self.rng.shuffle(kinds)
+            turn = self.turns[via_sql] = itertools.cycle(kinds)
+        kind = next(turn)
         args: dict[str, Any] = {"marker": marker, "kind": kind}
         if kind == "deep":
             args["levels"] = MAX_JSON_DEPTH - 1  # the args object itself is the first level
