@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     Table,
     Text,
     text,
@@ -124,4 +126,47 @@ outbox_revoked_sessions = Table(
     metadata,
     Column("id", Text, primary_key=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+# The claim's view of the queued jobs (migration pgoutbox_0006): one row per queued job,
+# written by triggers on outbox_jobs, in two lanes truncated in turn and a partition for jobs
+# due beyond the horizon. outbox_lanes says which lane new rows go to.
+outbox_lanes = Table(
+    "outbox_lanes",
+    metadata,
+    Column("only_row", Boolean, primary_key=True, server_default=text("true")),
+    Column("current", SmallInteger, nullable=False, server_default=text("0")),
+    Column("switched_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint("only_row", name="outbox_lanes_only_row_check"),
+    CheckConstraint("current IN (0, 1)", name="outbox_lanes_current_check"),
+)
+
+
+def _ready_columns() -> list[Column[object]]:
+    return [
+        Column("lane", SmallInteger, nullable=False),
+        Column("job_id", BigInteger, nullable=False),
+        Column("queue", Text, nullable=False),
+        Column("priority", Integer, nullable=False),
+        Column("run_at", DateTime(timezone=True), nullable=False),
+    ]
+
+
+outbox_ready = Table(
+    "outbox_ready", metadata, *_ready_columns(), postgresql_partition_by="LIST (lane)"
+)
+outbox_ready_lanes = [
+    Table(
+        f"outbox_ready_{lane}",
+        metadata,
+        *_ready_columns(),
+        Index(f"outbox_ready_{lane}_claim_idx", text("priority DESC"), "run_at", "job_id"),
+    )
+    for lane in (0, 1)
+]
+outbox_ready_later = Table(
+    "outbox_ready_later",
+    metadata,
+    *_ready_columns(),
+    Index("outbox_ready_later_due_idx", "run_at"),
 )

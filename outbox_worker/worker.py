@@ -30,7 +30,7 @@ from outbox_worker._worker.completer import Completer
 from outbox_worker._worker.executor import Executor, describe_error
 from outbox_worker._worker.gauges import Gauges
 from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
-from outbox_worker._worker.maintenance import Pruner, Rescuer
+from outbox_worker._worker.maintenance import Pruner, ReadyLanes, Rescuer
 from outbox_worker._worker.notifier import Notifier
 from outbox_worker._worker.outcomes import Failed, Outcome
 from outbox_worker._worker.service import Service
@@ -225,8 +225,9 @@ class Worker:
             fresh=heartbeat.fresh,
         )
         rescuer = Rescuer(pool=pool, interval=max(0.5, opts.lease_seconds / 2), log=self.log)
+        lanes = ReadyLanes(pool=pool, log=self.log)
         # Stopped with the claiming: they only serve claims.
-        claiming: list[Service] = [rescuer]
+        claiming: list[Service] = [rescuer, lanes]
         if any(keep is not None for keep in opts.retention.values()):
             claiming.append(
                 Pruner(
@@ -275,7 +276,7 @@ class Worker:
                 }
                 watchdog.start()
                 metrics.SLOTS_TOTAL.set(opts.concurrency)
-                await self._first_round(rescuer, heartbeat)
+                await self._first_round(rescuer, lanes, heartbeat)
                 self.ready.set()
                 self.log.info("worker_ready")
                 await self._produce(claimer)
@@ -287,12 +288,14 @@ class Worker:
         finally:
             watchdog.stop()
 
-    async def _first_round(self, rescuer: Rescuer, heartbeat: Heartbeat) -> None:
+    async def _first_round(self, rescuer: Rescuer, lanes: ReadyLanes, heartbeat: Heartbeat) -> None:
         """Before claiming: make the jobs a crashed predecessor left behind due now, not
-        after a rescue interval, and say the worker is alive. A database that went away
+        after a rescue interval, bring jobs that came due while no worker ran into the
+        lanes the claim reads, and say the worker is alive. A database that went away
         just now is no reason to stop; the services' own loops go on trying."""
         try:
             await rescuer.rescue_once(until=self._stop)
+            await lanes.maintain_once()
             await heartbeat.beat()
         except Exception as exc:
             if not db.is_transient(exc):

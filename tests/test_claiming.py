@@ -1,5 +1,5 @@
 """JOB_CLAIM: never more than asked, never the same job twice, in the promised order, served by
-its partial index; and many worker processes run every job exactly once."""
+the ready lanes' indexes; and many worker processes run every job exactly once."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _plan_nodes(child)
 
 
-async def test_claim_uses_its_partial_index_on_a_large_table(pool: asyncpg.Pool) -> None:
+async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: asyncpg.Pool) -> None:
     await pool.execute(
         """
         INSERT INTO outbox_jobs
@@ -171,7 +171,7 @@ async def test_claim_uses_its_partial_index_on_a_large_table(pool: asyncpg.Pool)
         FROM generate_series(1, 10000) g
         """
     )
-    await pool.execute("ANALYZE outbox_jobs")
+    await pool.execute("ANALYZE outbox_jobs, outbox_ready")
     table_pages = await pool.fetchval(
         "SELECT pg_relation_size('outbox_jobs') / current_setting('block_size')::int"
     )
@@ -183,18 +183,26 @@ async def test_claim_uses_its_partial_index_on_a_large_table(pool: asyncpg.Pool)
         )
         plan = json.loads(raw)[0]["Plan"]
         nodes = list(_plan_nodes(plan))
-        assert "outbox_jobs_claim_idx" in {n.get("Index Name") for n in nodes}, plan
+        indexes = {n.get("Index Name") for n in nodes}
+        assert {"outbox_ready_0_claim_idx", "outbox_ready_1_claim_idx"} <= indexes, plan
+        assert "outbox_ready_later_due_idx" not in indexes, plan
         seq_scans = [
             n
             for n in nodes
-            if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "outbox_jobs"
+            if n["Node Type"] == "Seq Scan"
+            and n.get("Relation Name") in ("outbox_jobs", "outbox_ready_0", "outbox_ready_later")
         ]
         assert seq_scans == [], plan
-        # The index hands rows over in the claim's order: no sort of the table's rows, stop
-        # after $2 (the claimed rows alone may be sorted again, to place them in that order).
+        # The lanes' indexes hand rows over in the claim's order (a Merge Append): no sort of
+        # the tables' rows, stop after $2 (the claimed rows alone may be sorted again, to
+        # place them in that order).
+        merges = [n for n in nodes if n["Node Type"] == "Merge Append"]
+        assert merges, plan
         sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
         assert not any(
-            n.get("Relation Name") == "outbox_jobs" for sort in sorts for n in _plan_nodes(sort)
+            str(n.get("Relation Name")).startswith("outbox_")
+            for sort in sorts
+            for n in _plan_nodes(sort)
         ), plan
 
         tx = conn.transaction()

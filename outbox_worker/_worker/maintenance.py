@@ -1,4 +1,5 @@
-"""Background upkeep that needs no user task: rescue expired leases, prune finished jobs."""
+"""Background upkeep that needs no user task: rescue expired leases, keep the ready lanes
+small, prune finished jobs."""
 
 from __future__ import annotations
 
@@ -63,6 +64,54 @@ class Rescuer:
             total += len(rows)
             if len(rows) < RESCUE_BATCH:
                 return total
+
+
+class ReadyLanes:
+    """Keeps the claim's reading short whatever snapshot another session holds: promotes jobs
+    coming due into the current lane, empties the lane not in use with ``TRUNCATE`` once its
+    rows are claimed, and switches lanes every ``SWITCH_EVERY`` seconds (the database function
+    ``outbox_ready_maintain`` does each step; migration pgoutbox_0006 explains the lanes).
+
+    Every worker runs one; the function lets one act at a time. A lane whose lock is not
+    granted within ``LOCK_WAIT`` (a ``pg_dump`` holds it, say) is left for the next round:
+    claims queued behind that lock wait no longer than that.
+    """
+
+    name = "ready-lanes"
+    INTERVAL = 1.0
+    # Under a held snapshot, a claim steps over the dead entries of about two switches' worth
+    # of claims; each switch and each emptied lane costs the claims a pause of a few ms.
+    SWITCH_EVERY = 2.0
+    # Copying this many rows under the lane's lock takes ~20 ms; a lane holding more is left
+    # for the claims to empty (its rows are the oldest, so they are claimed first).
+    MAX_COPY = 10_000
+    LOCK_WAIT = 0.1
+
+    def __init__(self, *, pool: asyncpg.Pool, log: structlog.typing.FilteringBoundLogger) -> None:
+        self._pool = pool
+        self._log = log
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.INTERVAL)
+            await self.maintain_once()
+
+    async def maintain_once(self) -> str:
+        """What the step did ('busy' when a lane's lock was not granted in time)."""
+        statement = sql.bind(
+            sql.READY_MAINTAIN,
+            switch_every=self.SWITCH_EVERY,
+            max_copy=self.MAX_COPY,
+            lock_wait=self.LOCK_WAIT,
+        )
+        try:
+            done: str = await db.retrying(
+                "ready-lanes", functools.partial(self._pool.fetchval, *statement)
+            )
+        except asyncpg.LockNotAvailableError:
+            self._log.debug("ready_lane_busy")
+            return "busy"
+        return done
 
 
 class Pruner:

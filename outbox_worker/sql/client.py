@@ -157,9 +157,10 @@ ORDER BY j.id DESC
 LIMIT :limit
 """
 
-# No parameters. Every job gone, for the next test; answers how many. A DELETE, not a
-# TRUNCATE: it waits for no lock a worker or an open transaction holds on the table.
+# No parameters. Every job gone, for the next test, with its ready rows; answers how many.
+# A DELETE, not a TRUNCATE: it waits for no lock a worker or an open transaction holds.
 JOB_DELETE_ALL = """
-WITH gone AS (DELETE FROM outbox_jobs RETURNING 1)
+WITH gone AS (DELETE FROM outbox_jobs RETURNING 1),
+     unready AS (DELETE FROM outbox_ready)
 SELECT count(*) FROM gone
 """

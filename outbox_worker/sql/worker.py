@@ -33,30 +33,53 @@ def fence(attempt: str) -> str:
 # The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: :queues to serve, :limit (the
 # rows the worker reserved), of which :ahead go to its buffer of jobs claimed ahead of a
 # free slot, :worker_id, :lease_seconds.
-# Lock in a MATERIALIZED CTE, then update, so that no more than :limit rows are ever claimed
-# (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL may run the subquery again and
-# lock more). Index: outbox_jobs_claim_idx, read in its order and stopped after :limit rows;
-# the update finds the rows by primary key (= ANY(ARRAY(...))).
+# It finds jobs through outbox_ready, not outbox_jobs_claim_idx: the ready rows of the two
+# lanes (never the later partition), in claim order through outbox_ready_{0,1}_claim_idx (a
+# Merge Append), each joined to its job by primary key, and stopped after :limit rows. The
+# lanes are truncated in turn, so the dead entries a claim steps over are a few seconds'
+# worth even while vacuum is held back (migration pgoutbox_0006 says how). A ready row is
+# a hint, the job row decides: a row whose job is no longer queued, or whose run_at,
+# priority or queue no longer match the job's (cancelled, claimed through another ready
+# row, rescheduled: the triggers wrote a fresh row), is passed over and goes when its lane
+# is emptied. So jobs are claimed in the order of their own columns. That match is written
+# as a CASE so that the planner counts it as a coin toss: as three equalities it would
+# multiply their selectivities into "one row" and hash-join and sort both tables instead of
+# reading the lanes in order.
+# Lock in a MATERIALIZED CTE (both rows, SKIP LOCKED), then update, so that no more than
+# :limit rows are ever claimed (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL
+# may run the subquery again and lock more); the update finds the jobs by primary key
+# (= ANY(ARRAY(...))) and the claimed ready rows are deleted by TID (a TID scan whatever
+# the lanes' statistics say), the lane told apart by tableoid.
 # A job on its last attempt is taken only for a slot that is free now, never ahead: a claim
 # counts the attempt, and a worker killed before starting a job it claimed ahead leaves that
 # attempt counted; so it must never be the last one, or the rescuer would bury a job that
-# never ran. Such a row past the first :limit - :ahead is locked for the statement and left
-# queued.
+# never ran. Such a job past the first :limit - :ahead is locked for the statement and left
+# queued, its ready row kept.
 _CLAIM_PARAMS = ("queues", "limit", "ahead", "worker_id", "lease_seconds")
 _CLAIMABLE = """
-due AS MATERIALIZED (
-    SELECT id, priority, run_at, attempts + 1 < max_attempts AS spare
-    FROM outbox_jobs
-    WHERE state = 'queued' AND run_at <= now() AND queue = ANY(:queues::text[])
-    ORDER BY priority DESC, run_at, id
+picked AS MATERIALIZED (
+    SELECT r.tableoid AS lane_table, r.ctid AS row_ref, j.id, r.priority, r.run_at,
+           j.attempts + 1 < j.max_attempts AS spare
+    FROM outbox_ready AS r
+    JOIN outbox_jobs AS j ON j.id = r.job_id
+    WHERE r.lane IN (0, 1) AND r.run_at <= now() AND r.queue = ANY(:queues::text[])
+      AND j.state = 'queued'
+      AND CASE WHEN j.run_at = r.run_at AND j.priority = r.priority AND j.queue = r.queue
+               THEN true ELSE false END
+    ORDER BY r.priority DESC, r.run_at, r.job_id
     LIMIT :limit
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF r, j SKIP LOCKED
 ),
-claimable AS (
-    SELECT id
-    FROM (SELECT id, spare, row_number() OVER (ORDER BY priority DESC, run_at, id) AS place
-          FROM due) AS d
+claimable AS MATERIALIZED (
+    SELECT lane_table, row_ref, id
+    FROM (SELECT p.*, row_number() OVER (ORDER BY priority DESC, run_at, id) AS place
+          FROM picked AS p) AS d
     WHERE spare OR place <= :limit - :ahead::integer
+),
+unready AS (
+    DELETE FROM outbox_ready AS r
+    WHERE r.lane IN (0, 1) AND r.ctid = ANY(ARRAY(SELECT row_ref FROM claimable))
+      AND (r.tableoid, r.ctid) IN (SELECT lane_table, row_ref FROM claimable)
 )
 """
 _CLAIM_UPDATE = """
@@ -99,7 +122,7 @@ JOB_COMPLETE_MANY = statement(_COMPLETE, params=("ids", "attempts", "results", "
 # the same snapshot, in which the finished rows are running and the claimed ones queued, so
 # no row is touched twice. Rows come back with claimed = false for each success written (id
 # only), true for each job claimed.
-# Indexes: primary key (the successes), outbox_jobs_claim_idx (the claim).
+# Indexes: primary key (the successes), outbox_ready's lanes (the claim).
 JOB_COMPLETE_AND_CLAIM = statement(
     params=(*_CLAIM_PARAMS, "ids", "attempts", "results"),
     text=f"""
@@ -314,6 +337,19 @@ SET {_INTERRUPTED}
 FROM expired
 WHERE j.id = expired.id
 RETURNING j.id, j.task, j.state, j.attempts
+""",
+)
+
+# One step of the ready lanes' upkeep (promote jobs coming due, empty the lane not in use,
+# or switch lanes), by the function of migration pgoutbox_0006: :switch_every (seconds a
+# lane stays current at least), :max_copy (the most rows copied out of a lane to empty it;
+# more, and the claims take them first), :lock_wait (seconds to wait for the lane's lock, so
+# that claims queued behind that lock wait no longer). Returns what it did, as text.
+READY_MAINTAIN = statement(
+    params=("switch_every", "max_copy", "lock_wait"),
+    text="""
+SELECT outbox_ready_maintain(make_interval(secs => :switch_every::float8), :max_copy::integer,
+                             make_interval(secs => :lock_wait::float8))
 """,
 )
 

@@ -17,6 +17,7 @@ from outbox_worker import db, sql
 from outbox_worker._worker.backoff import retry_delay
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.executor import Executor
+from outbox_worker._worker.maintenance import ReadyLanes
 from outbox_worker._worker.outcomes import Failed, Outcome, Settled, Succeeded
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.jobs import JobState
@@ -94,6 +95,9 @@ async def drain(
             stop_reason=lambda job_id: None,
             log=structlog.get_logger("outbox_worker").bind(worker_id=worker_id),
         )
+        # Jobs that came due while no worker ran are still waiting outside the ready lanes
+        # the claim reads: bring them in, as a worker does when it starts.
+        await ReadyLanes(pool=pool, log=structlog.get_logger("outbox_worker")).maintain_once()
         ends: collections.Counter[str] = collections.Counter()
         ran: list[int] = []
         while limit is None or len(ran) < limit:
