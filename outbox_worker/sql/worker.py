@@ -35,21 +35,23 @@ def fence(attempt: str) -> str:
 # free slot, :worker_id, :lease_seconds.
 # It finds jobs through outbox_ready, not outbox_jobs_claim_idx: the ready rows of the two
 # lanes (never the later partition), in claim order through outbox_ready_{0,1}_claim_idx (a
-# Merge Append), each joined to its job by primary key, and stopped after :limit rows. The
-# lanes are truncated in turn, so the dead entries a claim steps over are a few seconds'
-# worth even while vacuum is held back (migration pgoutbox_0006 says how). A ready row is
-# a hint, the job row decides: a row whose job is no longer queued, or whose run_at,
-# priority or queue no longer match the job's (cancelled, claimed through another ready
-# row, rescheduled: the triggers wrote a fresh row), is passed over and goes when its lane
-# is emptied. So jobs are claimed in the order of their own columns. That match is written
-# as a CASE so that the planner counts it as a coin toss: as three equalities it would
-# multiply their selectivities into "one row" and hash-join and sort both tables instead of
-# reading the lanes in order.
-# Lock in a MATERIALIZED CTE (both rows, SKIP LOCKED), then update, so that no more than
-# :limit rows are ever claimed (with WHERE id IN (SELECT … LIMIT … FOR UPDATE) PostgreSQL
-# may run the subquery again and lock more); the update finds the jobs by primary key
-# (= ANY(ARRAY(...))) and the claimed ready rows are deleted by TID (a TID scan whatever
-# the lanes' statistics say), the lane told apart by tableoid.
+# Merge Append), stopped after :limit rows. The lanes are truncated in turn, so the dead
+# entries a claim steps over are a few seconds' worth even while vacuum is held back
+# (migration pgoutbox_0006 says how).
+# A ready row is a hint, the job row decides: each is checked against its job, by primary
+# key, in a LATERAL subquery (OFFSET 0 keeps it one, so the planner cannot hash-join the
+# whole job table instead). A row whose job is no longer queued, or whose run_at, priority
+# or queue no longer match the job's (cancelled, claimed through another ready row,
+# rescheduled: the triggers wrote a fresh row) is passed over and goes when its lane is
+# emptied; so jobs are claimed in the order of their own columns. The match is a CASE so
+# that the planner counts it as a coin toss, not as three equalities it would multiply into
+# "no row", which would make reading the lanes in order look expensive.
+# Ready rows are locked first (SKIP LOCKED: another claim holds them), then their jobs
+# (SKIP LOCKED, and still queued once locked); both in MATERIALIZED CTEs, then update, so
+# that no more than :limit rows are ever claimed (with WHERE id IN (SELECT … LIMIT … FOR
+# UPDATE) PostgreSQL may run the subquery again and lock more). The update finds the jobs
+# by primary key (= ANY(ARRAY(...))); the claimed ready rows are deleted by TID (a TID scan
+# whatever the lanes' statistics say), the lane told apart by tableoid.
 # A job on its last attempt is taken only for a slot that is free now, never ahead: a claim
 # counts the attempt, and a worker killed before starting a job it claimed ahead leaves that
 # attempt counted; so it must never be the last one, or the rescuer would bury a job that
@@ -58,22 +60,34 @@ def fence(attempt: str) -> str:
 _CLAIM_PARAMS = ("queues", "limit", "ahead", "worker_id", "lease_seconds")
 _CLAIMABLE = """
 picked AS MATERIALIZED (
-    SELECT r.tableoid AS lane_table, r.ctid AS row_ref, j.id, r.priority, r.run_at,
-           j.attempts + 1 < j.max_attempts AS spare
+    SELECT r.tableoid AS lane_table, r.ctid AS row_ref, r.job_id, r.priority, r.run_at,
+           j.spare
     FROM outbox_ready AS r
-    JOIN outbox_jobs AS j ON j.id = r.job_id
+    CROSS JOIN LATERAL (
+        SELECT j.attempts + 1 < j.max_attempts AS spare
+        FROM outbox_jobs AS j
+        WHERE j.id = r.job_id AND j.state = 'queued'
+          AND CASE WHEN j.run_at = r.run_at AND j.priority = r.priority AND j.queue = r.queue
+                   THEN true ELSE false END
+        OFFSET 0
+    ) AS j
     WHERE r.lane IN (0, 1) AND r.run_at <= now() AND r.queue = ANY(:queues::text[])
-      AND j.state = 'queued'
-      AND CASE WHEN j.run_at = r.run_at AND j.priority = r.priority AND j.queue = r.queue
-               THEN true ELSE false END
     ORDER BY r.priority DESC, r.run_at, r.job_id
     LIMIT :limit
-    FOR UPDATE OF r, j SKIP LOCKED
+    FOR UPDATE OF r SKIP LOCKED
+),
+locked AS MATERIALIZED (
+    SELECT j.id
+    FROM outbox_jobs AS j
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM picked)) AND j.state = 'queued'
+      AND j.run_at <= now() AND j.queue = ANY(:queues::text[])
+    FOR UPDATE SKIP LOCKED
 ),
 claimable AS MATERIALIZED (
-    SELECT lane_table, row_ref, id
-    FROM (SELECT p.*, row_number() OVER (ORDER BY priority DESC, run_at, id) AS place
-          FROM picked AS p) AS d
+    SELECT lane_table, row_ref, job_id AS id
+    FROM (SELECT p.*, row_number() OVER (ORDER BY priority DESC, run_at, job_id) AS place
+          FROM picked AS p
+          WHERE p.job_id IN (SELECT id FROM locked)) AS d
     WHERE spare OR place <= :limit - :ahead::integer
 ),
 unready AS (
