@@ -151,6 +151,16 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _plan_nodes(child)
 
 
+async def explain_claim(conn: asyncpg.Connection, options: str = "") -> dict[str, Any]:
+    """The plan of a claim of 10 jobs from the default queue, as JSON (``options`` such as
+    ``"ANALYZE, BUFFERS, "``: an analyzed claim does claim)."""
+    raw = await conn.fetchval(
+        f"EXPLAIN ({options}FORMAT JSON) " + sql.JOB_CLAIM, ["default"], 10, 0, "w", LEASE_SECONDS
+    )
+    plan: dict[str, Any] = json.loads(raw)[0]["Plan"]
+    return plan
+
+
 async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: asyncpg.Pool) -> None:
     await pool.execute(
         """
@@ -178,10 +188,7 @@ async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: async
     assert table_pages > 1000, "the table is too small for the buffer check to mean anything"
 
     async with pool.acquire() as conn:
-        raw = await conn.fetchval(
-            "EXPLAIN (FORMAT JSON) " + sql.JOB_CLAIM, ["default"], 10, 0, "w", LEASE_SECONDS
-        )
-        plan = json.loads(raw)[0]["Plan"]
+        plan = await explain_claim(conn)
         nodes = list(_plan_nodes(plan))
         indexes = {n.get("Index Name") for n in nodes}
         assert {"outbox_ready_0_claim_idx", "outbox_ready_1_claim_idx"} <= indexes, plan
@@ -208,17 +215,9 @@ async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: async
         tx = conn.transaction()
         await tx.start()
         try:
-            raw = await conn.fetchval(
-                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.JOB_CLAIM,
-                ["default"],
-                10,
-                0,
-                "w",
-                LEASE_SECONDS,
-            )
+            analyzed = await explain_claim(conn, "ANALYZE, BUFFERS, ")
         finally:
             await tx.rollback()
-    analyzed = json.loads(raw)[0]["Plan"]
     assert analyzed["Actual Rows"] == 10
     buffers = analyzed["Shared Hit Blocks"] + analyzed["Shared Read Blocks"]
     assert buffers < 1000, f"claiming 10 jobs touched {buffers} buffers: {analyzed}"

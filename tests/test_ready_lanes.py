@@ -6,7 +6,6 @@ keep claims short while another session holds a snapshot that stops vacuum."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 
 import asyncpg
@@ -16,7 +15,7 @@ from outbox_worker import sql
 from outbox_worker._worker.maintenance import ReadyLanes
 from outbox_worker.testing import DrainResult, drain
 from tests.conftest import wait_until
-from tests.test_claiming import LEASE_SECONDS, _plan_nodes, claim
+from tests.test_claiming import _plan_nodes, claim, explain_claim
 from tests.testing_tasks import tasks
 
 
@@ -201,15 +200,7 @@ READING_SCANS = {
 async def _claim_reads(conn: asyncpg.Connection) -> int:
     """Buffers the claim's reading of the ready lanes touches to claim 10 fresh jobs."""
     await conn.execute("INSERT INTO outbox_jobs (task) SELECT 'echo' FROM generate_series(1, 10)")
-    raw = await conn.fetchval(
-        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.JOB_CLAIM,
-        ["default"],
-        10,
-        0,
-        "w",
-        LEASE_SECONDS,
-    )
-    plan = json.loads(raw)[0]["Plan"]
+    plan = await explain_claim(conn, "ANALYZE, BUFFERS, ")
     assert plan["Actual Rows"] == 10
     # Whatever plan the lanes' statistics lead to (an index scan, a bitmap scan or a
     # sequential scan with a sort): the scans that look for ready rows, not the deletion of

@@ -43,15 +43,21 @@ def fence(attempt: str) -> str:
 # whole job table instead). A row whose job is no longer queued, or whose run_at, priority
 # or queue no longer match the job's (cancelled, claimed through another ready row,
 # rescheduled: the triggers wrote a fresh row) is passed over and goes when its lane is
-# emptied; so jobs are claimed in the order of their own columns. The match is a CASE so
-# that the planner counts it as a coin toss, not as three equalities it would multiply into
-# "no row", which would make reading the lanes in order look expensive.
+# emptied; so jobs are claimed in the order of their own columns.
+# Every check of a job's state is inside a CASE, here and in the locking below. Written as
+# plain conditions, "state = 'queued'" lets the planner probe outbox_jobs_claim_idx (whose
+# columns include id) instead of the primary key: a scan of that whole index per ready
+# row, which under a held snapshot is full of dead entries; and it would multiply the
+# equalities' selectivities into "no row", making reading the lanes in order look
+# expensive. As a CASE, it is a coin toss no partial index matches.
 # Ready rows are locked first (SKIP LOCKED: another claim holds them), then their jobs
 # (SKIP LOCKED, and still queued once locked); both in MATERIALIZED CTEs, then update, so
 # that no more than :limit rows are ever claimed (with WHERE id IN (SELECT … LIMIT … FOR
 # UPDATE) PostgreSQL may run the subquery again and lock more). The update finds the jobs
-# by primary key (= ANY(ARRAY(...))); the claimed ready rows are deleted by TID (a TID scan
-# whatever the lanes' statistics say), the lane told apart by tableoid.
+# by primary key (= ANY(ARRAY(...))); the claimed ready rows are deleted by TID, lane by
+# lane: = ANY(ARRAY(...)) on one table is a TID scan whatever its statistics say (a join
+# against the partitioned table may scan a lane once per row when its statistics call it
+# empty).
 # A job on its last attempt is taken only for a slot that is free now, never ahead: a claim
 # counts the attempt, and a worker killed before starting a job it claimed ahead leaves that
 # attempt counted; so it must never be the last one, or the rescuer would bury a job that
@@ -60,14 +66,14 @@ def fence(attempt: str) -> str:
 _CLAIM_PARAMS = ("queues", "limit", "ahead", "worker_id", "lease_seconds")
 _CLAIMABLE = """
 picked AS MATERIALIZED (
-    SELECT r.tableoid AS lane_table, r.ctid AS row_ref, r.job_id, r.priority, r.run_at,
-           j.spare
+    SELECT r.lane, r.ctid AS row_ref, r.job_id, r.priority, r.run_at, j.spare
     FROM outbox_ready AS r
     CROSS JOIN LATERAL (
         SELECT j.attempts + 1 < j.max_attempts AS spare
         FROM outbox_jobs AS j
-        WHERE j.id = r.job_id AND j.state = 'queued'
-          AND CASE WHEN j.run_at = r.run_at AND j.priority = r.priority AND j.queue = r.queue
+        WHERE j.id = r.job_id
+          AND CASE WHEN j.state = 'queued' AND j.run_at = r.run_at
+                        AND j.priority = r.priority AND j.queue = r.queue
                    THEN true ELSE false END
         OFFSET 0
     ) AS j
@@ -79,21 +85,25 @@ picked AS MATERIALIZED (
 locked AS MATERIALIZED (
     SELECT j.id
     FROM outbox_jobs AS j
-    WHERE j.id = ANY(ARRAY(SELECT job_id FROM picked)) AND j.state = 'queued'
-      AND j.run_at <= now() AND j.queue = ANY(:queues::text[])
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM picked))
+      AND CASE WHEN j.state = 'queued' AND j.run_at <= now() AND j.queue = ANY(:queues::text[])
+               THEN true ELSE false END
     FOR UPDATE SKIP LOCKED
 ),
 claimable AS MATERIALIZED (
-    SELECT lane_table, row_ref, job_id AS id
+    SELECT lane, row_ref, job_id AS id
     FROM (SELECT p.*, row_number() OVER (ORDER BY priority DESC, run_at, job_id) AS place
           FROM picked AS p
           WHERE p.job_id IN (SELECT id FROM locked)) AS d
     WHERE spare OR place <= :limit - :ahead::integer
 ),
-unready AS (
-    DELETE FROM outbox_ready AS r
-    WHERE r.lane IN (0, 1) AND r.ctid = ANY(ARRAY(SELECT row_ref FROM claimable))
-      AND (r.tableoid, r.ctid) IN (SELECT lane_table, row_ref FROM claimable)
+unready_0 AS (
+    DELETE FROM outbox_ready_0
+    WHERE ctid = ANY(ARRAY(SELECT row_ref FROM claimable WHERE lane = 0))
+),
+unready_1 AS (
+    DELETE FROM outbox_ready_1
+    WHERE ctid = ANY(ARRAY(SELECT row_ref FROM claimable WHERE lane = 1))
 )
 """
 _CLAIM_UPDATE = """

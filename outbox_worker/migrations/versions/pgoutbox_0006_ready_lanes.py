@@ -42,10 +42,23 @@ depends_on: str | Sequence[str] | None = None
 # moves it to the current lane this long before it is due.
 HORIZON = "interval '60 seconds'"
 LATER = 2
+
+
+def lane_of(run_at: str) -> str:
+    """Where a new ready row goes: the later partition, or the current lane (``l``, the row
+    of outbox_lanes)."""
+    return f"CASE WHEN {run_at} > now() + {HORIZON} THEN {LATER} ELSE l.current END"
+
+
 # A ready row still stands for its job: queued, with the same order and queue. Others were
 # superseded by a fresh row (the triggers write one on every change) or their job is gone.
-CURRENT = """ON j.id = r.job_id AND j.state = 'queued' AND j.run_at = r.run_at
-                  AND j.priority = r.priority AND j.queue = r.queue"""
+# A CASE, so that the job is found by primary key: with "state = 'queued'" as a plain
+# condition the planner may scan outbox_jobs_claim_idx (which has id among its columns) for
+# each ready row instead.
+CURRENT = """ON j.id = r.job_id
+                  AND CASE WHEN j.state = 'queued' AND j.run_at = r.run_at
+                                AND j.priority = r.priority AND j.queue = r.queue
+                           THEN true ELSE false END"""
 
 UPGRADE = [
     """
@@ -73,25 +86,19 @@ UPGRADE = [
     "CREATE INDEX outbox_ready_0_claim_idx ON outbox_ready_0 (priority DESC, run_at, job_id)",
     "CREATE INDEX outbox_ready_1_claim_idx ON outbox_ready_1 (priority DESC, run_at, job_id)",
     "CREATE INDEX outbox_ready_later_due_idx ON outbox_ready_later (run_at)",
-    # Lanes are emptied by TRUNCATE; vacuum only has to keep up between two switches.
-    """
-    ALTER TABLE outbox_ready_0 SET (
-        autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 1000,
-        autovacuum_vacuum_cost_delay = 0)
-    """,
-    """
-    ALTER TABLE outbox_ready_1 SET (
-        autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 1000,
-        autovacuum_vacuum_cost_delay = 0)
-    """,
+    # Lanes are emptied by TRUNCATE, not by vacuum. Left unvacuumed and unanalyzed, a lane's
+    # row count is unknown to the planner, which then reckons from its actual size: never
+    # the stale "nearly empty" that a vacuum or analyze taken between two claims would
+    # record, under which the planner reads a lane whole for every claim.
+    "ALTER TABLE outbox_ready_0 SET (autovacuum_enabled = false)",
+    "ALTER TABLE outbox_ready_1 SET (autovacuum_enabled = false)",
     # Every inserting statement adds one ready row per queued job it inserted, in one INSERT
     # … SELECT from its transition table (per-row triggers cost a function call per job).
     f"""
     CREATE FUNCTION outbox_jobs_ready_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         INSERT INTO outbox_ready (lane, job_id, queue, priority, run_at)
-        SELECT CASE WHEN n.run_at > now() + {HORIZON} THEN {LATER} ELSE l.current END,
-               n.id, n.queue, n.priority, n.run_at
+        SELECT {lane_of("n.run_at")}, n.id, n.queue, n.priority, n.run_at
         FROM inserted_jobs AS n, outbox_lanes AS l
         WHERE n.state = 'queued';
         RETURN NULL;
@@ -112,8 +119,7 @@ UPGRADE = [
     CREATE FUNCTION outbox_jobs_ready_requeued() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
         INSERT INTO outbox_ready (lane, job_id, queue, priority, run_at)
-        SELECT CASE WHEN NEW.run_at > now() + {HORIZON} THEN {LATER} ELSE l.current END,
-               NEW.id, NEW.queue, NEW.priority, NEW.run_at
+        SELECT {lane_of("NEW.run_at")}, NEW.id, NEW.queue, NEW.priority, NEW.run_at
         FROM outbox_lanes AS l;
         RETURN NULL;
     END
