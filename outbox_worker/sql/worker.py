@@ -22,8 +22,16 @@ def fence(attempt: str) -> str:
 
     A worker whose lease lapsed meanwhile (its job rescued, perhaps claimed and run again
     elsewhere) so changes nothing, and the rows that come back are the ones it did change.
+
+    Written as a CASE, so that the job is found by primary key: with ``state = 'running'``
+    as a plain condition the planner may read ``outbox_jobs_running_idx`` whole and hash-join
+    it, which statistics taken while few jobs run make look cheap. Under a snapshot held
+    elsewhere that index keeps an entry of every job run since, and each write read them all.
     """
-    return f"j.state = 'running' AND j.locked_by = :worker_id AND j.attempts = {attempt}"
+    return (
+        f"CASE WHEN j.state = 'running' AND j.locked_by = :worker_id AND j.attempts = {attempt}"
+        " THEN true ELSE false END"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
