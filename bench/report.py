@@ -301,6 +301,24 @@ TARGETS = (
     ),
     # Ahead of pgqueuer at every slot count, under a held depth.
     *(steady_target(c) for c in FULL.steady_concurrency),
+    # A snapshot held for the whole hold costs at most a fifth of the steady rate, and the
+    # queue is back to normal within a minute of its release.
+    Target(
+        "xmin_hold_per_s",
+        "≥ 0.8× its baseline",
+        lambda c: ratio(
+            median(c, "xmin_hold_per_s", PGOUTBOX), median(c, "xmin_base_per_s", PGOUTBOX)
+        ),
+        0.8,
+        True,
+    ),
+    Target(
+        "xmin_recover",
+        "≤ 60 s",
+        lambda c: median(c, "xmin_recover", PGOUTBOX),
+        60.0,
+        False,
+    ),
 )
 
 
