@@ -41,6 +41,9 @@ TARGET_ROWS = {
     "steady_depth_c16_per_s",
     "steady_depth_c64_per_s",
     "steady_depth_c256_per_s",
+    # The held snapshot's cost and recovery (not measured unless the xmin section runs).
+    "xmin_hold_per_s",
+    "xmin_recover",
 }
 TARGET_LINE = re.compile(r"- (\w+): .+ — .+: (met|MISSED|not measured)")
 ROUNDS = 3  # bench.bounds' back-to-back rounds
