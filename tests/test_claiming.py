@@ -161,6 +161,20 @@ async def explain_claim(conn: asyncpg.Connection, options: str = "") -> dict[str
     return plan
 
 
+def assert_reads_lanes_in_order(plan: dict[str, Any]) -> None:
+    """The lanes' indexes hand rows over in the claim's order (a Merge Append): no sort of
+    the tables' rows, stop after $2 (the claimed rows alone may be sorted again, to place
+    them in that order)."""
+    nodes = list(_plan_nodes(plan))
+    assert any(n["Node Type"] == "Merge Append" for n in nodes), plan
+    sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
+    assert not any(
+        str(n.get("Relation Name")).startswith("outbox_")
+        for sort in sorts
+        for n in _plan_nodes(sort)
+    ), plan
+
+
 async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: asyncpg.Pool) -> None:
     await pool.execute(
         """
@@ -200,17 +214,7 @@ async def test_claim_reads_the_ready_lanes_in_order_on_a_large_table(pool: async
             and n.get("Relation Name") in ("outbox_jobs", "outbox_ready_0", "outbox_ready_later")
         ]
         assert seq_scans == [], plan
-        # The lanes' indexes hand rows over in the claim's order (a Merge Append): no sort of
-        # the tables' rows, stop after $2 (the claimed rows alone may be sorted again, to
-        # place them in that order).
-        merges = [n for n in nodes if n["Node Type"] == "Merge Append"]
-        assert merges, plan
-        sorts = [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")]
-        assert not any(
-            str(n.get("Relation Name")).startswith("outbox_")
-            for sort in sorts
-            for n in _plan_nodes(sort)
-        ), plan
+        assert_reads_lanes_in_order(plan)
 
         tx = conn.transaction()
         await tx.start()

@@ -15,7 +15,7 @@ from outbox_worker import sql
 from outbox_worker._worker.maintenance import ReadyLanes
 from outbox_worker.testing import DrainResult, drain
 from tests.conftest import wait_until
-from tests.test_claiming import _plan_nodes, claim, explain_claim
+from tests.test_claiming import _plan_nodes, assert_reads_lanes_in_order, claim, explain_claim
 from tests.testing_tasks import tasks
 
 
@@ -113,6 +113,23 @@ async def an_hour_passes(pool: asyncpg.Pool) -> None:
         await conn.execute("UPDATE outbox_jobs SET run_at = now() WHERE state = 'queued'")
         await conn.execute("ALTER TABLE outbox_jobs ENABLE TRIGGER outbox_jobs_ready_requeued")
         await conn.execute("UPDATE outbox_ready SET run_at = now()")
+
+
+async def test_claim_reads_lanes_in_order_while_they_have_no_statistics(pool: asyncpg.Pool) -> None:
+    # Autovacuum never analyzes the lanes, so the planner knows only their size on disk and
+    # guesses every condition's selectivity: a guess that makes 20,000 ready rows look like
+    # one must not lead it to probe and sort them all for a claim of 10.
+    await pool.execute(
+        "INSERT INTO outbox_jobs (task) SELECT 'echo' FROM generate_series(1, 20000)"
+    )
+    await pool.execute("ANALYZE outbox_jobs")
+    unknown = await pool.fetchval(
+        "SELECT bool_and(reltuples < 0) FROM pg_class"
+        " WHERE relname IN ('outbox_ready_0', 'outbox_ready_1')"
+    )
+    assert unknown, "the lanes have statistics: the test would not test the planner's guess"
+    async with pool.acquire() as conn:
+        assert_reads_lanes_in_order(await explain_claim(conn))
 
 
 async def test_jobs_due_beyond_the_horizon_wait_outside_the_lanes_until_promoted(
