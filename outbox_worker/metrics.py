@@ -27,6 +27,11 @@ RUN_SECONDS = Histogram(
     ["task", "queue"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800),
 )
+SCHEDULE_TICKS = Counter(
+    "outbox_schedule_ticks",
+    "Schedule ticks this worker dealt with: enqueued, or skipped under the missed policy",
+    ["schedule", "outcome"],
+)
 QUEUE_DEPTH = Gauge(
     "outbox_queue_depth", "Jobs per queue and state (queued, due, running)", ["queue", "state"]
 )

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, ClassVar, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from outbox_worker.context import JobContext
@@ -14,6 +16,7 @@ from outbox_worker.enqueue_checks import INT32_MAX
 from outbox_worker.enqueue_plans import NewJob
 from outbox_worker.errors import InvalidArgs, TaskDefinitionError
 from outbox_worker.names import NAME_PATTERN, is_valid_name
+from outbox_worker.schedules import DEFAULT_GRACE, Missed, Schedule
 
 Handler = Callable[..., Awaitable[Any]]
 P = ParamSpec("P")
@@ -196,6 +199,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskSpec] = {}
+        self._schedules: dict[str, Schedule] = {}
         Registry._live.add(self)
 
     @overload
@@ -278,6 +282,76 @@ class Registry:
         self._tasks[task_name] = spec
         Registry._by_name[task_name] = weakref.ref(self)
         return spec
+
+    def schedule(
+        self,
+        name: str,
+        task: str | Task[Any, Any],
+        cron: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        timezone: str = "UTC",
+        missed: Missed = "latest",
+        grace: timedelta = DEFAULT_GRACE,
+    ) -> Schedule:
+        """Enqueue ``task`` with ``args`` at every tick of ``cron`` (five fields, or six with
+        seconds first) read in ``timezone``, from every worker of this registry and exactly
+        once per tick. ``missed`` says what happens to ticks that passed while no worker ran
+        (see :class:`~outbox_worker.schedules.Schedule`). A schedule taken out of the code
+        stops; a changed one takes effect when a worker with the new code starts."""
+        task_name = task.name if isinstance(task, Task) else task
+        spec = self._tasks.get(task_name)
+        if spec is None:
+            raise TaskDefinitionError(
+                f"schedule {name!r}: task {task_name!r} is not registered in this registry"
+            )
+        if name in self._schedules:
+            raise TaskDefinitionError(f"schedule {name!r} is already declared")
+        plain = dict(args or {})
+        problem = spec.check_args(plain)
+        if problem is not None:
+            raise TaskDefinitionError(f"schedule {name!r}: {problem}")
+        try:
+            json.dumps(plain)
+        except (TypeError, ValueError) as exc:
+            raise TaskDefinitionError(f"schedule {name!r}: args must be JSON: {exc}") from exc
+        schedule = Schedule(name, task_name, cron, plain, timezone, missed, grace)
+        self._schedules[name] = schedule
+        return schedule
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        timezone: str = "UTC",
+        missed: Missed = "latest",
+        grace: timedelta = DEFAULT_GRACE,
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """:meth:`schedule` as a decorator, written above ``@registry.task``; the schedule is
+        named after the task unless ``name`` is given."""
+
+        def declare(task: Task[P, R]) -> Task[P, R]:
+            if not isinstance(task, Task):
+                raise TaskDefinitionError(
+                    "@registry.periodic goes above @registry.task, on the task it schedules"
+                )
+            self.schedule(
+                name or task.name,
+                task,
+                cron,
+                args=args,
+                timezone=timezone,
+                missed=missed,
+                grace=grace,
+            )
+            return task
+
+        return declare
+
+    def schedules(self) -> list[Schedule]:
+        return list(self._schedules.values())
 
     def get(self, name: str) -> TaskSpec | None:
         return self._tasks.get(name)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Double,
     Identity,
     Index,
     Integer,
@@ -169,4 +170,31 @@ outbox_ready_later = Table(
     metadata,
     *_ready_columns(),
     Index("outbox_ready_later_due_idx", "run_at"),
+)
+
+# Periodic jobs (migration pgoutbox_0007): each schedule's definition as last declared and
+# where its ticks stand (outbox_worker.schedules).
+outbox_schedules = Table(
+    "outbox_schedules",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("task", Text, nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("args", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("priority", Integer, nullable=False, server_default=text("0")),
+    Column("max_attempts", Integer, nullable=False, server_default=text("5")),
+    Column("cron", Text, nullable=False),
+    Column("timezone", Text, nullable=False, server_default=text("'UTC'::text")),
+    Column("missed", Text, nullable=False, server_default=text("'latest'::text")),
+    Column("grace_seconds", Double, nullable=False, server_default=text("60")),
+    Column("last_tick", DateTime(timezone=True), nullable=False),
+    Column("next_tick", DateTime(timezone=True), nullable=False),
+    Column("last_job_id", BigInteger),
+    Column("declared_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    CheckConstraint(name_check("name"), name="outbox_schedules_name_valid"),
+    CheckConstraint(name_check("task"), name="outbox_schedules_task_name_valid"),
+    CheckConstraint(name_check("queue"), name="outbox_schedules_queue_name_valid"),
+    CheckConstraint(
+        "missed IN ('skip', 'latest') OR missed ~ '^[0-9]+$'", name="outbox_schedules_missed_valid"
+    ),
 )

@@ -33,6 +33,7 @@ from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker._worker.maintenance import Pruner, ReadyLanes, Rescuer
 from outbox_worker._worker.notifier import Notifier
 from outbox_worker._worker.outcomes import Failed, Outcome
+from outbox_worker._worker.scheduler import Scheduler
 from outbox_worker._worker.service import Service
 from outbox_worker._worker.slots import Slots
 from outbox_worker.errors import ConfigError, DatabaseUnavailable
@@ -234,6 +235,17 @@ class Worker:
                     pool=pool,
                     retention=opts.retention,
                     interval=opts.prune_interval,
+                    log=self.log,
+                )
+            )
+        if self.registry.schedules() and not opts.burst:
+            # A burst worker runs what is due and exits: firing schedules would never let
+            # the queue run dry, so it leaves them to the long-running workers.
+            claiming.append(
+                Scheduler(
+                    pool=pool,
+                    registry=self.registry,
+                    interval=opts.poll_interval,
                     log=self.log,
                 )
             )

@@ -418,3 +418,118 @@ WORKERS_ALIVE_PG = statement(WORKERS_ALIVE, params=("seconds",))
 
 # admin.JOB_GET, for outbox_worker.testing.drain on its asyncpg pool.
 JOB_GET_PG = statement(JOB_GET, params=("id",))
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (outbox_worker.schedules): declared at start, fired by every worker that has them
+# ---------------------------------------------------------------------------------------------
+
+# One schedule as this worker's code declares it: its definition replaces the row's (the
+# last worker to start wins, and every worker fires what the row says). A new schedule starts
+# from now: its first tick is :next_tick, computed from this transaction's now(). A changed
+# cron expression or time zone starts again from now too; otherwise the row keeps where its
+# ticks stand, so ticks missed while no worker ran follow its missed policy.
+# Index: primary key.
+SCHEDULE_DECLARE = statement(
+    params=(
+        "name",
+        "task",
+        "queue",
+        "args",
+        "priority",
+        "max_attempts",
+        "cron",
+        "timezone",
+        "missed",
+        "grace_seconds",
+        "next_tick",
+    ),
+    text="""
+INSERT INTO outbox_schedules AS s
+    (name, task, queue, args, priority, max_attempts, cron, timezone, missed, grace_seconds,
+     last_tick, next_tick, declared_at)
+VALUES (:name::text, :task::text, :queue::text, :args::jsonb, :priority::integer,
+        :max_attempts::integer, :cron::text, :timezone::text, :missed::text,
+        :grace_seconds::float8, now(), :next_tick::timestamptz, now())
+ON CONFLICT (name) DO UPDATE
+SET task = EXCLUDED.task,
+    queue = EXCLUDED.queue,
+    args = EXCLUDED.args,
+    priority = EXCLUDED.priority,
+    max_attempts = EXCLUDED.max_attempts,
+    missed = EXCLUDED.missed,
+    grace_seconds = EXCLUDED.grace_seconds,
+    declared_at = now(),
+    cron = EXCLUDED.cron,
+    timezone = EXCLUDED.timezone,
+    last_tick = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                     THEN s.last_tick ELSE now() END,
+    next_tick = CASE WHEN (s.cron, s.timezone) = (EXCLUDED.cron, EXCLUDED.timezone)
+                     THEN s.next_tick ELSE EXCLUDED.next_tick END
+""",
+)
+
+# The schedules among :names whose next tick has come, locked: SKIP LOCKED leaves a schedule
+# another worker is firing to that worker, and the lock holds until SCHEDULE_ADVANCE in the
+# same transaction has moved its ticks on. now() is the clock every tick is measured by.
+# Index: primary key (a handful of rows).
+SCHEDULES_DUE = statement(
+    params=("names",),
+    text="""
+SELECT name, task, queue, args::text AS args, priority, max_attempts, cron, timezone, missed,
+       grace_seconds, last_tick, now() AS now
+FROM outbox_schedules
+WHERE name = ANY(:names::text[]) AND next_tick <= now()
+ORDER BY next_tick
+FOR UPDATE SKIP LOCKED
+""",
+)
+
+# One schedule's due ticks enqueued and its ticks moved on, in one statement: the jobs
+# (:ticks with their unique :keys, "<schedule>@<tick>"; run_at is the tick) and the row
+# (:last_tick, :next_tick). A key already taken (by a worker that fired this tick before a
+# crash undid nothing: the key and last_tick commit together) enqueues nothing again.
+# Rows come back per job enqueued. Indexes: outbox_jobs_dedupe_idx, primary keys.
+SCHEDULE_ADVANCE = statement(
+    params=(
+        "name",
+        "task",
+        "queue",
+        "args",
+        "priority",
+        "max_attempts",
+        "ticks",
+        "keys",
+        "last_tick",
+        "next_tick",
+    ),
+    text="""
+WITH enqueued AS (
+    INSERT INTO outbox_jobs (queue, task, args, priority, max_attempts, run_at, dedupe_key)
+    SELECT :queue::text, :task::text, :args::jsonb, :priority::integer, :max_attempts::integer,
+           t.tick, t.key
+    FROM unnest(:ticks::timestamptz[], :keys::text[]) AS t(tick, key)
+    ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+    RETURNING id, run_at
+),
+advanced AS (
+    UPDATE outbox_schedules
+    SET last_tick = :last_tick::timestamptz,
+        next_tick = :next_tick::timestamptz,
+        last_job_id = COALESCE((SELECT id FROM enqueued ORDER BY run_at DESC LIMIT 1),
+                               last_job_id)
+    WHERE name = :name::text
+)
+SELECT id, run_at FROM enqueued ORDER BY run_at
+""",
+)
+
+# Seconds until the soonest next tick of :names (negative: one is due), or NULL when none
+# of them has a row. Index: primary key.
+SCHEDULES_SOONEST = statement(
+    params=("names",),
+    text="""
+SELECT extract(epoch FROM min(next_tick) - now())::float8
+FROM outbox_schedules
+WHERE name = ANY(:names::text[])
+""",
+)
