@@ -61,6 +61,55 @@ class WorkerInfo:
     last_seen_at: datetime
 
 
+# A schedule's next tick overdue by more than this: no running worker fires it.
+SCHEDULE_STALE_AFTER_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleInfo:
+    """A schedule as its row stands: its definition as last declared, its latest tick dealt
+    with and that tick's job (its state is None once the job is pruned), its next tick, and
+    how overdue that is: a schedule overdue by more than a few seconds is one that no running
+    worker fires (taken out of the code, or its workers are down)."""
+
+    name: str
+    task: str
+    queue: str
+    cron: str
+    timezone: str
+    missed: str
+    grace_seconds: float
+    args: dict[str, Any]
+    last_tick: datetime
+    next_tick: datetime
+    last_job_id: int | None
+    last_job_state: str | None
+    declared_at: datetime
+    overdue_seconds: float
+
+    @property
+    def unfired(self) -> bool:
+        return self.overdue_seconds > SCHEDULE_STALE_AFTER_SECONDS
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "queue": self.queue,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "missed": self.missed,
+            "grace_seconds": self.grace_seconds,
+            "args": self.args,
+            "last_tick": self.last_tick.isoformat(),
+            "next_tick": self.next_tick.isoformat(),
+            "last_job_id": self.last_job_id,
+            "last_job_state": self.last_job_state,
+            "declared_at": self.declared_at.isoformat(),
+            "overdue_seconds": round(self.overdue_seconds, 3),
+        }
+
+
 def _filter_name(kind: str, value: str | None) -> str | None:
     if value is not None and not is_valid_name(value):
         raise InvalidRequest(f"{kind} {value!r} is not a valid name ({NAME_PATTERN})")
@@ -196,6 +245,11 @@ async def queue_stats(session: AdminSession, *, window_seconds: float = 300.0) -
         for state in FINISHED:
             entry.finished_recently.setdefault(state.value, 0)
     return sorted(stats.values(), key=lambda entry: entry.queue)
+
+
+async def list_schedules(session: AdminSession) -> list[ScheduleInfo]:
+    rows = await session.execute(text(sql.SCHEDULES_LIST))
+    return [ScheduleInfo(**dict(row)) for row in rows.mappings()]
 
 
 async def workers_alive(session: AdminSession, *, within_seconds: float) -> list[WorkerInfo]:

@@ -4,7 +4,7 @@ The environment becomes settings in this package only (:func:`params.settings`);
 below gets plain values.
 Errors a user can cause end in one line on stderr and a non-zero exit, never a traceback.
 
-The operator's commands (``jobs``, ``queues``, ``prune``, ``health``) go through
+The operator's commands (``jobs``, ``queues``, ``schedules``, ``prune``, ``health``) go through
 :mod:`outbox_worker.admin`, the one implementation the HTTP routes use too, each in a
 transaction of its own on an engine made from ``DATABASE_URL``. ``--json`` prints what the
 HTTP routes answer, to stdout, and nothing else. ``migrate`` is
@@ -67,11 +67,13 @@ def build(*, operator_commands: bool = True) -> typer.Typer:
     from outbox_worker.cli.migrate import migrate_schema
     from outbox_worker.cli.prune import prune
     from outbox_worker.cli.queues import queues
+    from outbox_worker.cli.schedules import schedules
 
     jobs_app = _group("jobs", "List, show, retry and cancel jobs.")
     app.add_typer(jobs_app, name="jobs")
     app.command()(run)
     app.command()(queues)
+    app.command()(schedules)
     app.command()(prune)
     app.command()(health)
     app.command("migrate")(migrate_schema)

@@ -160,3 +160,20 @@ FROM outbox_workers
 WHERE last_seen_at > now() - make_interval(secs => CAST(:seconds AS float8))
 ORDER BY id
 """
+
+# ---------------------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------------------
+
+# Every schedule with the state of the job of its latest tick (NULL once pruned). A schedule
+# whose next tick is overdue by more than a few seconds is one no running worker fires: taken
+# out of the code, or its workers are down. Index: primary keys.
+SCHEDULES_LIST = """
+SELECT s.name, s.task, s.queue, s.cron, s.timezone, s.missed, s.grace_seconds,
+       s.args, s.last_tick, s.next_tick, s.last_job_id, j.state AS last_job_state,
+       s.declared_at,
+       CAST(greatest(extract(epoch FROM now() - s.next_tick), 0) AS float8) AS overdue_seconds
+FROM outbox_schedules AS s
+LEFT JOIN outbox_jobs AS j ON j.id = s.last_job_id
+ORDER BY s.name
+"""

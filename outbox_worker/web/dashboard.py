@@ -80,6 +80,7 @@ async def overview(request: Request, dashboard: DashboardDep, session: SessionDe
     seen_within = dashboard.seen_within(request)
     queues = await admin.queue_stats(session, window_seconds=STATS_WINDOW_SECONDS)
     workers = await admin.workers_alive(session, within_seconds=seen_within)
+    schedules = await admin.list_schedules(session)
     totals = {state.value: 0 for state in JobState}
     for entry in queues:
         for state, count in entry.depth.items():
@@ -90,6 +91,7 @@ async def overview(request: Request, dashboard: DashboardDep, session: SessionDe
         refresh=REFRESH_SECONDS,
         queues=queues,
         workers=workers,
+        schedules=schedules,
         totals=totals,
         oldest_due=max((entry.oldest_due_seconds for entry in queues if entry.due), default=0),
         window=format_duration(STATS_WINDOW_SECONDS),

@@ -50,6 +50,27 @@ class QueuesOut(BaseModel):
     window_seconds: float
 
 
+class ScheduleOut(BaseModel):
+    name: str
+    task: str
+    queue: str
+    cron: str
+    timezone: str
+    missed: str
+    grace_seconds: float
+    args: dict[str, Any]
+    last_tick: str
+    next_tick: str
+    last_job_id: int | None
+    last_job_state: str | None
+    declared_at: str
+    overdue_seconds: float
+
+
+class SchedulesOut(BaseModel):
+    schedules: list[ScheduleOut]
+
+
 class RetriedOut(BaseModel):
     retried: list[int]
 
@@ -256,6 +277,12 @@ def create_admin_router(
             queues=[QueueOut(**entry.as_dict()) for entry in stats],
             window_seconds=window_seconds,
         )
+
+    @protected.get("/schedules")
+    async def schedules(session: session_dep) -> SchedulesOut:
+        """Periodic jobs: definition, last tick and its job, next tick, how overdue."""
+        found = await admin.list_schedules(session)
+        return SchedulesOut(schedules=[ScheduleOut(**entry.as_dict()) for entry in found])
 
     router.include_router(protected)
     if include_dashboard:
