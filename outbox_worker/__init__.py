@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from outbox_worker.config import asyncpg_dsn, sqlalchemy_url
 from outbox_worker.context import JobContext, current_correlation_id
+from outbox_worker.control import CancelJob, JobControl, RetryJob, SnoozeJob
 from outbox_worker.enqueue_plans import NewJob
 from outbox_worker.errors import (
     ArgsTooLarge,
@@ -32,7 +33,7 @@ from outbox_worker.errors import (
     WrongSession,
 )
 from outbox_worker.jobs import Job, JobState
-from outbox_worker.registry import DeclaredTask, Registry, Task
+from outbox_worker.registry import DeclaredTask, Registry, RetryPolicy, Task
 from outbox_worker.worker import Worker, WorkerOptions
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ArgsTooLarge",
+    "CancelJob",
     "ConfigError",
     "DatabaseUnavailable",
     "DeclaredTask",
@@ -78,6 +80,7 @@ __all__ = [
     "InvalidRequest",
     "Job",
     "JobContext",
+    "JobControl",
     "JobNotFound",
     "JobState",
     "JobStateConflict",
@@ -87,6 +90,9 @@ __all__ = [
     "OutboxError",
     "QueueFull",
     "Registry",
+    "RetryJob",
+    "RetryPolicy",
+    "SnoozeJob",
     "SyncOutbox",
     "Task",
     "TaskDefinitionError",

@@ -20,7 +20,14 @@ STARTED = Counter("outbox_jobs_started", "Job attempts started", ["task", "queue
 SUCCEEDED = Counter("outbox_jobs_succeeded", "Jobs that succeeded", ["task", "queue"])
 RETRIED = Counter("outbox_jobs_retried", "Failed attempts queued for a retry", ["task", "queue"])
 DEAD = Counter("outbox_jobs_dead", "Jobs that went dead", ["task", "queue"])
-CANCELLED = Counter("outbox_jobs_cancelled", "Running jobs stopped by a cancel", ["task", "queue"])
+CANCELLED = Counter(
+    "outbox_jobs_cancelled",
+    "Running jobs cancelled by an operator or their handler",
+    ["task", "queue"],
+)
+SNOOZED = Counter(
+    "outbox_jobs_snoozed", "Attempts snoozed by their handler (not counted)", ["task", "queue"]
+)
 RUN_SECONDS = Histogram(
     "outbox_job_run_seconds",
     "How long an attempt's handler ran",

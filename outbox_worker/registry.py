@@ -33,6 +33,48 @@ class TaskHandler(Protocol[P, R_co]):
     def __call__(self, ctx: JobContext, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
 
 
+Backoff = Callable[[int], float]
+"""Seconds to wait before the next attempt, given the attempt that just failed (1 first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a task's failed attempts go on: ``@registry.task(retry=RetryPolicy(...))``.
+
+    - ``backoff``: the delay before the next attempt, in place of the worker's exponential
+      backoff with jitter (``OUTBOX_RETRY_BASE_SECONDS``, ``…_CAP_SECONDS``);
+    - ``retry_on``: when given, only these exception types are retried; any other failure
+      goes dead at once;
+    - ``give_up_on``: these exception types go dead at once (checked first);
+    - ``max_snoozes``: how often a handler may snooze the job (``SnoozeJob``) before it goes
+      dead instead.
+
+    A timeout is a ``TimeoutError`` to these rules. Out of attempts, a job goes dead whatever
+    the policy says.
+    """
+
+    backoff: Backoff | None = None
+    retry_on: tuple[type[BaseException], ...] = ()
+    give_up_on: tuple[type[BaseException], ...] = ()
+    max_snoozes: int = 100
+
+    def __post_init__(self) -> None:
+        if self.backoff is not None and not callable(self.backoff):
+            raise TaskDefinitionError("RetryPolicy: backoff must be a function of the attempt")
+        for field_name in ("retry_on", "give_up_on"):
+            kinds = getattr(self, field_name)
+            if not isinstance(kinds, tuple) or not all(
+                isinstance(kind, type) and issubclass(kind, BaseException) for kind in kinds
+            ):
+                raise TaskDefinitionError(
+                    f"RetryPolicy: {field_name} must be a tuple of exception types"
+                )
+        if isinstance(self.max_snoozes, bool) or not (
+            isinstance(self.max_snoozes, int) and 0 <= self.max_snoozes <= INT32_MAX
+        ):
+            raise TaskDefinitionError("RetryPolicy: max_snoozes must be a count of 0 or more")
+
+
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     name: str
@@ -42,6 +84,12 @@ class TaskSpec:
     timeout: float | None
     priority: int
     signature: inspect.Signature
+    # The task's retry policy (see Registry.task): None for the worker's backoff, and the
+    # exception types that decide between a retry and dead at once.
+    backoff: Backoff | None
+    retry_on: tuple[type[BaseException], ...]
+    give_up_on: tuple[type[BaseException], ...]
+    max_snoozes: int
     # What keyword arguments the handler takes, precomputed so that the per-job check is a
     # couple of set operations (Signature.bind costs microseconds on the hot path).
     accepts: frozenset[str] | None  # None: it takes **kwargs
@@ -56,6 +104,7 @@ class TaskSpec:
         max_attempts: int,
         timeout: float | None,
         priority: int,
+        policy: RetryPolicy | None = None,
     ) -> TaskSpec:
         signature = inspect.signature(handler)
         keyword = [
@@ -64,6 +113,7 @@ class TaskSpec:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
         ]
         takes_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+        policy = policy or RetryPolicy()
         return cls(
             name,
             handler,
@@ -72,9 +122,19 @@ class TaskSpec:
             timeout,
             priority,
             signature,
+            policy.backoff,
+            policy.retry_on,
+            policy.give_up_on,
+            policy.max_snoozes,
             None if takes_any else frozenset(p.name for p in keyword),
             frozenset(p.name for p in keyword if p.default is p.empty),
         )
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` is worth another attempt, by the task's policy."""
+        if isinstance(exc, self.give_up_on):
+            return False
+        return not self.retry_on or isinstance(exc, self.retry_on)
 
     def check_args(self, args: dict[str, Any]) -> str | None:
         """Why these args cannot call the handler, or None when they can."""
@@ -214,6 +274,7 @@ class Registry:
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> _TaskDecorator: ...
 
     def task(
@@ -224,11 +285,13 @@ class Registry:
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> Task[Any, Any] | _TaskDecorator:
         """Register an ``async def handler(ctx: JobContext, **args)``; the name defaults to
         the function's. ``@registry.task`` and ``@registry.task()`` are the same: written
         bare, as Celery and procrastinate allow, it must not register nothing in silence.
-        The decorated name is a :class:`Task`: the handler, with ``job()`` besides."""
+        The decorated name is a :class:`Task`: the handler, with ``job()`` besides.
+        ``retry`` is the task's :class:`RetryPolicy` (its backoff, which failures retry)."""
         if callable(name):
             return Task(self.add(name))
         if name is not None and not isinstance(name, str):
@@ -243,6 +306,7 @@ class Registry:
                     max_attempts=max_attempts,
                     timeout=timeout,
                     priority=priority,
+                    retry=retry,
                 )
             )
 
@@ -257,6 +321,7 @@ class Registry:
         max_attempts: int = 5,
         timeout: float | None = None,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> TaskSpec:
         if isinstance(handler, Task):  # a task of another registry: its handler
             handler = handler.spec.handler
@@ -278,7 +343,9 @@ class Registry:
             raise TaskDefinitionError(
                 f"task {task_name!r}: arguments after the context must be keyword arguments"
             )
-        spec = TaskSpec.of(task_name, handler, queue, max_attempts, timeout, priority)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TaskDefinitionError(f"task {task_name!r}: retry must be a RetryPolicy")
+        spec = TaskSpec.of(task_name, handler, queue, max_attempts, timeout, priority, retry)
         self._tasks[task_name] = spec
         Registry._by_name[task_name] = weakref.ref(self)
         return spec

@@ -53,6 +53,7 @@ outbox_jobs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("cancel_requested_at", DateTime(timezone=True)),
+    Column("snoozes", Integer, nullable=False, server_default=text("0")),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
@@ -67,6 +68,7 @@ outbox_jobs = Table(
         "state <> 'queued' OR attempts < max_attempts",
         name="outbox_jobs_queued_has_attempts_left",
     ),
+    CheckConstraint("snoozes >= 0", name="outbox_jobs_snoozes_valid"),
     CheckConstraint(
         "state <> 'running' OR (locked_by IS NOT NULL AND locked_until IS NOT NULL)",
         name="outbox_jobs_running_is_locked",

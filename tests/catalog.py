@@ -1,6 +1,8 @@
 """A database's schema as PostgreSQL's catalog describes it, to compare two databases built
-different ways: relations (with their storage parameters), columns in order (type, NOT NULL,
-default, identity), indexes, constraints (validated or not), triggers and functions."""
+different ways: relations (with their storage parameters), columns in order (their place
+among the live columns: a column dropped and added again by a downgrade and upgrade lands in
+the same place as on a fresh install, though its attnum is another; type, NOT NULL, default,
+identity), indexes, constraints (validated or not), triggers and functions."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ SELECT 'relation', c.relname, c.relkind::text, coalesce(array_to_string(c.relopt
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'public'
 UNION ALL
-SELECT 'column', c.relname || '.' || lpad(a.attnum::text, 3, '0') || '.' || a.attname,
+SELECT 'column', c.relname || '.'
+                 || lpad((row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum))::text,
+                         3, '0') || '.' || a.attname,
        format_type(a.atttypid, a.atttypmod),
        concat_ws(' ', CASE WHEN a.attnotnull THEN 'not null' END,
                  'default ' || pg_get_expr(d.adbin, d.adrelid),

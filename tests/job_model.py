@@ -31,9 +31,24 @@ LEASE = 3600.0  # no lease lapses by itself during a test: expiry is a rule of i
 LATER = 3600.0  # a delay that keeps a job from being due during a test
 FINISHED = ("succeeded", "dead", "cancelled")
 # What a worker may write for a job it claimed; "cancel" is how it ends a job whose cancel
-# an operator requested (it sees the request at a heartbeat and stops the handler).
+# an operator requested (it sees the request at a heartbeat and stops the handler), or one
+# whose handler cancelled it ("cancel_with_reason"); "snooze" puts it back, the attempt
+# given back, until MAX_SNOOZES.
 # "unclaim" hands back a claim answered too late to be trusted, its handler never started.
-WRITES = ("complete", "fail", "fail_later", "give_up", "release", "unclaim", "cancel")
+WRITES = (
+    "complete",
+    "fail",
+    "fail_later",
+    "give_up",
+    "release",
+    "unclaim",
+    "cancel",
+    "cancel_with_reason",
+    "snooze",
+    "snooze_later",
+)
+# A task's bound on snoozes, small so that the machine reaches it.
+MAX_SNOOZES = 2
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Job:
     cancel_requested: bool = False
     last_error: str | None = None
     result: Any = None
+    snoozes: int = 0
 
     def held_by(self, worker: str, attempt: int) -> bool:
         """What every fenced write checks."""
@@ -262,7 +278,7 @@ class JobStateMachineBase(RuleBasedStateMachine):
                 "SELECT id, task, queue, priority, max_attempts, dedupe_key, state, attempts, "
                 "locked_by, last_error, result::text AS result, "
                 "locked_until IS NOT NULL AS leased, locked_until < now() AS expired, "
-                "run_at <= now() AS due, finished_at IS NOT NULL AS finished, "
+                "run_at <= now() AS due, finished_at IS NOT NULL AS finished, snoozes, "
                 "cancel_requested_at IS NOT NULL AS cancel_requested "
                 "FROM outbox_jobs ORDER BY id"
             )
@@ -286,6 +302,7 @@ class JobStateMachineBase(RuleBasedStateMachine):
             assert (row["max_attempts"], row["dedupe_key"]) == (job.max_attempts, job.dedupe_key)
             assert row["attempts"] <= row["max_attempts"]
             assert row["cancel_requested"] == job.cancel_requested, job
+            assert row["snoozes"] == job.snoozes, job
             assert row["finished"] == (job.state in FINISHED), job
             assert row["leased"] == (job.state == "running"), job
             if job.state == "running":

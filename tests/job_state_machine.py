@@ -22,6 +22,7 @@ from tests.job_model import (
     FINISHED,
     LATER,
     LEASE,
+    MAX_SNOOZES,
     QUEUES,
     WORKERS,
     WRITES,
@@ -76,8 +77,10 @@ class JobStateMachine(JobStateMachineBase):
             self._release(h)
         elif write == "unclaim":
             self._unclaim(h)
-        elif write == "cancel":
-            self._cancelled_by_worker(h)
+        elif write in ("cancel", "cancel_with_reason"):
+            self._cancelled_by_worker(h, "not wanted" if write == "cancel_with_reason" else None)
+        elif write in ("snooze", "snooze_later"):
+            self._snooze(h, later=write == "snooze_later")
         else:
             self._fail(h, later=write == "fail_later", give_up=write == "give_up")
 
@@ -169,17 +172,62 @@ class JobStateMachine(JobStateMachineBase):
         job.attempts -= 1  # never started: the claim's attempt is taken back
         self._requeue(job, due=True, tick=tick)
 
-    def _cancelled_by_worker(self, h: Held) -> None:
+    def _cancelled_by_worker(self, h: Held, reason: str | None) -> None:
+        """Stopped at an operator's request (no reason), or cancelled by its handler."""
         self._tick()
         job = self.jobs[h.job_id]
-        rows = self.env.run(self.conn.fetch(sql.JOB_CANCEL_MANY, [h.job_id], [h.attempt], h.worker))
+        rows = self.env.run(
+            self.conn.fetch(
+                *sql.bind(
+                    sql.JOB_CANCEL_MANY,
+                    ids=[h.job_id],
+                    attempts=[h.attempt],
+                    reasons=[reason],
+                    worker_id=h.worker,
+                )
+            )
+        )
         self.held.remove(h)
         self._count("cancel", len(rows))
         if not job.held_by(h.worker, h.attempt):
             assert rows == [], f"a stale cancellation got through: {h}"
             return
         assert [r["id"] for r in rows] == [h.job_id]
+        if reason is not None:
+            job.last_error = reason
         self._finish(job, "cancelled")
+
+    def _snooze(self, h: Held, later: bool) -> None:
+        """Its handler snoozed it: queued again, the attempt given back, until the bound."""
+        tick = self._tick()
+        job = self.jobs[h.job_id]
+        rows = self.env.run(
+            self.conn.fetch(
+                *sql.bind(
+                    sql.JOB_SNOOZE_MANY,
+                    ids=[h.job_id],
+                    attempts=[h.attempt],
+                    delays=[LATER if later else 0.0],
+                    max_snoozes=[MAX_SNOOZES],
+                    worker_id=h.worker,
+                )
+            )
+        )
+        self.held.remove(h)
+        self._count("snooze", len(rows))
+        if not job.held_by(h.worker, h.attempt):
+            assert rows == [], f"a stale snooze got through: {h}"
+            return
+        if job.cancel_requested:
+            self._finish(job, "cancelled")
+        elif job.snoozes >= MAX_SNOOZES:
+            job.last_error = f"snoozed {job.snoozes + 1} times: the task allows {MAX_SNOOZES}"
+            self._finish(job, "dead")
+        else:
+            job.attempts -= 1
+            self._requeue(job, due=not later, tick=tick)
+        job.snoozes += 1
+        assert [(r["id"], r["state"]) for r in rows] == [(job.id, job.state)]
 
     @rule(worker=st.sampled_from(WORKERS))
     def heartbeat(self, worker: str) -> None:

@@ -61,7 +61,7 @@ def test_job_state_machine_matches_its_model(
             loop.run_until_complete(engine.dispose())
         # The machine did reach the interesting places, fenced writes above all.
         assert env.steps > 500
-        for write in ("complete", "fail", "release", "unclaim"):
+        for write in ("complete", "fail", "release", "unclaim", "snooze", "cancel"):
             assert env.writes.get(f"{write}:ok", 0) > 0, (env.steps, env.writes)
         fenced = sum(n for what, n in env.writes.items() if what.endswith(":fenced"))
         assert fenced >= 5, env.writes

@@ -22,6 +22,7 @@ from tests.conftest import ROOT
 
 EXPECTED_ALL = [
     "ArgsTooLarge",
+    "CancelJob",
     "ConfigError",
     "DatabaseUnavailable",
     "DeclaredTask",
@@ -32,6 +33,7 @@ EXPECTED_ALL = [
     "InvalidRequest",
     "Job",
     "JobContext",
+    "JobControl",
     "JobNotFound",
     "JobState",
     "JobStateConflict",
@@ -41,6 +43,9 @@ EXPECTED_ALL = [
     "OutboxError",
     "QueueFull",
     "Registry",
+    "RetryJob",
+    "RetryPolicy",
+    "SnoozeJob",
     "SyncOutbox",
     "Task",
     "TaskDefinitionError",

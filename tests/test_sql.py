@@ -64,6 +64,7 @@ PARAMETER_TYPES = {
     "lock_wait": "float8",
     "max_attempts": "int4",
     "max_copy": "int4",
+    "max_snoozes": "int4[]",
     "missed": "text",
     "name": "text",
     "names": "text[]",
@@ -71,6 +72,7 @@ PARAMETER_TYPES = {
     "older_than": "float8",
     "priority": "int4",
     "queue": "text",
+    "reasons": "text[]",
     "queues": "text[]",
     "results": "text[]",
     "seconds": "float8",
@@ -98,6 +100,7 @@ FENCED = frozenset(
         "JOB_FAIL_MANY",
         "JOB_RELEASE_MANY",
         "JOB_CANCEL_MANY",
+        "JOB_SNOOZE_MANY",
         "JOB_UNCLAIM_MANY",
         "JOB_EXTEND_LEASES",
     }

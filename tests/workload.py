@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from outbox_worker import JobContext, Registry
+from outbox_worker import CancelJob, JobContext, Registry, SnoozeJob
 
 registry = Registry()
 
@@ -242,3 +242,21 @@ async def hostile(ctx: JobContext, kind: str) -> Any:
     """Returns what the database cannot store, or raises what a handler should not."""
     await record(ctx)
     return _hostile_outcome(kind)
+
+
+@registry.task()
+async def snoozy(ctx: JobContext, times: int) -> int:
+    """Snoozes its first ``times`` runs; returns how many runs it took."""
+    await record(ctx)
+    pool = await _pool()
+    runs: int = await pool.fetchval(
+        "SELECT count(*) FROM test_executions WHERE job_id = $1", ctx.job_id
+    )
+    if runs <= times:
+        raise SnoozeJob(0.05)
+    return runs
+
+
+@registry.task()
+async def cancels(ctx: JobContext, reason: str) -> None:
+    raise CancelJob(reason)

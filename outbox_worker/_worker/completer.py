@@ -21,7 +21,7 @@ import asyncio
 import collections
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import structlog
@@ -35,6 +35,7 @@ from outbox_worker._worker.outcomes import (
     Outcome,
     Released,
     Settled,
+    Snoozed,
     Succeeded,
     Unclaimed,
 )
@@ -47,6 +48,7 @@ _COUNTERS = {
     "succeeded": metrics.SUCCEEDED,
     "failed": metrics.RETRIED,
     "cancelled": metrics.CANCELLED,
+    "snoozed": metrics.SNOOZED,
 }
 
 
@@ -244,42 +246,10 @@ class Completer:
 
     async def _send(self, outcomes: Sequence[Outcome]) -> list[asyncpg.Record]:
         """One fenced statement for outcomes of one kind, on a connection of its own."""
-        ids = [o.job_id for o in outcomes]
-        attempts = [o.attempt for o in outcomes]
-        first = outcomes[0]
         async with self._pool.acquire(timeout=30) as conn:
-            if isinstance(first, Failed):
-                failed = [o for o in outcomes if isinstance(o, Failed)]
-                rows: list[asyncpg.Record] = await conn.fetch(
-                    *sql.bind(
-                        sql.JOB_FAIL_MANY,
-                        ids=ids,
-                        attempts=attempts,
-                        errors=[o.error for o in failed],
-                        delays=[o.delay for o in failed],
-                        give_up=[o.give_up for o in failed],
-                        worker_id=self._worker_id,
-                    ),
-                    timeout=self._stall_after,
-                )
-            elif isinstance(first, Succeeded):
-                succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
-                rows = await conn.fetch(
-                    *sql.bind(
-                        sql.JOB_COMPLETE_MANY,
-                        ids=ids,
-                        attempts=attempts,
-                        results=[o.result for o in succeeded],
-                        worker_id=self._worker_id,
-                    ),
-                    timeout=self._stall_after,
-                )
-            else:
-                statement = _STATEMENTS[type(first)]
-                rows = await conn.fetch(
-                    *sql.bind(statement, ids=ids, attempts=attempts, worker_id=self._worker_id),
-                    timeout=self._stall_after,
-                )
+            rows: list[asyncpg.Record] = await conn.fetch(
+                *outcome_statement(outcomes, self._worker_id), timeout=self._stall_after
+            )
         return rows
 
     def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
@@ -288,7 +258,7 @@ class Completer:
         for row in rows:
             job = self._slots.held.get(row["id"])
             task, queue = (job.task, job.queue) if job is not None else ("unknown", "unknown")
-            if what in ("failed", "released") and row["state"] == "dead":
+            if what in ("failed", "released", "snoozed") and row["state"] == "dead":
                 self._log.error("job_dead", job_id=row["id"])
                 counts[metrics.DEAD, task, queue] += 1
             elif what in _COUNTERS:
@@ -313,21 +283,67 @@ class Completer:
 
 
 # The kinds written by statement, in the order they are written.
-_KINDS: tuple[tuple[str, type[Failed | Released | Unclaimed | Cancelled | Succeeded]], ...] = (
+_KINDS: tuple[
+    tuple[str, type[Failed | Released | Unclaimed | Cancelled | Snoozed | Succeeded]], ...
+] = (
     ("failed", Failed),
     ("released", Released),
     ("unclaimed", Unclaimed),
     ("cancelled", Cancelled),
+    ("snoozed", Snoozed),
     ("succeeded", Succeeded),
 )
 
 
-# The statements of the kinds that carry nothing but the job and its attempt.
-_STATEMENTS: dict[type[Outcome], str] = {
-    Released: sql.JOB_RELEASE_MANY,
-    Unclaimed: sql.JOB_UNCLAIM_MANY,
-    Cancelled: sql.JOB_CANCEL_MANY,
-}
+def outcome_statement(outcomes: Sequence[Outcome], worker_id: str) -> tuple[Any, ...]:
+    """The fenced statement that writes ``outcomes`` (all of one kind) and its arguments,
+    bound for asyncpg: the worker's and the test drain's one way of writing an outcome."""
+    ids = [o.job_id for o in outcomes]
+    attempts = [o.attempt for o in outcomes]
+    first = outcomes[0]
+    if isinstance(first, Succeeded):
+        succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
+        return sql.bind(
+            sql.JOB_COMPLETE_MANY,
+            ids=ids,
+            attempts=attempts,
+            results=[o.result for o in succeeded],
+            worker_id=worker_id,
+        )
+    if isinstance(first, Failed):
+        failed = [o for o in outcomes if isinstance(o, Failed)]
+        return sql.bind(
+            sql.JOB_FAIL_MANY,
+            ids=ids,
+            attempts=attempts,
+            errors=[o.error for o in failed],
+            delays=[o.delay for o in failed],
+            give_up=[o.give_up for o in failed],
+            worker_id=worker_id,
+        )
+    if isinstance(first, Cancelled):
+        cancelled = [o for o in outcomes if isinstance(o, Cancelled)]
+        return sql.bind(
+            sql.JOB_CANCEL_MANY,
+            ids=ids,
+            attempts=attempts,
+            reasons=[o.reason for o in cancelled],
+            worker_id=worker_id,
+        )
+    if isinstance(first, Snoozed):
+        snoozed = [o for o in outcomes if isinstance(o, Snoozed)]
+        return sql.bind(
+            sql.JOB_SNOOZE_MANY,
+            ids=ids,
+            attempts=attempts,
+            delays=[o.delay for o in snoozed],
+            max_snoozes=[o.max_snoozes for o in snoozed],
+            worker_id=worker_id,
+        )
+    if isinstance(first, Released | Unclaimed):
+        statement = sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_UNCLAIM_MANY
+        return sql.bind(statement, ids=ids, attempts=attempts, worker_id=worker_id)
+    raise TypeError(f"{type(first).__name__} has nothing to write")
 
 
 def _kind(outcome: Outcome) -> str:

@@ -23,14 +23,16 @@ from outbox_worker._worker.outcomes import (
     Outcome,
     Released,
     Settled,
+    Snoozed,
     StopReason,
     Succeeded,
 )
 from outbox_worker._worker.storable import encode_result, storable_text
 from outbox_worker.context import JobContext, current_correlation_id
+from outbox_worker.control import MAX_DELAY_SECONDS, CancelJob, JobControl, RetryJob, SnoozeJob
 from outbox_worker.errors import LeaseLost
 from outbox_worker.formatting import error_line
-from outbox_worker.registry import Registry
+from outbox_worker.registry import Registry, TaskSpec
 
 MAX_ERROR_CHARS = 8000
 
@@ -133,7 +135,7 @@ class Executor:
                 return Abandoned(job.id, job.attempt)
             # Nobody here cancelled it: the handler's own code did (a cancelled inner task
             # or future). That is the handler failing, not a reason to end the worker.
-            return self._failed(job, ctx, exc)
+            return self._failed(job, ctx, spec, exc)
         except LeaseLost as exc:
             ctx.log.warning("job_lease_lost", error=str(exc))
             return Settled(job.id, job.attempt)
@@ -143,6 +145,8 @@ class Executor:
             if ctx.completed_in_transaction:
                 ctx.log.warning("job_raised_after_commit", error=error_line(exc))
                 return Settled(job.id, job.attempt)
+            if isinstance(exc, JobControl):
+                return self._controlled(job, ctx, spec, exc)
             if not isinstance(exc, Exception):
                 ctx.log.error(
                     "job_raised_base_exception",
@@ -150,7 +154,7 @@ class Executor:
                     hint="a handler cannot stop the worker; it fails this attempt only "
                     "(stop a worker with SIGTERM)",
                 )
-            return self._failed(job, ctx, exc, deadline, spec.timeout)
+            return self._failed(job, ctx, spec, exc, deadline)
         if self._debug:
             ctx.log.debug("job_succeeded", in_transaction=ctx.completed_in_transaction)
         if ctx.completed_in_transaction:
@@ -163,26 +167,66 @@ class Executor:
     def _cancel_requested(self, job_id: int) -> bool:
         return self._stop_reason(job_id) is StopReason.CANCEL
 
+    def _controlled(
+        self, job: ClaimedJob, ctx: JobContext, spec: TaskSpec, exc: JobControl
+    ) -> Outcome:
+        """The end the handler chose by raising SnoozeJob, CancelJob or RetryJob."""
+        if isinstance(exc, SnoozeJob):
+            ctx.log.info("job_snoozed", seconds=exc.seconds)
+            return Snoozed(job.id, job.attempt, exc.seconds, spec.max_snoozes)
+        if isinstance(exc, CancelJob):
+            ctx.log.info("job_cancelled_by_handler", reason=exc.reason)
+            return Cancelled(job.id, job.attempt, storable_text(exc.reason))
+        if isinstance(exc, RetryJob):
+            final = job.attempt >= job.max_attempts
+            ctx.log.warning(
+                "job_retry_requested",
+                reason=exc.reason,
+                final=final,
+                retry_in=None if final else exc.seconds,
+            )
+            return Failed(
+                job.id, job.attempt, storable_text(f"RetryJob: {exc.reason}"), exc.seconds
+            )
+        return self._failed(job, ctx, spec, exc)
+
     def _failed(
         self,
         job: ClaimedJob,
         ctx: JobContext,
+        spec: TaskSpec,
         exc: BaseException,
         deadline: asyncio.Timeout | None = None,
-        timeout: float | None = None,
     ) -> Failed:
         if deadline is not None and deadline.expired():
-            error = f"TimeoutError: {job.task} ran longer than its timeout of {timeout}s"
+            error = f"TimeoutError: {job.task} ran longer than its timeout of {spec.timeout}s"
         else:
             error = describe_error(exc)
-        delay = self._retry_delay(job.attempt)
+        give_up = not spec.retries(exc)
+        delay = self._delay(job, ctx, spec)
+        final = give_up or job.attempt >= job.max_attempts
         ctx.log.warning(
             "job_failed",
             error=error.partition("\n")[0],
-            final=job.attempt >= job.max_attempts,
-            retry_in=None if job.attempt >= job.max_attempts else round(delay, 3),
+            final=final,
+            retry_in=None if final else round(delay, 3),
+            **({"policy": "no retry for this exception"} if give_up else {}),
         )
-        return Failed(job.id, job.attempt, error, delay)
+        return Failed(job.id, job.attempt, error, delay, give_up)
+
+    def _delay(self, job: ClaimedJob, ctx: JobContext, spec: TaskSpec) -> float:
+        """The task's backoff, or the worker's when it has none or its answer is unusable."""
+        if spec.backoff is None:
+            return self._retry_delay(job.attempt)
+        try:
+            delay = float(spec.backoff(job.attempt))
+        except Exception as exc:
+            ctx.log.error("task_backoff_failed", error=error_line(exc))
+            return self._retry_delay(job.attempt)
+        if not 0 <= delay <= MAX_DELAY_SECONDS:  # also false for NaN
+            ctx.log.error("task_backoff_out_of_range", delay=repr(delay))
+            return self._retry_delay(job.attempt)
+        return delay
 
     def _metrics(self, task: str, queue: str) -> tuple[Counter, Histogram]:
         """The labelled children, looked up once per (task, queue) rather than per job."""

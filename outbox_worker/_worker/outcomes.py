@@ -51,10 +51,23 @@ class Unclaimed:
 
 @dataclass(frozen=True, slots=True)
 class Cancelled:
-    """Stopped at an operator's request while running."""
+    """Stopped at an operator's request while running, or cancelled by its handler with a
+    ``reason`` (CancelJob), which becomes its last_error."""
 
     job_id: int
     attempt: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snoozed:
+    """Back to queued after ``delay`` seconds, the attempt given back (SnoozeJob); dead once
+    the row has been snoozed ``max_snoozes`` times."""
+
+    job_id: int
+    attempt: int
+    delay: float
+    max_snoozes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,4 +89,4 @@ class Abandoned:
     attempt: int
 
 
-Outcome = Succeeded | Failed | Released | Unclaimed | Cancelled | Settled | Abandoned
+Outcome = Succeeded | Failed | Released | Unclaimed | Cancelled | Snoozed | Settled | Abandoned

@@ -243,20 +243,53 @@ RETURNING j.id, j.state
 """,
 )
 
-# A running job whose cancel was requested and whose handler the worker stopped: cancelled.
-# Index: primary key.
+# A running job whose cancel was requested and whose handler the worker stopped, or whose
+# handler cancelled it (CancelJob): cancelled. :reasons are the handlers' (NULL for an
+# operator's cancel, which keeps the last error). Index: primary key.
 JOB_CANCEL_MANY = statement(
-    params=("ids", "attempts", "worker_id"),
+    params=("ids", "attempts", "reasons", "worker_id"),
     text=f"""
 UPDATE outbox_jobs AS j
 SET state = 'cancelled',
     finished_at = now(),
+    last_error = COALESCE(c.reason, j.last_error),
     locked_by = NULL,
     locked_until = NULL
-FROM unnest(:ids::bigint[], :attempts::integer[]) AS c(id, attempt)
+FROM unnest(:ids::bigint[], :attempts::integer[], :reasons::text[]) AS c(id, attempt, reason)
 WHERE j.id = c.id
   AND {fence("c.attempt")}
 RETURNING j.id
+""",
+)
+
+# Snoozed by their handlers (SnoozeJob): queued again after :delays seconds with the attempt
+# given back, and counted in snoozes; dead instead once snoozed :max_snoozes times, and
+# cancelled if an operator asked meanwhile. Index: primary key.
+JOB_SNOOZE_MANY = statement(
+    params=("ids", "attempts", "delays", "max_snoozes", "worker_id"),
+    text=f"""
+UPDATE outbox_jobs AS j
+SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                 WHEN j.snoozes >= s.max_snoozes THEN 'dead'
+                 ELSE 'queued' END,
+    attempts = CASE WHEN j.cancel_requested_at IS NOT NULL OR j.snoozes >= s.max_snoozes
+                    THEN j.attempts ELSE j.attempts - 1 END,
+    snoozes = j.snoozes + 1,
+    run_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR j.snoozes >= s.max_snoozes
+                  THEN j.run_at ELSE now() + make_interval(secs => s.delay) END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                         OR j.snoozes >= s.max_snoozes THEN now() END,
+    last_error = CASE WHEN j.cancel_requested_at IS NULL AND j.snoozes >= s.max_snoozes
+                      THEN format('snoozed %s times: the task allows %s', j.snoozes + 1,
+                                  s.max_snoozes)
+                      ELSE j.last_error END,
+    locked_by = NULL,
+    locked_until = NULL
+FROM unnest(:ids::bigint[], :attempts::integer[], :delays::float8[], :max_snoozes::integer[])
+     AS s(id, attempt, delay, max_snoozes)
+WHERE j.id = s.id
+  AND {fence("s.attempt")}
+RETURNING j.id, j.state
 """,
 )
 

@@ -16,9 +16,10 @@ import structlog
 from outbox_worker import db, sql
 from outbox_worker._worker.backoff import retry_delay
 from outbox_worker._worker.claims import ClaimedJob
+from outbox_worker._worker.completer import outcome_statement
 from outbox_worker._worker.executor import Executor
 from outbox_worker._worker.maintenance import ReadyLanes
-from outbox_worker._worker.outcomes import Failed, Outcome, Settled, Succeeded
+from outbox_worker._worker.outcomes import Cancelled, Failed, Outcome, Settled, Snoozed, Succeeded
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.jobs import JobState
 from outbox_worker.registry import Registry
@@ -28,8 +29,10 @@ from outbox_worker.worker import new_worker_id
 # Should the test process die mid-drain, a worker's rescuer takes the job back once it lapses.
 DRAIN_LEASE_SECONDS = 600.0
 
-# Where JOB_FAIL_MANY leaves a job (its state) → the DrainResult field that counts it.
+# Where JOB_FAIL_MANY and JOB_SNOOZE_MANY leave a job (its state) → the DrainResult field
+# that counts it.
 _FAILED_ENDS = {"queued": "retried", "dead": "dead", "cancelled": "cancelled"}
+_SNOOZED_ENDS = {"queued": "snoozed", "dead": "dead", "cancelled": "cancelled"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +45,10 @@ class DrainResult:
     retried: int = 0
     # Failed its last attempt, or could never run (unknown task, args that do not fit).
     dead: int = 0
-    # Failed after an operator asked to cancel it.
+    # Cancelled by its handler (CancelJob), or failed after an operator asked to cancel it.
     cancelled: int = 0
+    # Snoozed by its handler (SnoozeJob): queued again, the attempt given back.
+    snoozed: int = 0
     # Its outcome was not written: the row was no longer the drain's (the worker's fence).
     lost: int = 0
     job_ids: tuple[int, ...] = ()
@@ -125,6 +130,7 @@ async def drain(
         retried=ends["retried"],
         dead=ends["dead"],
         cancelled=ends["cancelled"],
+        snoozed=ends["snoozed"],
         lost=ends["lost"],
         job_ids=tuple(ran),
     )
@@ -145,34 +151,19 @@ async def _pool(database: str | asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
 async def _write(pool: asyncpg.Pool, worker_id: str, outcome: Outcome) -> str:
     """Write one outcome with the statement the worker's Completer uses for it; returns the
     DrainResult field it counts in."""
-    if isinstance(outcome, Succeeded):
-        done = await pool.fetch(
-            *sql.bind(
-                sql.JOB_COMPLETE_MANY,
-                ids=[outcome.job_id],
-                attempts=[outcome.attempt],
-                results=[outcome.result],
-                worker_id=worker_id,
-            )
-        )
-        return "succeeded" if done else "lost"
-    if isinstance(outcome, Failed):
-        failed = await pool.fetch(
-            *sql.bind(
-                sql.JOB_FAIL_MANY,
-                ids=[outcome.job_id],
-                attempts=[outcome.attempt],
-                errors=[outcome.error],
-                delays=[outcome.delay],
-                give_up=[outcome.give_up],
-                worker_id=worker_id,
-            )
-        )
-        return _FAILED_ENDS[failed[0]["state"]] if failed else "lost"
     if isinstance(outcome, Settled):
         # Completed in its own transaction (ctx.transaction()), or its lease was lost: the
         # row says which.
         row = await pool.fetchrow(*sql.bind(sql.JOB_GET_PG, id=outcome.job_id))
         finished = row is not None and row["state"] == JobState.SUCCEEDED
         return "succeeded" if finished else "lost"
-    raise AssertionError(f"a drain never stops a handler, yet its attempt ended as {outcome}")
+    if not isinstance(outcome, Succeeded | Failed | Cancelled | Snoozed):
+        raise AssertionError(f"a drain never stops a handler, yet its attempt ended as {outcome}")
+    written = await pool.fetch(*outcome_statement([outcome], worker_id))
+    if not written:
+        return "lost"
+    if isinstance(outcome, Failed):
+        return _FAILED_ENDS[written[0]["state"]]
+    if isinstance(outcome, Snoozed):
+        return _SNOOZED_ENDS[written[0]["state"]]
+    return "succeeded" if isinstance(outcome, Succeeded) else "cancelled"
