@@ -25,6 +25,7 @@ from outbox_worker.errors import (
     InvalidRequest,
     JobNotFound,
     JobStateConflict,
+    JobWaitTimeout,
     LeaseLost,
     OutboxError,
     QueueFull,
@@ -34,6 +35,7 @@ from outbox_worker.errors import (
 )
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.registry import DeclaredTask, Registry, RetryPolicy, Task
+from outbox_worker.waiting import wait_for_job
 from outbox_worker.worker import Worker, WorkerOptions
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ __all__ = [
     "JobNotFound",
     "JobState",
     "JobStateConflict",
+    "JobWaitTimeout",
     "LeaseLost",
     "NewJob",
     "Outbox",
@@ -108,5 +111,6 @@ __all__ = [
     "get_job",
     "refresh_gauges",
     "sqlalchemy_url",
+    "wait_for_job",
     "workers_alive",
 ]

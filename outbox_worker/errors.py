@@ -17,6 +17,9 @@
     │                           never catches it; nothing changed
     ├── JobNotFound
     ├── JobStateConflict        the job's state does not allow that (retry a succeeded job…)
+    ├── JobWaitTimeout          wait_for_job's timeout passed before the job finished
+    │                           (also a TimeoutError)
+    ├── JobControl              raised by a handler to end its attempt (outbox_worker.control)
     ├── LeaseLost               this worker no longer owns the job it tried to write
     ├── DatabaseUnavailable     the database cannot be reached (refused, unknown host, auth)
     └── ConfigError             bad settings, or a MODULE:registry that does not load
@@ -85,6 +88,10 @@ class JobNotFound(OutboxError):
 
 class JobStateConflict(OutboxError):
     """The job's state does not allow that."""
+
+
+class JobWaitTimeout(OutboxError, TimeoutError):
+    """The job did not finish within the time given to wait for it; it goes on."""
 
 
 class LeaseLost(OutboxError):

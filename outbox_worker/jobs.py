@@ -29,6 +29,11 @@ class JobState(enum.StrEnum):
     DEAD = "dead"
     CANCELLED = "cancelled"
 
+    @property
+    def finished(self) -> bool:
+        """An end: nothing will run the job again unless an operator retries it."""
+        return self in (JobState.SUCCEEDED, JobState.DEAD, JobState.CANCELLED)
+
 
 JOB_COLUMNS: tuple[str, ...] = (
     "id",

@@ -54,6 +54,7 @@ outbox_jobs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("cancel_requested_at", DateTime(timezone=True)),
     Column("snoozes", Integer, nullable=False, server_default=text("0")),
+    Column("notify_done", Boolean, nullable=False, server_default=text("false")),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",

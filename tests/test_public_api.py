@@ -37,6 +37,7 @@ EXPECTED_ALL = [
     "JobNotFound",
     "JobState",
     "JobStateConflict",
+    "JobWaitTimeout",
     "LeaseLost",
     "NewJob",
     "Outbox",
@@ -61,6 +62,7 @@ EXPECTED_ALL = [
     "get_job",
     "refresh_gauges",
     "sqlalchemy_url",
+    "wait_for_job",
     "workers_alive",
 ]
 
@@ -90,6 +92,7 @@ EXPECTED_ERRORS = {
     "TaskDefinitionError",
     "JobNotFound",
     "JobStateConflict",
+    "JobWaitTimeout",
     "LeaseLost",
     "ConfigError",
     "DatabaseUnavailable",
@@ -248,12 +251,12 @@ def test_job_states_are_the_contract_states() -> None:
     assert str(JobState.QUEUED) == "queued"
 
 
-def test_the_sync_module_offers_the_two_enqueue_functions() -> None:
-    assert outbox_worker.sync.__all__ == ["enqueue", "enqueue_many"]
+def test_the_sync_module_offers_enqueue_and_waiting() -> None:
+    assert outbox_worker.sync.__all__ == ["enqueue", "enqueue_many", "wait_for_job"]
     namespace: dict[str, Any] = {}
     exec("from outbox_worker.sync import *", namespace)
     namespace.pop("__builtins__", None)
-    assert sorted(namespace) == ["enqueue", "enqueue_many"]
+    assert sorted(namespace) == ["enqueue", "enqueue_many", "wait_for_job"]
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from outbox_worker import sql
 
 # Upper-case string constants of outbox_worker.sql that are fragments or names, not statements.
-NOT_STATEMENTS = frozenset({"JOB_SELECT_LIST", "NOTIFY_CHANNEL"})
+NOT_STATEMENTS = frozenset({"JOB_SELECT_LIST", "NOTIFY_CHANNEL", "DONE_CHANNEL"})
 
 ASYNCPG_PARAM = re.compile(r"\$(\d+)")
 # ``:name`` but not the ``::type`` of a cast (nor the second colon of one).

@@ -51,6 +51,7 @@ from outbox_worker.sql.client import (
     QUEUE_DEPTH_UPTO,
 )
 from outbox_worker.sql.worker import (
+    DONE_CHANNEL,
     JOB_CANCEL_MANY,
     JOB_CLAIM,
     JOB_COMPLETE_AND_CLAIM,
@@ -64,6 +65,7 @@ from outbox_worker.sql.worker import (
     JOB_RESCUE_EXPIRED,
     JOB_SNOOZE_MANY,
     JOB_UNCLAIM_MANY,
+    JOB_WATCH,
     MAINTENANCE_TRY_LOCK,
     NOTIFY_CHANNEL,
     READY_MAINTAIN,
@@ -79,6 +81,7 @@ from outbox_worker.sql.worker import (
 )
 
 __all__ = [
+    "DONE_CHANNEL",
     "JOB_CANCEL_MANY",
     "JOB_CANCEL_QUEUED",
     "JOB_CLAIM",
@@ -109,6 +112,7 @@ __all__ = [
     "JOB_SELECT_LIST",
     "JOB_SNOOZE_MANY",
     "JOB_UNCLAIM_MANY",
+    "JOB_WATCH",
     "MAINTENANCE_TRY_LOCK",
     "NOTIFY_CHANNEL",
     "QUEUE_ACTIVE_STATS",

@@ -453,6 +453,25 @@ WORKERS_ALIVE_PG = statement(WORKERS_ALIVE, params=("seconds",))
 JOB_GET_PG = statement(JOB_GET, params=("id",))
 
 # ---------------------------------------------------------------------------------------------
+# Waiting for a job (outbox_worker.waiting), on the waiter's own asyncpg connection
+# ---------------------------------------------------------------------------------------------
+
+# The channel the trigger of migration pgoutbox_0009 notifies, with the job's id, when a job
+# with notify_done set finishes.
+DONE_CHANNEL = "outbox_job_done"
+
+# Asks for that notification: sets notify_done on job :id if it has not finished yet (and
+# is not marked already: no needless row version). Index: primary key.
+JOB_WATCH = statement(
+    params=("id",),
+    text="""
+UPDATE outbox_jobs
+SET notify_done = true
+WHERE id = :id::bigint AND state IN ('queued', 'running') AND NOT notify_done
+""",
+)
+
+# ---------------------------------------------------------------------------------------------
 # Schedules (outbox_worker.schedules): declared at start, fired by every worker that has them
 # ---------------------------------------------------------------------------------------------
 
