@@ -30,30 +30,27 @@ def schedules(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None
         console.print("no schedules: workers declare them from their registry when they start")
         return
     table = Table(header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
-    for column in (
-        "NAME",
-        "TASK",
-        "CRON",
-        "TIME ZONE",
-        "LAST TICK (UTC)",
-        "LAST JOB",
-        "NEXT TICK (UTC)",
-    ):
-        table.add_column(column)
+    for column in ("NAME", "TASK", "CRON", "LAST TICK (UTC)", "LAST JOB", "NEXT TICK (UTC)"):
+        table.add_column(column, overflow="fold")
     for entry in found:
         job = MISSING
         if entry.last_job_id is not None:
-            job = f"{entry.last_job_id} ({entry.last_job_state or 'pruned'})"
-        upcoming = format_time(entry.next_tick, short=True)
-        if entry.unfired:
-            upcoming += f" (overdue {format_duration(entry.overdue_seconds)}: no worker fires it)"
+            job = f"{entry.last_job_id} {entry.last_job_state or 'pruned'}"
+        cron = entry.cron if entry.timezone == "UTC" else f"{entry.cron} ({entry.timezone})"
         table.add_row(
             visible(entry.name),
             visible(entry.task),
-            visible(entry.cron),
-            visible(entry.timezone),
+            visible(cron),
             format_time(entry.last_tick, short=True),
             job,
-            upcoming,
+            format_time(entry.next_tick, short=True) + (" !" if entry.unfired else ""),
         )
     console.print(table)
+    for entry in found:
+        if entry.unfired:
+            overdue = format_duration(entry.overdue_seconds)
+            console.print(
+                f"! {visible(entry.name)}: its next tick is {overdue} overdue: no worker fires"
+                " it (taken out of the code, or its workers are down)",
+                soft_wrap=True,
+            )
