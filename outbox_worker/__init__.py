@@ -34,6 +34,7 @@ from outbox_worker.errors import (
     WrongSession,
 )
 from outbox_worker.jobs import Job, JobState
+from outbox_worker.keys import ActiveKey, Debounce, Throttle
 from outbox_worker.registry import DeclaredTask, Registry, RetryPolicy, Task
 from outbox_worker.waiting import wait_for_job
 from outbox_worker.worker import Worker, WorkerOptions
@@ -70,10 +71,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ActiveKey",
     "ArgsTooLarge",
     "CancelJob",
     "ConfigError",
     "DatabaseUnavailable",
+    "Debounce",
     "DeclaredTask",
     "EnqueueError",
     "InvalidArgs",
@@ -99,6 +102,7 @@ __all__ = [
     "SyncOutbox",
     "Task",
     "TaskDefinitionError",
+    "Throttle",
     "UnknownTask",
     "Worker",
     "WorkerInfo",

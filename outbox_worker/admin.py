@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import metrics, sql
@@ -185,11 +186,20 @@ async def retry_job(session: AdminSession, job_id: int) -> Job:
         raise JobStateConflict(
             f"job {job_id} is {job.state}; only queued, dead or cancelled jobs can be retried"
         )
-    row = (
-        (await session.execute(text(sql.JOB_RETRY), {"id": job_id, "state": job.state.value}))
-        .mappings()
-        .one()
-    )
+    retry = text(sql.JOB_RETRY)
+    params = {"id": job_id, "state": job.state.value}
+    if job.active_key is None:
+        return Job.from_row((await session.execute(retry, params)).mappings().one())
+    try:
+        # In a savepoint: the key's unique index may refuse it, and the caller's transaction
+        # must survive that to answer 409.
+        async with session.begin_nested():
+            row = (await session.execute(retry, params)).mappings().one()
+    except IntegrityError as exc:
+        raise JobStateConflict(
+            f"job {job_id}'s key {job.active_key!r} is held by another queued or running "
+            f"{job.task!r} job; retry this one once that has finished"
+        ) from exc
     return Job.from_row(row)
 
 

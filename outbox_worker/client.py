@@ -36,6 +36,7 @@ from outbox_worker.config import WorkerSettings
 from outbox_worker.enqueue_plans import Backpressure, NewJob
 from outbox_worker.errors import ConfigError
 from outbox_worker.jobs import Job
+from outbox_worker.keys import JobKey
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import DeclaredTask, Registry
 
@@ -156,7 +157,7 @@ class Outbox:
         task: str,
         args: Mapping[str, Any] | None = None,
         *,
-        key: str | None = None,
+        key: JobKey | None = None,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
@@ -173,7 +174,7 @@ class Outbox:
         task: str | NewJob,
         args: Mapping[str, Any] | None = None,
         *,
-        key: str | None = None,
+        key: JobKey | None = None,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
@@ -245,7 +246,7 @@ class SyncOutbox:
         task: str,
         args: Mapping[str, Any] | None = None,
         *,
-        key: str | None = None,
+        key: JobKey | None = None,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
@@ -262,7 +263,7 @@ class SyncOutbox:
         task: str | NewJob,
         args: Mapping[str, Any] | None = None,
         *,
-        key: str | None = None,
+        key: JobKey | None = None,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,

@@ -22,6 +22,7 @@ from outbox_worker.enqueue_plans import (
 )
 from outbox_worker.errors import InvalidName, InvalidOption, UnknownTask
 from outbox_worker.jobs import Job
+from outbox_worker.keys import JobKey
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.registry import DeclaredTask, Registry
 
@@ -84,7 +85,7 @@ class Planner:
 # enqueue's options, in NewJob's order: key, queue, priority, max_attempts, delay, run_at,
 # correlation_id.
 Options = tuple[
-    str | None,
+    JobKey | None,
     str | None,
     int | None,
     int | None,

@@ -19,6 +19,7 @@ from outbox_worker.config import MAX_DELAY_SECONDS
 from outbox_worker.context import current_correlation_id
 from outbox_worker.errors import ArgsTooLarge, InvalidArgs, InvalidName, InvalidOption
 from outbox_worker.jobs import MAX_JSON_DEPTH
+from outbox_worker.keys import ActiveKey, Debounce, JobKey, Throttle
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 512
+# A throttled key is stored with its window appended: "@2026-12-07T10:15:00Z".
+THROTTLED_KEY_LENGTH = MAX_KEY_LENGTH - len("@2026-12-07T10:15:00Z")
 MAX_CORRELATION_ID_LENGTH = 255
 # A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -152,7 +155,10 @@ def encode_args(task: str, args: object, limit: int) -> str:
 
 
 class Row(NamedTuple):
-    """One checked job: JOB_INSERT's parameters, by name."""
+    """One checked job: JOB_INSERT's parameters, by name. Of the keys, one at most is set:
+    ``dedupe_key`` (a plain or throttled key: ``throttle`` is its window in seconds, which
+    the statement appends to it), ``active_key`` or ``debounce_key`` (``debounce_max``:
+    seconds from the first enqueue to the latest start)."""
 
     queue: str
     task: str
@@ -163,6 +169,49 @@ class Row(NamedTuple):
     delay: float
     dedupe_key: str | None
     correlation_id: str | None
+    throttle: float | None = None
+    active_key: str | None = None
+    debounce_key: str | None = None
+    debounce_max: float | None = None
+
+
+def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= MAX_DELAY_SECONDS  # also False for NaN
+        or (seconds == 0 and not allow_zero)
+    ):
+        low = "0 or more" if allow_zero else "over 0"
+        raise InvalidOption(f"{name} must be {low} and at most {MAX_DELAY_SECONDS:.0f} seconds")
+    return float(seconds)
+
+
+def _key_fields(key: JobKey | None) -> dict[str, Any]:
+    """The Row fields of a key, checked."""
+    if key is None or isinstance(key, str):
+        return {"dedupe_key": _text_option("key", key, MAX_KEY_LENGTH)}
+    if isinstance(key, ActiveKey):
+        return {"active_key": _text_option("key", key.value, MAX_KEY_LENGTH)}
+    if isinstance(key, Throttle):
+        return {
+            "dedupe_key": _text_option("key", key.value, THROTTLED_KEY_LENGTH),
+            "throttle": _seconds("Throttle's per", key.per),
+        }
+    if isinstance(key, Debounce):
+        period = _seconds("Debounce's period", key.period, allow_zero=True)
+        max_wait = None if key.max_wait is None else _seconds("Debounce's max_wait", key.max_wait)
+        if max_wait is not None and max_wait < period:
+            raise InvalidOption("Debounce's max_wait must be at least its period")
+        return {
+            "debounce_key": _text_option("key", key.value, MAX_KEY_LENGTH),
+            "debounce_max": max_wait,
+            "delay": period,
+        }
+    raise InvalidOption(
+        f"key must be text, ActiveKey, Throttle or Debounce, not {type(key).__name__}"
+    )
 
 
 def checked(
@@ -218,7 +267,10 @@ def checked(
         or not 0 <= delay <= MAX_DELAY_SECONDS  # also False for NaN; exact for huge ints
     ):
         raise InvalidOption(f"delay must be from 0 to {MAX_DELAY_SECONDS:.0f} seconds")
-    return Row(
+    keys = _key_fields(job.key)
+    if "delay" in keys and (job.run_at is not None or job.delay is not None):
+        raise InvalidOption("a debounced job starts after its period: give no delay or run_at")
+    row = Row(
         queue,
         job.task,
         encode_args(job.task, job.args, max_args_bytes),
@@ -230,11 +282,12 @@ def checked(
         ),
         job.run_at,
         float(delay),
-        _text_option("key", job.key, MAX_KEY_LENGTH),
+        None,
         correlation_id
         if job.correlation_id is None
         else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
     )
+    return row._replace(**keys)
 
 
 def checked_correlation_id() -> str | None:

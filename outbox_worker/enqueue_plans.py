@@ -28,6 +28,7 @@ from outbox_worker.config import WorkerSettings
 from outbox_worker.enqueue_checks import Row, TaskDefaults, checked, checked_correlation_id
 from outbox_worker.errors import EnqueueError, QueueFull
 from outbox_worker.jobs import JOB_COLUMNS, Job, JobState
+from outbox_worker.keys import JobKey
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ class NewJob:
 
     task: str
     args: Mapping[str, Any] = field(default_factory=dict)
-    key: str | None = None
+    key: JobKey | None = None
     queue: str | None = None
     priority: int | None = None
     max_attempts: int | None = None
@@ -52,7 +53,7 @@ class NewJob:
     def with_options(
         self,
         *,
-        key: str | None = None,
+        key: JobKey | None = None,
         queue: str | None = None,
         priority: int | None = None,
         max_attempts: int | None = None,
@@ -142,22 +143,21 @@ class Backpressure:
 
 def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
     """The Job just inserted: what was sent, plus what the database decided
-    (sql.client._INSERTED: id, run_at, created_at). Positional, in Job's field order: it runs
-    once per job."""
-    job_id, run_at, created_at = inserted
-    queue, task, _, priority, max_attempts, _, _, dedupe_key, correlation_id = row
+    (sql.client._INSERTED: id, run_at, created_at, the key as stored). Positional, in Job's
+    field order: it runs once per job."""
+    job_id, run_at, created_at, dedupe_key = inserted
     return Job(
         job_id,
-        queue,
-        task,
+        row.queue,
+        row.task,
         dict(args),
         _QUEUED,
-        priority,
+        row.priority,
         0,  # attempts
-        max_attempts,
+        row.max_attempts,
         run_at,
         dedupe_key,
-        correlation_id,
+        row.correlation_id,
         None,  # last_error
         None,  # result
         None,  # locked_by
@@ -165,17 +165,33 @@ def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
         created_at,
         None,  # started_at
         None,  # finished_at
+        None,  # cancel_requested_at
+        row.active_key,
+        row.debounce_key,
     )
 
 
-# Where JOB_GET_BY_KEYS' rows (sql.JOB_SELECT_LIST, in JOB_COLUMNS' order) hold their key.
-_TASK_AT = JOB_COLUMNS.index("task")
-_KEY_AT = JOB_COLUMNS.index("dedupe_key")
-
-
-def _found(row: Sequence[Any]) -> Job:
-    """The job a key already names, read back by JOB_GET_BY_KEY(S)."""
-    return Job.from_row(dict(zip(JOB_COLUMNS, row, strict=True)), duplicate=True)
+def _find_keyed(rows: Sequence[Row]) -> Plan[list[Job | None]]:
+    """The jobs that hold the keys of ``rows`` (each keyed, its insert refused), in their
+    order: a debounced one pushed back with the row's args; None where none does any more."""
+    answer = yield (
+        sql.JOB_FIND_KEYED,
+        {
+            "tasks": [row.task for row in rows],
+            "dedupe_keys": [row.dedupe_key for row in rows],
+            "throttles": [row.throttle for row in rows],
+            "active_keys": [row.active_key for row in rows],
+            "debounce_keys": [row.debounce_key for row in rows],
+            "args": [row.args for row in rows],
+            "delays": [row.delay for row in rows],
+        },
+    )
+    found: list[Job | None] = [None] * len(rows)
+    for place, *columns in answer:
+        found[place - 1] = Job.from_row(
+            dict(zip(JOB_COLUMNS, columns, strict=True)), duplicate=True
+        )
+    return found
 
 
 def plan_one(
@@ -194,18 +210,19 @@ def _insert_one(row: Row, args: Mapping[str, Any], backpressure: Backpressure) -
     if backpressure.limits:
         yield from backpressure.check((row.queue,))
     params = row._asdict()
-    # A conflict makes the insert return nothing; the row it met is then read back. If that
-    # row is gone by then (pruned in between), inserting again is the right answer.
+    # A conflict makes the insert return nothing; the job that holds the key is then read
+    # back (a debounced one pushed back). If it no longer holds it by then (pruned, finished,
+    # claimed), inserting again is the right answer.
     for _ in range(3):
         inserted = yield sql.JOB_INSERT, params
         if inserted:
             _enqueued(row.task, row.queue).inc()
             return _written(row, args, inserted[0])
-        existing = yield sql.JOB_GET_BY_KEY, {"task": row.task, "dedupe_key": row.dedupe_key}
-        if existing:
-            return _found(existing[0])
+        [existing] = yield from _find_keyed([row])
+        if existing is not None:
+            return existing
     raise EnqueueError(
-        f"job key {row.dedupe_key!r} of {row.task!r} kept conflicting with a vanishing job"
+        f"the key of this {row.task!r} job kept conflicting with a job that then let it go"
     )
 
 
@@ -226,7 +243,7 @@ def plan_many(
 
 
 # Every column of a Row but args.
-_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8)
+_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 # JOB_INSERT_MANY's arrays, in Row's order.
 _ARRAYS = (
     "queues",
@@ -238,7 +255,15 @@ _ARRAYS = (
     "delays",
     "dedupe_keys",
     "correlation_ids",
+    "throttles",
+    "active_keys",
+    "debounce_keys",
+    "debounce_maxes",
 )
+
+
+def _keyed(row: Row) -> bool:
+    return row.dedupe_key is not None or row.active_key is not None or row.debounce_key is not None
 
 
 def _insert_many(
@@ -251,16 +276,23 @@ def _insert_many(
     first = rows[0]
     common = _ALL_BUT_ARGS(first)
     answer: Rows
-    if first.dedupe_key is None and all(_ALL_BUT_ARGS(row) == common for row in rows):
+    if not _keyed(first) and all(_ALL_BUT_ARGS(row) == common for row in rows):
         # Unkeyed jobs alike but for their args: JOB_INSERT_MANY_UNIFORM.
-        params = first._asdict()
-        del params["dedupe_key"]
-        params["args"] = [row.args for row in rows]
+        params = {
+            "queue": first.queue,
+            "task": first.task,
+            "args": [row.args for row in rows],
+            "priority": first.priority,
+            "max_attempts": first.max_attempts,
+            "run_at": first.run_at,
+            "delay": first.delay,
+            "correlation_id": first.correlation_id,
+        }
         [(ids, run_at, created_at)] = yield sql.JOB_INSERT_MANY_UNIFORM, params
-        answer = [(job_id, run_at, created_at) for job_id in ids]
+        answer = [(job_id, run_at, created_at, None) for job_id in ids]
     else:
         # zip(*rows) transposes the rows into columns without a dict per job; a key that
-        # exists comes back as NULLs.
+        # is taken comes back as NULLs.
         columns = map(list, zip(*rows, strict=True))
         answer = yield sql.JOB_INSERT_MANY, dict(zip(_ARRAYS, columns, strict=True))
     result: list[Job | None] = [
@@ -272,20 +304,12 @@ def _insert_many(
         _enqueued(task, queue).inc(count)
     missing = [i for i, job in enumerate(result) if job is None]
     if missing:
-        found = yield (
-            sql.JOB_GET_BY_KEYS,
-            {
-                "tasks": [rows[i].task for i in missing],
-                "dedupe_keys": [rows[i].dedupe_key for i in missing],
-            },
-        )
-        by_key = {(row[_TASK_AT], row[_KEY_AT]): row for row in found}
-        for i in missing:
-            existing = by_key.get((rows[i].task, rows[i].dedupe_key))
+        found = yield from _find_keyed([rows[i] for i in missing])
+        for i, existing in zip(missing, found, strict=True):
             if existing is None:
                 raise EnqueueError(
-                    f"job key {rows[i].dedupe_key!r} of {rows[i].task!r} conflicted with "
-                    "a job that is gone; nothing was lost, retry the transaction"
+                    f"the key of a {rows[i].task!r} job conflicted with a job that let it go "
+                    "meanwhile; nothing was lost, retry the transaction"
                 )
-            result[i] = _found(existing)
+            result[i] = existing
     return [job for job in result if job is not None]

@@ -55,6 +55,8 @@ JOB_COLUMNS: tuple[str, ...] = (
     "started_at",
     "finished_at",
     "cancel_requested_at",
+    "active_key",
+    "debounce_key",
 )
 
 
@@ -81,6 +83,8 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None = None
+    active_key: str | None = None
+    debounce_key: str | None = None
     duplicate: bool = False
 
     @classmethod
@@ -121,6 +125,8 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     cancel_requested_at: datetime | None
+    active_key: str | None
+    debounce_key: str | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

@@ -55,6 +55,9 @@ outbox_jobs = Table(
     Column("cancel_requested_at", DateTime(timezone=True)),
     Column("snoozes", Integer, nullable=False, server_default=text("0")),
     Column("notify_done", Boolean, nullable=False, server_default=text("false")),
+    Column("active_key", Text),
+    Column("debounce_key", Text),
+    Column("debounce_until", DateTime(timezone=True)),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
@@ -105,6 +108,22 @@ outbox_jobs = Table(
         postgresql_where=text("dedupe_key IS NOT NULL"),
     ),
     # Serves JOB_PRUNE_FINISHED and the admin statements on dead jobs.
+    Index(
+        "outbox_jobs_active_key_idx",
+        "task",
+        "active_key",
+        unique=True,
+        postgresql_where=text("active_key IS NOT NULL AND state IN ('queued', 'running')"),
+    ),
+    Index(
+        "outbox_jobs_debounce_key_idx",
+        "task",
+        "debounce_key",
+        unique=True,
+        postgresql_where=text(
+            "debounce_key IS NOT NULL AND state = 'queued' AND started_at IS NULL"
+        ),
+    ),
     Index(
         "outbox_jobs_finished_idx",
         "state",

@@ -18,7 +18,9 @@ import asyncpg
 import pytest
 
 from outbox_worker import (
+    ActiveKey,
     ArgsTooLarge,
+    Debounce,
     EnqueueError,
     InvalidArgs,
     InvalidName,
@@ -26,6 +28,7 @@ from outbox_worker import (
     NewJob,
     Outbox,
     QueueFull,
+    Throttle,
     UnknownTask,
 )
 from tests.drivers_support import KINDS, Caller, assert_is_the_row, committed, open_caller
@@ -128,6 +131,27 @@ async def test_the_same_key_twice_is_one_job(caller: Caller, pool: asyncpg.Pool)
         ("order-2", {"n": 5}),
     ]
     assert_is_the_row(later, rows[0])
+
+
+async def test_scoped_keys_answer_alike_on_every_kind(caller: Caller, pool: asyncpg.Pool) -> None:
+    active = await caller.enqueue("echo", {"n": 1}, key=ActiveKey("a"))
+    throttled = await caller.enqueue("echo", {"n": 2}, key=Throttle("t", per=60))
+    debounced = await caller.enqueue("echo", {"n": 3}, key=Debounce("d", period=30))
+    await caller.commit()
+    again = await caller.enqueue_many(
+        [
+            NewJob("echo", {"n": 4}, key=ActiveKey("a")),
+            NewJob("echo", {"n": 5}, key=Throttle("t", per=60)),
+            NewJob("echo", {"n": 6}, key=Debounce("d", period=30)),
+        ]
+    )
+    await caller.commit()
+    assert [job.duplicate for job in (active, throttled, debounced)] == [False] * 3
+    assert [job.duplicate for job in again] == [True] * 3
+    assert [job.id for job in again] == [active.id, throttled.id, debounced.id]
+    assert again[2].args == {"n": 6}, "a debounced job takes the last args"
+    rows = {r["id"]: json.loads(r["args_text"]) for r in await committed(pool)}
+    assert rows == {active.id: {"n": 1}, throttled.id: {"n": 2}, debounced.id: {"n": 6}}
 
 
 BAD: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [

@@ -21,10 +21,12 @@ from outbox_worker.names import NAME_PATTERN
 from tests.conftest import ROOT
 
 EXPECTED_ALL = [
+    "ActiveKey",
     "ArgsTooLarge",
     "CancelJob",
     "ConfigError",
     "DatabaseUnavailable",
+    "Debounce",
     "DeclaredTask",
     "EnqueueError",
     "InvalidArgs",
@@ -50,6 +52,7 @@ EXPECTED_ALL = [
     "SyncOutbox",
     "Task",
     "TaskDefinitionError",
+    "Throttle",
     "UnknownTask",
     "Worker",
     "WorkerInfo",
@@ -233,6 +236,8 @@ def test_job_has_the_contract_fields() -> None:
         "started_at",
         "finished_at",
         "cancel_requested_at",
+        "active_key",
+        "debounce_key",
         "duplicate",
     ]
 

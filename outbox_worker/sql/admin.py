@@ -85,10 +85,19 @@ LIMIT :limit
 JOB_RETRY_DEAD_MANY = """
 WITH chosen AS MATERIALIZED (
     SELECT id
-    FROM outbox_jobs
+    FROM outbox_jobs AS d
     WHERE state = 'dead'
       AND (CAST(:queue AS text) IS NULL OR queue = :queue)
       AND (CAST(:task AS text) IS NULL OR task = :task)
+      -- An active key allows one queued or running job: of the dead jobs of a key that no
+      -- live job holds, the newest.
+      AND (d.active_key IS NULL
+           OR (NOT EXISTS (SELECT FROM outbox_jobs AS o
+                           WHERE o.task = d.task AND o.active_key = d.active_key
+                             AND o.state IN ('queued', 'running'))
+               AND d.id = (SELECT max(o.id) FROM outbox_jobs AS o
+                           WHERE o.task = d.task AND o.active_key = d.active_key
+                             AND o.state = 'dead')))
     ORDER BY finished_at
     LIMIT :batch
     FOR UPDATE SKIP LOCKED

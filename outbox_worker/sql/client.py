@@ -15,7 +15,7 @@ JOB_SELECT_LIST = """
     j.id, j.queue, j.task, j.args::text AS args, j.state, j.priority, j.attempts,
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
-    j.finished_at, j.cancel_requested_at
+    j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -24,31 +24,52 @@ JOB_SELECT_LIST = """
 
 # What the database decides for a new job; enqueue knows every other column of the row it
 # wrote (it sent them, and a new row has no attempts, lock, error or result yet), so reading
-# them back would only cost decoding.
-_INSERTED = "j.id, j.run_at, j.created_at"
+# them back would only cost decoding. The dedupe_key too, for a throttled key gets its window
+# appended by the database's clock.
+_INSERTED = "j.id, j.run_at, j.created_at, j.dedupe_key"
+
+
+def _throttled(key: str, window: str) -> str:
+    """A key as stored: with a throttle window (seconds) given, the start of the window of
+    now() that it falls in, appended (``invoice:7@2026-12-07T10:15:00Z``)."""
+    return (
+        f"CASE WHEN {window} IS NULL THEN {key} ELSE {key} || '@' || to_char("
+        f"to_timestamp(floor(extract(epoch FROM now()) / {window}) * {window})"
+        " AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') END"
+    )
+
+
+def _debounce_until(max_wait: str) -> str:
+    return f"now() + make_interval(secs => {max_wait})"
+
 
 # :queue, :task, :args (JSON text), :priority, :max_attempts, :run_at (timestamptz or NULL),
-# :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id.
-# Index: outbox_jobs_dedupe_idx decides the conflict; no row back means the key exists.
+# :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id, :throttle (the
+# window of a throttled dedupe_key, or NULL), :active_key, :debounce_key, :debounce_max
+# (seconds from now to the latest start of a debounced job, or NULL).
+# Indexes: outbox_jobs_dedupe_idx, _active_key_idx and _debounce_key_idx decide a conflict
+# (a job has one key at most); no row back means the key is taken.
 JOB_INSERT = f"""
 INSERT INTO outbox_jobs AS j
-    (queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id)
+    (queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
+     active_key, debounce_key, debounce_until)
 VALUES (
     :queue, :task, CAST(:args AS jsonb), :priority, :max_attempts,
     COALESCE(CAST(:run_at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8))),
-    :dedupe_key, :correlation_id
+    {_throttled("CAST(:dedupe_key AS text)", "CAST(:throttle AS float8)")}, :correlation_id,
+    :active_key, :debounce_key, {_debounce_until("CAST(:debounce_max AS float8)")}
 )
-ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
+ON CONFLICT DO NOTHING
 RETURNING {_INSERTED}
 """
 
 # Parallel arrays, one element per job, in the order of JOB_INSERT's parameters:
 # :queues, :tasks, :args (JSON text), :priorities, :max_attempts, :run_ats, :delays,
-# :dedupe_keys, :correlation_ids. Ids are drawn in input order before the insert so the
-# answer can be matched back to the input (RETURNING alone promises no order); a row whose
-# key already existed comes back with NULL columns. The sequence is looked up once (an
-# InitPlan), not once per row.
-# Index: outbox_jobs_dedupe_idx decides each conflict.
+# :dedupe_keys, :correlation_ids, :throttles, :active_keys, :debounce_keys, :debounce_maxes.
+# Ids are drawn in input order before the insert so the answer can be matched back to the
+# input (RETURNING alone promises no order); a row whose key was taken comes back with NULL
+# columns. The sequence is looked up once (an InitPlan), not once per row.
+# Indexes: as JOB_INSERT's.
 JOB_INSERT_MANY = f"""
 WITH input AS MATERIALIZED (
     SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id, u.*
@@ -56,26 +77,70 @@ WITH input AS MATERIALIZED (
         CAST(:queues AS text[]), CAST(:tasks AS text[]), CAST(:args AS text[]),
         CAST(:priorities AS integer[]), CAST(:max_attempts AS integer[]),
         CAST(:run_ats AS timestamptz[]), CAST(:delays AS float8[]),
-        CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[])
+        CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[]),
+        CAST(:throttles AS float8[]), CAST(:active_keys AS text[]),
+        CAST(:debounce_keys AS text[]), CAST(:debounce_maxes AS float8[])
     ) WITH ORDINALITY AS u(queue, task, args, priority, max_attempts, run_at, delay,
-                           dedupe_key, correlation_id, ord)
+                           dedupe_key, correlation_id, throttle, active_key, debounce_key,
+                           debounce_max, ord)
 ),
 j AS (
     INSERT INTO outbox_jobs
-        (id, queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id)
+        (id, queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
+         active_key, debounce_key, debounce_until)
     OVERRIDING SYSTEM VALUE
     SELECT id, queue, task, args::jsonb, priority, max_attempts,
-           COALESCE(run_at, now() + make_interval(secs => delay)), dedupe_key, correlation_id
+           COALESCE(run_at, now() + make_interval(secs => delay)),
+           {_throttled("dedupe_key", "throttle")}, correlation_id, active_key, debounce_key,
+           {_debounce_until("debounce_max")}
     FROM input
     -- Keyed rows in key order, so that two calls with the same keys in different orders
     -- lock them in the same order and cannot deadlock.
-    ORDER BY task, dedupe_key, ord
-    ON CONFLICT (task, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING
-    RETURNING id, run_at, created_at
+    ORDER BY task, dedupe_key, active_key, debounce_key, ord
+    ON CONFLICT DO NOTHING
+    RETURNING id, run_at, created_at, dedupe_key
 )
 SELECT {_INSERTED}
 FROM input LEFT JOIN j ON j.id = input.id
 ORDER BY input.ord
+"""
+
+# The jobs whose keys a conflict found taken, read back: :tasks, :dedupe_keys, :throttles,
+# :active_keys, :debounce_keys, :args, :delays (parallel arrays; one key per row), each row
+# with the place (from 1) of the key it answers. A plain or throttled key
+# names its job for as long as it is kept, an active key its queued or running job. A
+# debounced key's waiting job is pushed back instead: its args become :args' and its start
+# :delays seconds from now, never past its debounce_until (the row is locked: concurrent
+# enqueues of one key take turns). A row that finds nothing (the job finished, or a worker
+# claimed the debounced one meanwhile) is inserted again by the caller.
+# Indexes: outbox_jobs_dedupe_idx, _active_key_idx, _debounce_key_idx.
+JOB_FIND_KEYED = f"""
+WITH k AS MATERIALIZED (
+    SELECT * FROM unnest(
+        CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[]), CAST(:throttles AS float8[]),
+        CAST(:active_keys AS text[]), CAST(:debounce_keys AS text[]), CAST(:args AS text[]),
+        CAST(:delays AS float8[])
+    ) WITH ORDINALITY AS k(task, dedupe_key, throttle, active_key, debounce_key, args, delay,
+                           ord)
+),
+debounced AS (
+    UPDATE outbox_jobs AS j
+    SET args = k.args::jsonb,
+        run_at = LEAST(now() + make_interval(secs => k.delay),
+                       COALESCE(j.debounce_until, 'infinity'))
+    FROM k
+    WHERE k.debounce_key IS NOT NULL
+      AND j.task = k.task AND j.debounce_key = k.debounce_key
+      AND j.state = 'queued' AND j.started_at IS NULL
+    RETURNING k.ord, {JOB_SELECT_LIST}
+)
+SELECT * FROM debounced
+UNION ALL
+SELECT k.ord, {JOB_SELECT_LIST}
+FROM k JOIN outbox_jobs AS j ON j.task = k.task
+WHERE (k.active_key IS NOT NULL AND j.active_key = k.active_key
+       AND j.state IN ('queued', 'running'))
+   OR (k.dedupe_key IS NOT NULL AND j.dedupe_key = {_throttled("k.dedupe_key", "k.throttle")})
 """
 
 # A batch of one task's jobs that differ only in their args and have no key (a fan-out, the
@@ -101,21 +166,6 @@ j AS (
 )
 SELECT array_agg(id ORDER BY ord) AS ids, min(run_at) AS run_at, now() AS created_at
 FROM input
-"""
-
-# :task, :dedupe_key. Index: outbox_jobs_dedupe_idx.
-JOB_GET_BY_KEY = f"""
-SELECT {JOB_SELECT_LIST}
-FROM outbox_jobs AS j
-WHERE j.task = :task AND j.dedupe_key = :dedupe_key
-"""
-
-# :tasks, :dedupe_keys (parallel arrays). Index: outbox_jobs_dedupe_idx.
-JOB_GET_BY_KEYS = f"""
-SELECT {JOB_SELECT_LIST}
-FROM outbox_jobs AS j
-JOIN unnest(CAST(:tasks AS text[]), CAST(:dedupe_keys AS text[])) AS k(task, dedupe_key)
-  ON j.task = k.task AND j.dedupe_key = k.dedupe_key
 """
 
 # :queue, :limit. How deep a queue is, counted no further than the limit (backpressure
