@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import AsyncIterator, Callable
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -13,6 +14,9 @@ import structlog
 from outbox_worker import sql
 from outbox_worker._worker.storable import encode_result
 from outbox_worker.errors import LeaseLost, OutboxError
+
+# A progress report is written with every heartbeat of a running job: kept small.
+MAX_PROGRESS_BYTES = 4096
 
 # The request (or job) that is causing enqueues right now: enqueue stores it as
 # correlation_id when none is given. The app's middleware and the worker set it.
@@ -40,6 +44,7 @@ class JobContext:
         pool: asyncpg.Pool | None,
         log: structlog.typing.FilteringBoundLogger,
         cancel_requested: Callable[[], bool] = lambda: False,
+        report_progress: Callable[[str], None] = lambda progress: None,
     ) -> None:
         self.job_id = job_id
         self.task = task
@@ -53,6 +58,7 @@ class JobContext:
         self.result: Any = None
         self._pool = pool
         self._cancel_requested = cancel_requested
+        self._report_progress = report_progress
         self._transaction_used = False
         self.completed_in_transaction = False
 
@@ -74,6 +80,28 @@ class JobContext:
         handler's task (CancelledError at its next await); a handler that must clean up can
         catch it, or poll this between steps of a long computation."""
         return self._cancel_requested()
+
+    def progress(self, value: float | Mapping[str, Any]) -> None:
+        """Report how far the job has got: a fraction from 0 to 1, or a small JSON object
+        (``{"rows": 4000, "of": 10000}``). No round trip: the worker's next heartbeat writes
+        the latest report with the lease it extends (a third of a lease later at most), so a
+        job that ends before that keeps the report before. ``GET /jobs/{id}``, ``outbox-worker
+        jobs show`` and the dashboard show it."""
+        if isinstance(value, bool) or not isinstance(value, int | float | Mapping):
+            raise TypeError(f"progress is a fraction or a JSON object, not {type(value).__name__}")
+        if not isinstance(value, Mapping) and not 0 <= value <= 1:  # also False for NaN
+            raise ValueError(f"progress as a fraction is from 0 to 1, not {value!r}")
+        try:
+            text = json.dumps(
+                value if isinstance(value, int | float) else dict(value),
+                allow_nan=False,
+                separators=(",", ":"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"progress must be JSON: {exc}") from exc
+        if len(text) > MAX_PROGRESS_BYTES:
+            raise ValueError(f"progress is {len(text)} bytes as JSON; at most {MAX_PROGRESS_BYTES}")
+        self._report_progress(text)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[asyncpg.Connection]:

@@ -168,6 +168,7 @@ def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
         None,  # cancel_requested_at
         row.active_key,
         row.debounce_key,
+        None,  # progress
     )
 
 

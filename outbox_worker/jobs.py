@@ -57,6 +57,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "cancel_requested_at",
     "active_key",
     "debounce_key",
+    "progress",
 )
 
 
@@ -85,6 +86,7 @@ class Job:
     cancel_requested_at: datetime | None = None
     active_key: str | None = None
     debounce_key: str | None = None
+    progress: Any = None
     duplicate: bool = False
 
     @classmethod
@@ -94,6 +96,7 @@ class Job:
         # sql.JOB_SELECT_LIST hands JSON columns over as text so every driver path agrees.
         values["args"] = _read_json(values["args"])
         values["result"] = None if values["result"] is None else _read_json(values["result"])
+        values["progress"] = None if values["progress"] is None else _read_json(values["progress"])
         return cls(**values, duplicate=duplicate)
 
     def to_json(self) -> dict[str, Any]:
@@ -127,6 +130,7 @@ class JobOut(BaseModel):
     cancel_requested_at: datetime | None
     active_key: str | None
     debounce_key: str | None
+    progress: Any
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

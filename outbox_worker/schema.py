@@ -58,6 +58,7 @@ outbox_jobs = Table(
     Column("active_key", Text),
     Column("debounce_key", Text),
     Column("debounce_until", DateTime(timezone=True)),
+    Column("progress", JSONB),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",

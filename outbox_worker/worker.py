@@ -191,6 +191,7 @@ class Worker:
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
             stop_reason=slots.stop_reason,
             log=self.log,
+            report_progress=slots.report_progress,
         )
         claimer = Claimer(
             pool=pool,

@@ -70,6 +70,7 @@ class Job:
     last_error: str | None = None
     result: Any = None
     snoozes: int = 0
+    progress: Any = None
 
     def held_by(self, worker: str, attempt: int) -> bool:
         """What every fenced write checks."""
@@ -279,6 +280,7 @@ class JobStateMachineBase(RuleBasedStateMachine):
                 "locked_by, last_error, result::text AS result, "
                 "locked_until IS NOT NULL AS leased, locked_until < now() AS expired, "
                 "run_at <= now() AS due, finished_at IS NOT NULL AS finished, snoozes, "
+                "progress::text AS progress, "
                 "cancel_requested_at IS NOT NULL AS cancel_requested "
                 "FROM outbox_jobs ORDER BY id"
             )
@@ -303,6 +305,8 @@ class JobStateMachineBase(RuleBasedStateMachine):
             assert row["attempts"] <= row["max_attempts"]
             assert row["cancel_requested"] == job.cancel_requested, job
             assert row["snoozes"] == job.snoozes, job
+            stored_progress = None if row["progress"] is None else json.loads(row["progress"])
+            assert stored_progress == job.progress, job
             assert row["finished"] == (job.state in FINISHED), job
             assert row["leased"] == (job.state == "running"), job
             if job.state == "running":

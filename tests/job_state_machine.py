@@ -231,18 +231,27 @@ class JobStateMachine(JobStateMachineBase):
 
     @rule(worker=st.sampled_from(WORKERS))
     def heartbeat(self, worker: str) -> None:
-        self._tick()
+        """Extends the leases it holds, with each handler's latest progress report (its
+        step, for every other job), which only the holder of the attempt may write."""
+        tick = self._tick()
         mine = [h for h in self.held if h.worker == worker]
+        reports = [{"step": tick} if n % 2 == 0 else None for n, _ in enumerate(mine)]
         rows = self.env.run(
             self.conn.fetch(
-                sql.JOB_EXTEND_LEASES,
-                [h.job_id for h in mine],
-                [h.attempt for h in mine],
-                worker,
-                LEASE,
+                *sql.bind(
+                    sql.JOB_EXTEND_LEASES,
+                    ids=[h.job_id for h in mine],
+                    attempts=[h.attempt for h in mine],
+                    progress=[None if r is None else json.dumps(r) for r in reports],
+                    worker_id=worker,
+                    lease_seconds=LEASE,
+                )
             )
         )
         owned = {h.job_id for h in mine if self.jobs[h.job_id].held_by(worker, h.attempt)}
+        for h, report in zip(mine, reports, strict=True):
+            if h.job_id in owned and report is not None:
+                self.jobs[h.job_id].progress = report
         # Each extended lease comes back with whether an operator asked to cancel the job.
         assert sorted((r["id"], r["cancel_requested"]) for r in rows) == sorted(
             (job_id, self.jobs[job_id].cancel_requested) for job_id in owned

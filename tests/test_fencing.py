@@ -64,7 +64,16 @@ async def _give_up(pool: asyncpg.Pool, job_id: int, attempt: int, worker: str) -
 
 
 async def _extend(pool: asyncpg.Pool, job_id: int, attempt: int, worker: str) -> int:
-    rows = await pool.fetch(sql.JOB_EXTEND_LEASES, [job_id], [attempt], worker, 3600.0)
+    rows = await pool.fetch(
+        *sql.bind(
+            sql.JOB_EXTEND_LEASES,
+            ids=[job_id],
+            attempts=[attempt],
+            progress=['{"late": true}'],
+            worker_id=worker,
+            lease_seconds=3600.0,
+        )
+    )
     return len(rows)
 
 

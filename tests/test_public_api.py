@@ -238,6 +238,7 @@ def test_job_has_the_contract_fields() -> None:
         "cancel_requested_at",
         "active_key",
         "debounce_key",
+        "progress",
         "duplicate",
     ]
 

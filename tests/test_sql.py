@@ -71,6 +71,7 @@ PARAMETER_TYPES = {
     "next_tick": "timestamptz",
     "older_than": "float8",
     "priority": "int4",
+    "progress": "text[]",
     "queue": "text",
     "reasons": "text[]",
     "queues": "text[]",

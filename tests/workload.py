@@ -260,3 +260,12 @@ async def snoozy(ctx: JobContext, times: int) -> int:
 @registry.task()
 async def cancels(ctx: JobContext, reason: str) -> None:
     raise CancelJob(reason)
+
+
+@registry.task()
+async def slow_steps(ctx: JobContext, steps: int, seconds: float) -> int:
+    """Reports its progress at every step, then waits ``seconds``."""
+    for step in range(1, steps + 1):
+        ctx.progress({"step": step, "of": steps})
+        await asyncio.sleep(seconds)
+    return steps

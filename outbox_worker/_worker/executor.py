@@ -59,12 +59,14 @@ class Executor:
         retry_delay: Callable[[int], float],
         stop_reason: Callable[[int], StopReason | None],
         log: structlog.typing.FilteringBoundLogger,
+        report_progress: Callable[[int, str], None] = lambda job_id, progress: None,
     ) -> None:
         self._registry = registry
         self._worker_id = worker_id
         self._pool = pool
         self._retry_delay = retry_delay
         self._stop_reason = stop_reason
+        self._report_progress = report_progress
         self._log = log
         self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self._debug = log.is_enabled_for(logging.DEBUG)
@@ -105,6 +107,7 @@ class Executor:
             pool=self._pool,
             log=self._log,
             cancel_requested=functools.partial(self._cancel_requested, job.id),
+            report_progress=functools.partial(self._report_progress, job.id),
         )
         if self._debug:
             ctx.log.debug("job_started")

@@ -107,16 +107,22 @@ class Heartbeat:
             if not jobs:
                 self._extended.clear()
                 return [], []
+            progress = [self._slots.progress.get(job.id) for job in jobs]
             rows: list[asyncpg.Record] = await conn.fetch(
                 *sql.bind(
                     sql.JOB_EXTEND_LEASES,
                     ids=[job.id for job in jobs],
                     attempts=[job.attempt for job in jobs],
+                    progress=progress,
                     worker_id=self._worker_id,
                     lease_seconds=self._lease,
                 )
             )
         extended = {row["id"] for row in rows}
+        for job, sent_progress in zip(jobs, progress, strict=True):
+            # Written; a report made since is left for the next beat.
+            if job.id in extended and self._slots.progress.get(job.id) == sent_progress:
+                self._slots.progress.pop(job.id, None)
         current = {(job.id, job.attempt) for job in self._slots.held.values()}
         self._extended = {key: at for key, at in self._extended.items() if key in current}
         for job in jobs:

@@ -82,6 +82,8 @@ class Slots:
         self.trip_seconds: float | None = None
         # Claimed rows whose outcome is not written yet, running or not.
         self.held: dict[int, ClaimedJob] = {}
+        # Progress reported by running handlers (JSON text) that no heartbeat wrote yet.
+        self.progress: dict[int, str] = {}
         # Rung when slots are freed or the worker stops: the producer may claim again.
         self.changed = asyncio.Event()
         self.closed = False
@@ -191,6 +193,11 @@ class Slots:
                 self._waiting.move_to_end(job.id, last=False)
         self._fill()
 
+    def report_progress(self, job_id: int, progress: str) -> None:
+        """A running handler's latest progress, for the next heartbeat to write."""
+        if job_id in self.held:
+            self.progress[job_id] = progress
+
     def finished(self, job_id: int) -> None:
         """A handler has ended (its outcome is on its way): its slot takes the next job."""
         if self._running.pop(job_id, None) is not None:
@@ -274,6 +281,7 @@ class Slots:
             if job is not None and job.attempt == outcome.attempt:
                 del self.held[outcome.job_id]
                 self._stopping.pop(outcome.job_id, None)
+                self.progress.pop(outcome.job_id, None)
         self._abandoned.update((outcome.job_id, outcome.attempt) for outcome in abandoned)
         metrics.SLOTS_IN_USE.set(len(self.held))
         self.written += len(done)

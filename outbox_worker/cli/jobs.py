@@ -104,6 +104,13 @@ def _print_job(job: Job) -> None:
     table.add_row("queue", job.queue)
     table.add_row("state", state_text(job.state))
     table.add_row("attempts", f"{job.attempts} of {job.max_attempts}")
+    if job.progress is not None:
+        shown = (
+            f"{job.progress:.0%}"
+            if isinstance(job.progress, int | float)
+            else json.dumps(job.progress, ensure_ascii=False)
+        )
+        table.add_row("progress", visible(shown))
     table.add_row("priority", str(job.priority))
     table.add_row("args", visible(json.dumps(job.args, indent=2, ensure_ascii=False), lines=True))
     if job.result is not None:
@@ -111,6 +118,10 @@ def _print_job(job: Job) -> None:
         table.add_row("result", visible(result, lines=True))
     table.add_row("last error", visible(job.last_error or MISSING, lines=True))
     table.add_row("dedupe key", visible(job.dedupe_key or MISSING))
+    if job.active_key is not None:
+        table.add_row("active key", visible(job.active_key))
+    if job.debounce_key is not None:
+        table.add_row("debounce key", visible(job.debounce_key))
     table.add_row("correlation id", visible(job.correlation_id or MISSING))
     table.add_row("locked by", visible(job.locked_by or MISSING))
     for label, moment in (

@@ -15,7 +15,8 @@ JOB_SELECT_LIST = """
     j.id, j.queue, j.task, j.args::text AS args, j.state, j.priority, j.attempts,
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
-    j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key
+    j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key,
+    j.progress::text AS progress
 """
 
 # ---------------------------------------------------------------------------------------------

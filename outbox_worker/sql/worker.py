@@ -345,23 +345,27 @@ RETURNING j.id
 # Heartbeat: leases and the worker's own row
 # ---------------------------------------------------------------------------------------------
 
-# One statement per heartbeat for every job in flight (fenced, :lease_seconds from now);
-# also tells which of them an operator asked to cancel. SKIP LOCKED: a row held by a
+# One statement per heartbeat for every job in flight (fenced, :lease_seconds from now),
+# with the latest :progress each handler reported since the last beat (JSON text, NULL for
+# none); also tells which of them an operator asked to cancel. SKIP LOCKED: a row held by a
 # handler's own effectively-once transaction must not stall the leases of all the others.
-# Index: primary key. Changes only locked_until, which no index covers: a HOT update.
+# Index: primary key. Changes only locked_until and progress, which no index covers: a HOT
+# update.
 JOB_EXTEND_LEASES = statement(
-    params=("ids", "attempts", "worker_id", "lease_seconds"),
+    params=("ids", "attempts", "progress", "worker_id", "lease_seconds"),
     text=f"""
 WITH owned AS MATERIALIZED (
-    SELECT j.id
+    SELECT j.id, h.progress
     FROM outbox_jobs AS j
-    JOIN unnest(:ids::bigint[], :attempts::integer[]) AS h(id, attempt)
+    JOIN unnest(:ids::bigint[], :attempts::integer[], :progress::text[])
+         AS h(id, attempt, progress)
       ON j.id = h.id
     WHERE {fence("h.attempt")}
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE outbox_jobs AS j
-SET locked_until = now() + make_interval(secs => :lease_seconds::float8)
+SET locked_until = now() + make_interval(secs => :lease_seconds::float8),
+    progress = COALESCE(owned.progress::jsonb, j.progress)
 FROM owned
 WHERE j.id = owned.id
 RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
