@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import metrics, sql
+from outbox_worker.enqueue_checks import MAX_TAG_LENGTH
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.jobs import MAX_JOB_ID, Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
@@ -117,6 +118,12 @@ def _filter_name(kind: str, value: str | None) -> str | None:
     return value
 
 
+def _filter_tag(tag: str | None) -> str | None:
+    if tag is not None and (not tag or len(tag) > MAX_TAG_LENGTH or "\x00" in tag):
+        raise InvalidRequest(f"tag must be 1 to {MAX_TAG_LENGTH} characters")
+    return tag
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     """Cursors are opaque to clients; here they are the last id of the previous page."""
     if cursor is None or cursor == "":
@@ -160,6 +167,7 @@ async def list_jobs(
     task: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
+    tag: str | None = None,
 ) -> JobPage:
     """Newest first, keyset-paginated: pass ``next_cursor`` back for the next page."""
     if state is not None and state not in set(JobState):
@@ -170,6 +178,7 @@ async def list_jobs(
         "state": state,
         "queue": _filter_name("queue", queue),
         "task": _filter_name("task", task),
+        "tag": _filter_tag(tag),
         "before_id": parse_cursor(cursor),
         "limit": limit + 1,
     }

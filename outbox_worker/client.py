@@ -164,6 +164,7 @@ class Outbox:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         correlation_id: str | None = None,
+        tags: Sequence[str] | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]: ...
@@ -181,6 +182,7 @@ class Outbox:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         correlation_id: str | None = None,
+        tags: Sequence[str] | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]:
@@ -198,7 +200,7 @@ class Outbox:
         nothing else to commit, in one round trip instead of BEGIN, INSERT and COMMIT.
         """
         runner = drivers.async_runner(session, "enqueue", checked_autocommit(autocommit))
-        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
+        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id, tags)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
     def enqueue_many(
@@ -253,6 +255,7 @@ class SyncOutbox:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         correlation_id: str | None = None,
+        tags: Sequence[str] | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Job: ...
@@ -270,12 +273,13 @@ class SyncOutbox:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         correlation_id: str | None = None,
+        tags: Sequence[str] | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Job:
         """:meth:`Outbox.enqueue` for a sync session or connection: the Job, not awaited."""
         runner = drivers.sync_runner(session, "enqueue", checked_autocommit(autocommit))
-        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id)
+        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id, tags)
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
     def enqueue_many(

@@ -83,7 +83,7 @@ class Planner:
 
 
 # enqueue's options, in NewJob's order: key, queue, priority, max_attempts, delay, run_at,
-# correlation_id.
+# correlation_id, tags.
 Options = tuple[
     JobKey | None,
     str | None,
@@ -92,8 +92,9 @@ Options = tuple[
     float | timedelta | None,
     datetime | None,
     str | None,
+    Sequence[str] | None,
 ]
-NO_OPTIONS: Options = (None,) * 7
+NO_OPTIONS: Options = (None,) * 8
 
 
 def checked_autocommit(autocommit: object) -> bool:

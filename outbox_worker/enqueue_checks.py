@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 512
+MAX_TAGS = 20
+MAX_TAG_LENGTH = 128
 # A throttled key is stored with its window appended: "@2026-12-07T10:15:00Z".
 THROTTLED_KEY_LENGTH = MAX_KEY_LENGTH - len("@2026-12-07T10:15:00Z")
 MAX_CORRELATION_ID_LENGTH = 255
@@ -173,6 +175,7 @@ class Row(NamedTuple):
     active_key: str | None = None
     debounce_key: str | None = None
     debounce_max: float | None = None
+    tags: tuple[str, ...] | None = None
 
 
 def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -186,6 +189,22 @@ def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
         low = "0 or more" if allow_zero else "over 0"
         raise InvalidOption(f"{name} must be {low} and at most {MAX_DELAY_SECONDS:.0f} seconds")
     return float(seconds)
+
+
+def _tags(tags: object) -> tuple[str, ...] | None:
+    """Labels to find the job by (``GET /jobs?tag=``): a few short texts."""
+    if tags is None:
+        return None
+    if isinstance(tags, str) or not isinstance(tags, Iterable):
+        raise InvalidOption("tags must be a list of texts, e.g. tags=['tenant:acme']")
+    checked_tags = tuple(tags)
+    if len(checked_tags) > MAX_TAGS:
+        raise InvalidOption(f"at most {MAX_TAGS} tags, not {len(checked_tags)}")
+    for tag in checked_tags:
+        if not isinstance(tag, str) or not tag:
+            raise InvalidOption(f"a tag is a non-empty text, not {tag!r}")
+        _text_option("tag", tag, MAX_TAG_LENGTH)
+    return checked_tags
 
 
 def _key_fields(key: JobKey | None) -> dict[str, Any]:
@@ -228,6 +247,7 @@ def checked(
         and job.run_at is None
         and job.key is None
         and job.correlation_id is None
+        and job.tags is None
     ):
         # Every option from the task (checked when it was registered): only args to check.
         return Row(
@@ -287,7 +307,7 @@ def checked(
         if job.correlation_id is None
         else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
     )
-    return row._replace(**keys)
+    return row._replace(**keys, tags=_tags(job.tags))
 
 
 def checked_correlation_id() -> str | None:

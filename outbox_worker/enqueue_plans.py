@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import math
 import operator
 import time
@@ -49,6 +50,7 @@ class NewJob:
     delay: float | timedelta | None = None
     run_at: datetime | None = None
     correlation_id: str | None = None
+    tags: Sequence[str] | None = None
 
     def with_options(
         self,
@@ -60,6 +62,7 @@ class NewJob:
         delay: float | timedelta | None = None,
         run_at: datetime | None = None,
         correlation_id: str | None = None,
+        tags: Sequence[str] | None = None,
     ) -> NewJob:
         """This job with the options given set and the others kept: how a job built by a
         task handle, whose keyword arguments all belong to the handler, gets a key or a
@@ -72,6 +75,7 @@ class NewJob:
             "delay": delay,
             "run_at": run_at,
             "correlation_id": correlation_id,
+            "tags": tags,
         }
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
@@ -169,6 +173,7 @@ def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
         row.active_key,
         row.debounce_key,
         None,  # progress
+        row.tags or (),
     )
 
 
@@ -211,6 +216,7 @@ def _insert_one(row: Row, args: Mapping[str, Any], backpressure: Backpressure) -
     if backpressure.limits:
         yield from backpressure.check((row.queue,))
     params = row._asdict()
+    params["tags"] = _tags_json(row.tags)
     # A conflict makes the insert return nothing; the job that holds the key is then read
     # back (a debounced one pushed back). If it no longer holds it by then (pruned, finished,
     # claimed), inserting again is the right answer.
@@ -244,7 +250,7 @@ def plan_many(
 
 
 # Every column of a Row but args.
-_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
+_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
 # JOB_INSERT_MANY's arrays, in Row's order.
 _ARRAYS = (
     "queues",
@@ -260,7 +266,12 @@ _ARRAYS = (
     "active_keys",
     "debounce_keys",
     "debounce_maxes",
+    "tags",
 )
+
+
+def _tags_json(tags: tuple[str, ...] | None) -> str | None:
+    return None if tags is None else json.dumps(tags)
 
 
 def _keyed(row: Row) -> bool:
@@ -288,14 +299,17 @@ def _insert_many(
             "run_at": first.run_at,
             "delay": first.delay,
             "correlation_id": first.correlation_id,
+            "tags": _tags_json(first.tags),
         }
         [(ids, run_at, created_at)] = yield sql.JOB_INSERT_MANY_UNIFORM, params
         answer = [(job_id, run_at, created_at, None) for job_id in ids]
     else:
         # zip(*rows) transposes the rows into columns without a dict per job; a key that
         # is taken comes back as NULLs.
-        columns = map(list, zip(*rows, strict=True))
-        answer = yield sql.JOB_INSERT_MANY, dict(zip(_ARRAYS, columns, strict=True))
+        columns = dict(zip(_ARRAYS, map(list, zip(*rows, strict=True)), strict=True))
+        # An array of arrays cannot be unnested row by row: each row's tags go as JSON.
+        columns["tags"] = [_tags_json(tags) for tags in columns["tags"]]
+        answer = yield sql.JOB_INSERT_MANY, columns
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)

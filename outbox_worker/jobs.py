@@ -58,6 +58,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "active_key",
     "debounce_key",
     "progress",
+    "tags",
 )
 
 
@@ -87,6 +88,7 @@ class Job:
     active_key: str | None = None
     debounce_key: str | None = None
     progress: Any = None
+    tags: tuple[str, ...] = ()
     duplicate: bool = False
 
     @classmethod
@@ -97,6 +99,7 @@ class Job:
         values["args"] = _read_json(values["args"])
         values["result"] = None if values["result"] is None else _read_json(values["result"])
         values["progress"] = None if values["progress"] is None else _read_json(values["progress"])
+        values["tags"] = tuple(values["tags"] or ())
         return cls(**values, duplicate=duplicate)
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +134,7 @@ class JobOut(BaseModel):
     active_key: str | None
     debounce_key: str | None
     progress: Any
+    tags: list[str]
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

@@ -59,6 +59,7 @@ outbox_jobs = Table(
     Column("debounce_key", Text),
     Column("debounce_until", DateTime(timezone=True)),
     Column("progress", JSONB),
+    Column("tags", ARRAY(Text)),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",

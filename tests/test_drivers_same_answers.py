@@ -154,6 +154,31 @@ async def test_scoped_keys_answer_alike_on_every_kind(caller: Caller, pool: asyn
     assert rows == {active.id: {"n": 1}, throttled.id: {"n": 2}, debounced.id: {"n": 6}}
 
 
+async def test_tags_are_stored_alike_on_every_kind(caller: Caller, pool: asyncpg.Pool) -> None:
+    one = await caller.enqueue("echo", {"n": 1}, tags=["tenant:acme", "vip"])
+    uniform = await caller.enqueue_many(
+        [NewJob("echo", {"n": n}, tags=("tenant:acme",)) for n in (2, 3)]
+    )
+    mixed = await caller.enqueue_many(
+        [NewJob("echo", {"n": 4}, tags=["a", "b"]), NewJob("echo", {"n": 5}), NewJob("noop")]
+    )
+    await caller.commit()
+    assert one.tags == ("tenant:acme", "vip")
+    assert [job.tags for job in uniform] == [("tenant:acme",)] * 2
+    assert [job.tags for job in mixed] == [("a", "b"), (), ()]
+    stored = {
+        r["id"]: r["tags"] for r in await pool.fetch("SELECT id, tags FROM outbox_jobs ORDER BY id")
+    }
+    assert stored == {
+        one.id: ["tenant:acme", "vip"],
+        uniform[0].id: ["tenant:acme"],
+        uniform[1].id: ["tenant:acme"],
+        mixed[0].id: ["a", "b"],
+        mixed[1].id: None,
+        mixed[2].id: None,
+    }
+
+
 BAD: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ("unknown-task", {"task": "no_such_task"}, UnknownTask),
     ("task-name", {"task": "echo'; DROP TABLE outbox_jobs; --"}, InvalidName),
@@ -165,6 +190,9 @@ BAD: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ("naive-run-at", {"run_at": datetime(2030, 1, 1)}, InvalidOption),
     ("priority", {"priority": 2**31}, InvalidOption),
     ("key-nul", {"key": "\x00"}, InvalidOption),
+    ("tags-text", {"tags": "vip"}, InvalidOption),
+    ("tag-empty", {"tags": [""]}, InvalidOption),
+    ("tags-many", {"tags": [f"t{n}" for n in range(21)]}, InvalidOption),
 ]
 
 

@@ -51,7 +51,7 @@ def test_job_state_machine_matches_its_model(
             run_state_machine_as_test(
                 OnThisDatabase,
                 settings=settings(
-                    max_examples=200,
+                    max_examples=300,
                     stateful_step_count=40,
                     deadline=None,
                     suppress_health_check=[HealthCheck.too_slow],

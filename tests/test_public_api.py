@@ -239,6 +239,7 @@ def test_job_has_the_contract_fields() -> None:
         "active_key",
         "debounce_key",
         "progress",
+        "tags",
         "duplicate",
     ]
 

@@ -43,6 +43,7 @@ def jobs_list(
     ] = None,
     queue: Annotated[str | None, typer.Option(help="Only jobs of this queue.")] = None,
     task: Annotated[str | None, typer.Option(help="Only jobs of this task.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only jobs with this tag.")] = None,
     limit: Annotated[int, typer.Option(help=f"Jobs per page (1 to {admin.MAX_PAGE}).")] = 50,
     cursor: Annotated[
         str | None, typer.Option(help="Where the previous page ended (its next cursor).")
@@ -57,7 +58,7 @@ def jobs_list(
 
     async def call(conn: AsyncConnection) -> admin.JobPage:
         return await admin.list_jobs(
-            conn, state=state, queue=queue, task=task, limit=limit, cursor=cursor
+            conn, state=state, queue=queue, task=task, limit=limit, cursor=cursor, tag=tag
         )
 
     page = in_transaction(dsn, call)
@@ -123,6 +124,8 @@ def _print_job(job: Job) -> None:
     if job.debounce_key is not None:
         table.add_row("debounce key", visible(job.debounce_key))
     table.add_row("correlation id", visible(job.correlation_id or MISSING))
+    if job.tags:
+        table.add_row("tags", visible(", ".join(job.tags)))
     table.add_row("locked by", visible(job.locked_by or MISSING))
     for label, moment in (
         ("locked until", job.locked_until),

@@ -75,6 +75,7 @@ FROM outbox_jobs AS j
 WHERE (CAST(:state AS text) IS NULL OR j.state = :state)
   AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
   AND (CAST(:task AS text) IS NULL OR j.task = :task)
+  AND (CAST(:tag AS text) IS NULL OR j.tags @> ARRAY[CAST(:tag AS text)])
   AND (CAST(:before_id AS bigint) IS NULL OR j.id < :before_id)
 ORDER BY j.id DESC
 LIMIT :limit

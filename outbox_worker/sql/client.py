@@ -16,7 +16,7 @@ JOB_SELECT_LIST = """
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
     j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key,
-    j.progress::text AS progress
+    j.progress::text AS progress, j.tags
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -40,6 +40,14 @@ def _throttled(key: str, window: str) -> str:
     )
 
 
+# Tags sent as a JSON array of texts (one encoding whatever the driver, and per row in
+# arrays), as text[]; NULL stays NULL.
+_TAGS_OF_JSON = (
+    "CASE WHEN {tags} IS NULL THEN NULL"
+    " ELSE ARRAY(SELECT jsonb_array_elements_text(CAST({tags} AS jsonb))) END"
+)
+
+
 def _debounce_until(max_wait: str) -> str:
     return f"now() + make_interval(secs => {max_wait})"
 
@@ -47,18 +55,20 @@ def _debounce_until(max_wait: str) -> str:
 # :queue, :task, :args (JSON text), :priority, :max_attempts, :run_at (timestamptz or NULL),
 # :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id, :throttle (the
 # window of a throttled dedupe_key, or NULL), :active_key, :debounce_key, :debounce_max
-# (seconds from now to the latest start of a debounced job, or NULL).
+# (seconds from now to the latest start of a debounced job, or NULL), :tags (a JSON array
+# of texts, or NULL).
 # Indexes: outbox_jobs_dedupe_idx, _active_key_idx and _debounce_key_idx decide a conflict
 # (a job has one key at most); no row back means the key is taken.
 JOB_INSERT = f"""
 INSERT INTO outbox_jobs AS j
     (queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-     active_key, debounce_key, debounce_until)
+     active_key, debounce_key, debounce_until, tags)
 VALUES (
     :queue, :task, CAST(:args AS jsonb), :priority, :max_attempts,
     COALESCE(CAST(:run_at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8))),
     {_throttled("CAST(:dedupe_key AS text)", "CAST(:throttle AS float8)")}, :correlation_id,
-    :active_key, :debounce_key, {_debounce_until("CAST(:debounce_max AS float8)")}
+    :active_key, :debounce_key, {_debounce_until("CAST(:debounce_max AS float8)")},
+    {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}
 )
 ON CONFLICT DO NOTHING
 RETURNING {_INSERTED}
@@ -66,7 +76,8 @@ RETURNING {_INSERTED}
 
 # Parallel arrays, one element per job, in the order of JOB_INSERT's parameters:
 # :queues, :tasks, :args (JSON text), :priorities, :max_attempts, :run_ats, :delays,
-# :dedupe_keys, :correlation_ids, :throttles, :active_keys, :debounce_keys, :debounce_maxes.
+# :dedupe_keys, :correlation_ids, :throttles, :active_keys, :debounce_keys, :debounce_maxes,
+# :tags (each row's as JSON text, or NULL: an array of arrays cannot be unnested by row).
 # Ids are drawn in input order before the insert so the answer can be matched back to the
 # input (RETURNING alone promises no order); a row whose key was taken comes back with NULL
 # columns. The sequence is looked up once (an InitPlan), not once per row.
@@ -80,20 +91,21 @@ WITH input AS MATERIALIZED (
         CAST(:run_ats AS timestamptz[]), CAST(:delays AS float8[]),
         CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[]),
         CAST(:throttles AS float8[]), CAST(:active_keys AS text[]),
-        CAST(:debounce_keys AS text[]), CAST(:debounce_maxes AS float8[])
+        CAST(:debounce_keys AS text[]), CAST(:debounce_maxes AS float8[]),
+        CAST(:tags AS text[])
     ) WITH ORDINALITY AS u(queue, task, args, priority, max_attempts, run_at, delay,
                            dedupe_key, correlation_id, throttle, active_key, debounce_key,
-                           debounce_max, ord)
+                           debounce_max, tags, ord)
 ),
 j AS (
     INSERT INTO outbox_jobs
         (id, queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-         active_key, debounce_key, debounce_until)
+         active_key, debounce_key, debounce_until, tags)
     OVERRIDING SYSTEM VALUE
     SELECT id, queue, task, args::jsonb, priority, max_attempts,
            COALESCE(run_at, now() + make_interval(secs => delay)),
            {_throttled("dedupe_key", "throttle")}, correlation_id, active_key, debounce_key,
-           {_debounce_until("debounce_max")}
+           {_debounce_until("debounce_max")}, {_TAGS_OF_JSON.format(tags="input.tags")}
     FROM input
     -- Keyed rows in key order, so that two calls with the same keys in different orders
     -- lock them in the same order and cannot deadlock.
@@ -150,7 +162,7 @@ WHERE (k.active_key IS NOT NULL AND j.active_key = k.active_key
 # the answer: no ON CONFLICT, sort or join back, one array to encode instead of nine, and one
 # row back: the ids in input order, and the run_at and created_at all the rows share
 # (created_at is its column default, the transaction's now()). Index: none read.
-JOB_INSERT_MANY_UNIFORM = """
+JOB_INSERT_MANY_UNIFORM = f"""
 WITH input AS MATERIALIZED (
     SELECT nextval((SELECT pg_get_serial_sequence('outbox_jobs', 'id')::regclass)) AS id,
            a.args, a.ord,
@@ -160,9 +172,10 @@ WITH input AS MATERIALIZED (
 ),
 j AS (
     INSERT INTO outbox_jobs
-        (id, queue, task, args, priority, max_attempts, run_at, correlation_id)
+        (id, queue, task, args, priority, max_attempts, run_at, correlation_id, tags)
     OVERRIDING SYSTEM VALUE
-    SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id
+    SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id,
+           {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}
     FROM input
 )
 SELECT array_agg(id ORDER BY ord) AS ids, min(run_at) AS run_at, now() AS created_at

@@ -106,8 +106,14 @@ async def job_list(
     queue: str | None = None,
     task: str | None = None,
     cursor: str | None = None,
+    tag: str | None = None,
 ) -> Response:
-    filters = {"state": blank(state), "queue": blank(queue), "task": blank(task)}
+    filters = {
+        "state": blank(state),
+        "queue": blank(queue),
+        "task": blank(task),
+        "tag": blank(tag),
+    }
     try:
         page = await admin.list_jobs(session, **filters, limit=PAGE_SIZE, cursor=blank(cursor))
     except InvalidRequest as exc:

@@ -236,10 +236,17 @@ def create_admin_router(
         task: str | None = None,
         limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 50,
         cursor: str | None = None,
+        tag: Annotated[str | None, Query(description="only jobs with this tag")] = None,
     ) -> JobPageOut:
         page = await guarded(
             admin.list_jobs(
-                session, state=state, queue=queue, task=task, limit=limit, cursor=cursor
+                session,
+                state=state,
+                queue=queue,
+                task=task,
+                limit=limit,
+                cursor=cursor,
+                tag=tag,
             )
         )
         return JobPageOut(
