@@ -295,55 +295,32 @@ _KINDS: tuple[
 )
 
 
+# Each kind's fenced statement, and the arrays it takes besides the ids, the attempts and
+# the worker id: statement parameter -> the outcome's field.
+_WRITES: dict[type[Outcome], tuple[str, dict[str, str]]] = {
+    Succeeded: (sql.JOB_COMPLETE_MANY, {"results": "result"}),
+    Failed: (sql.JOB_FAIL_MANY, {"errors": "error", "delays": "delay", "give_up": "give_up"}),
+    Cancelled: (sql.JOB_CANCEL_MANY, {"reasons": "reason"}),
+    Snoozed: (sql.JOB_SNOOZE_MANY, {"delays": "delay", "max_snoozes": "max_snoozes"}),
+    Released: (sql.JOB_RELEASE_MANY, {}),
+    Unclaimed: (sql.JOB_UNCLAIM_MANY, {}),
+}
+
+
 def outcome_statement(outcomes: Sequence[Outcome], worker_id: str) -> tuple[Any, ...]:
     """The fenced statement that writes ``outcomes`` (all of one kind) and its arguments,
     bound for asyncpg: the worker's and the test drain's one way of writing an outcome."""
-    ids = [o.job_id for o in outcomes]
-    attempts = [o.attempt for o in outcomes]
-    first = outcomes[0]
-    if isinstance(first, Succeeded):
-        succeeded = [o for o in outcomes if isinstance(o, Succeeded)]
-        return sql.bind(
-            sql.JOB_COMPLETE_MANY,
-            ids=ids,
-            attempts=attempts,
-            results=[o.result for o in succeeded],
-            worker_id=worker_id,
-        )
-    if isinstance(first, Failed):
-        failed = [o for o in outcomes if isinstance(o, Failed)]
-        return sql.bind(
-            sql.JOB_FAIL_MANY,
-            ids=ids,
-            attempts=attempts,
-            errors=[o.error for o in failed],
-            delays=[o.delay for o in failed],
-            give_up=[o.give_up for o in failed],
-            worker_id=worker_id,
-        )
-    if isinstance(first, Cancelled):
-        cancelled = [o for o in outcomes if isinstance(o, Cancelled)]
-        return sql.bind(
-            sql.JOB_CANCEL_MANY,
-            ids=ids,
-            attempts=attempts,
-            reasons=[o.reason for o in cancelled],
-            worker_id=worker_id,
-        )
-    if isinstance(first, Snoozed):
-        snoozed = [o for o in outcomes if isinstance(o, Snoozed)]
-        return sql.bind(
-            sql.JOB_SNOOZE_MANY,
-            ids=ids,
-            attempts=attempts,
-            delays=[o.delay for o in snoozed],
-            max_snoozes=[o.max_snoozes for o in snoozed],
-            worker_id=worker_id,
-        )
-    if isinstance(first, Released | Unclaimed):
-        statement = sql.JOB_RELEASE_MANY if isinstance(first, Released) else sql.JOB_UNCLAIM_MANY
-        return sql.bind(statement, ids=ids, attempts=attempts, worker_id=worker_id)
-    raise TypeError(f"{type(first).__name__} has nothing to write")
+    kind = type(outcomes[0])
+    if kind not in _WRITES:
+        raise TypeError(f"{kind.__name__} has nothing to write")
+    statement, fields = _WRITES[kind]
+    return sql.bind(
+        statement,
+        ids=[o.job_id for o in outcomes],
+        attempts=[o.attempt for o in outcomes],
+        worker_id=worker_id,
+        **{param: [getattr(o, field) for o in outcomes] for param, field in fields.items()},
+    )
 
 
 def _kind(outcome: Outcome) -> str:
