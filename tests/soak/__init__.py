@@ -18,7 +18,7 @@ connections.
 
 At the end it stops enqueueing, waits for the queue to empty, drains the workers (SIGTERM)
 and checks the invariants against three records: the jobs table, the execution log the
-handlers write (``soak_executions``) and a trigger's log of every state change but the claim
+handlers write (``soak_executions``) and a trigger's log of every state change
 (``soak_transitions``); the workers' logs say how often each defence was needed (a result
 made storable, a lease not extended, a handler stopped by the lease guard). Every enqueue
 carries a unique marker (a dedupe key, an Idempotency-Key, an e-mail address), so an enqueue

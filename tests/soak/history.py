@@ -140,6 +140,13 @@ class History:
             )
         )
 
+    def claimed(self, job: int, attempt: int, at: float, worker: str = W1) -> None:
+        self.transitions[job].append(
+            Transition(
+                job, "queued", "running", attempt - 1, attempt, None, None, None, T0 + at, worker
+            )
+        )
+
     def succeeded(self, job: int, attempt: int, start: float, worker: str = W1) -> None:
         """One attempt that ran and was completed: the common ending."""
         self.ran(job, attempt, start, start + 1, "ok", worker)
@@ -197,6 +204,12 @@ def clean_history() -> History:
     unclaimed = h.job()
     h.moved(unclaimed, "queued", 1, 1.0, new_attempts=0)
     h.succeeded(unclaimed, 1, 2.0, W2)
+    # Orphans of a lost claim handed back, then claimed again by the same worker: the same
+    # attempt number, a new claim.
+    reclaimed = h.job()
+    h.moved(reclaimed, "queued", 1, 1.0, new_attempts=0)
+    h.claimed(reclaimed, 1, 1.5)
+    h.succeeded(reclaimed, 1, 2.0)
     # A report requested over HTTP, generated and marked done.
     h.succeeded(h.report(), 1, 1.0)
     for kind in RESULT_KINDS:

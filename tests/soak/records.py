@@ -83,6 +83,7 @@ class Transition:
     old_locked_until: float | None
     error: str | None
     at: float
+    new_locked_by: str | None = None
 
     @property
     def kind(self) -> str:
@@ -110,6 +111,15 @@ class Transition:
             self.old_state == "running"
             and self.old_attempts == e.attempt
             and self.old_locked_by == e.worker_id
+        )
+
+    def claims(self, e: Run) -> bool:
+        """Whether this change is the claim (attempt and owner) that execution ran."""
+        return (
+            self.old_state == "queued"
+            and self.new_state == "running"
+            and self.new_attempts == e.attempt
+            and self.new_locked_by == e.worker_id
         )
 
     def ends(self, e: Run) -> bool:
@@ -214,6 +224,7 @@ async def read_tables(url: str, facts: RunFacts) -> Tables:
                 _ts(r["old_locked_until"]),
                 r["new_last_error"],
                 r["at"].timestamp(),
+                r["new_locked_by"],
             )
         )
     return Tables(

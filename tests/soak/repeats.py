@@ -101,8 +101,13 @@ def split_stale(
     chain: list[Run] = []
     stale: list[Stale] = []
     for e in runs:
-        gone = next((t for t in trans if t.of(e) and t.at < e.started - EPSILON), None)
-        if gone is None:
+        ended = [t for t in trans if t.of(e) and t.at < e.started - EPSILON]
+        gone = ended[-1] if ended else None
+        if gone is None or any(
+            t.claims(e) and gone.at <= t.at <= e.started + EPSILON for t in trans
+        ):
+            # Not ended before it started, or claimed again (by the same worker, at the same
+            # attempt: a claim handed back unstarted takes its attempt back) since then.
             chain.append(e)
             continue
         fault = lease_cause(e.pid, j["id"], gone.at - lease, e.started, facts.faults, lease)

@@ -33,10 +33,11 @@ from outbox_worker.registry import Handler
 registry = Registry()
 
 # Created by the soak before any worker starts. soak_transitions is filled by a trigger on
-# outbox_jobs: every state change but the claim (queued -> running), with the row's owner
-# and attempt before the change, so a rescue, a failure, a release or a completion can be
-# matched to the execution it ended; and any lowering of attempts, which only the hand-back
-# of a claim never started may do.
+# outbox_jobs: every state change, with the row's owner and attempt before and after it, so
+# a rescue, a failure, a release or a completion can be matched to the execution it ended,
+# and a claim handed back unstarted told from the same worker's later claim of the same
+# attempt; and any lowering of attempts, which only the hand-back of a claim never started
+# may do.
 SOAK_DDL = """
 DROP TRIGGER IF EXISTS soak_transitions ON outbox_jobs;
 DROP FUNCTION IF EXISTS soak_log_transition();
@@ -61,6 +62,7 @@ CREATE TABLE soak_transitions (
     old_attempts     integer NOT NULL,
     new_attempts     integer NOT NULL,
     old_locked_by    text,
+    new_locked_by    text,
     old_locked_until timestamptz,
     new_last_error   text,
     at               timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -69,16 +71,16 @@ CREATE INDEX soak_transitions_job_idx ON soak_transitions (job_id);
 CREATE FUNCTION soak_log_transition() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO soak_transitions (job_id, old_state, new_state, old_attempts, new_attempts,
-                                  old_locked_by, old_locked_until, new_last_error)
+                                  old_locked_by, new_locked_by, old_locked_until,
+                                  new_last_error)
     VALUES (OLD.id, OLD.state, NEW.state, OLD.attempts, NEW.attempts, OLD.locked_by,
-            OLD.locked_until, left(NEW.last_error, 300));
+            NEW.locked_by, OLD.locked_until, left(NEW.last_error, 300));
     RETURN NULL;
 END
 $$;
 CREATE TRIGGER soak_transitions AFTER UPDATE ON outbox_jobs FOR EACH ROW
     WHEN (
-        (OLD.state IS DISTINCT FROM NEW.state
-         AND NOT (OLD.state = 'queued' AND NEW.state = 'running'))
+        OLD.state IS DISTINCT FROM NEW.state
         OR (OLD.state = 'running' AND NEW.state = 'running'
             AND OLD.locked_by IS DISTINCT FROM NEW.locked_by)
         OR NEW.attempts < OLD.attempts

@@ -53,7 +53,7 @@ def test_the_checker_passes_every_story_told_as_it_must_be() -> None:
     summary = verdict.summary
     assert summary["repeats_explained_by"] == {"drain": 1, "row_lock": 1}
     assert summary["releases"] == 1
-    assert summary["unclaims"] == 1
+    assert summary["unclaims"] == 2
     assert set(summary["hostile"]) == set(HOSTILE_KINDS), "every hostile kind is checked"
     assert set(summary["committed_by_path"]) == {"HTTP API", "Python API"}
 
@@ -158,6 +158,13 @@ def _started_claim_handed_back(h: History) -> None:
     h.ran(job, 1, 1.0, None, None)
     h.moved(job, "queued", 1, 2.0, new_attempts=0)
     h.succeeded(job, 2, 3.0, W2)
+
+
+def _run_after_its_claim_handed_back(h: History) -> None:
+    """A worker hands back a claim as orphaned, then runs it anyway: no claim since."""
+    job = h.job()
+    h.moved(job, "queued", 1, 1.0, new_attempts=0)
+    h.succeeded(job, 1, 2.0)
 
 
 def _attempts_lowered_while_queued(h: History) -> None:
@@ -272,6 +279,7 @@ BROKEN: dict[Callable[[History], None], set[str]] = {
     _release_handing_the_attempt_back: {EXPLAINED, COUNTED, LOWERED},
     _more_starts_than_max_attempts: {COUNTED},
     _started_claim_handed_back: {EXPLAINED, LOWERED},
+    _run_after_its_claim_handed_back: {EXPLAINED},
     _attempts_lowered_while_queued: {LOWERED},
     _success_failed_and_run_again: {EXPLAINED, SUCCESS_TWICE},
     _success_run_again_unended: {EXPLAINED, SUCCESS_TWICE},
