@@ -1,11 +1,13 @@
 """Drain throughput: N jobs pre-filled, one worker process, from ready to queue empty.
 
     python -m bench.drain [--jobs 20000] [--concurrency 10 16 64 100] [--prefetch 0 10]
-                          [--job-ms 1] [--repeat 3]
+                          [--job-ms 1] [--limit none 1000] [--repeat 3]
 
 No-op jobs by default; ``--job-ms`` gives each job that much awaited time, as a job that calls
 an API or the database has. Several ``--concurrency`` (and ``--prefetch``: jobs claimed ahead of
-a free slot; the worker's default when not given) values make a sweep on one server.
+a free slot; the worker's default when not given) values make a sweep on one server, and so do
+``--limit`` values: the queue's concurrency limit across workers (``none``: no limit), each run
+of a sweep taking the values in turn.
 
 Uses DATABASE_URL when set, else an embedded PostgreSQL in a temporary folder. The worker's
 start-up (import, connect, first rescue) is reported apart from the drain.
@@ -37,9 +39,14 @@ from outbox_worker.devdb import PostgresServer, start_embedded
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def fill(url: str, jobs: int, job_ms: float) -> None:
+async def fill(url: str, jobs: int, job_ms: float, limit: int | None) -> None:
     conn = await asyncpg.connect(url)
     await conn.execute("TRUNCATE outbox_jobs")
+    await conn.execute("DELETE FROM outbox_queues")
+    if limit is not None:
+        await conn.execute(
+            "INSERT INTO outbox_queues (name, concurrency) VALUES ('default', $1)", limit
+        )
     await conn.close()
     engine = create_async_engine(sqlalchemy_url(url))
     async with AsyncSession(engine) as session, session.begin():
@@ -89,6 +96,13 @@ def main() -> None:
         "--prefetch", type=int, nargs="+", default=[None], help="jobs claimed ahead of a slot"
     )
     parser.add_argument("--job-ms", type=float, default=0.0, help="awaited time per job")
+    parser.add_argument(
+        "--limit",
+        type=lambda v: None if v == "none" else int(v),
+        nargs="+",
+        default=[None],
+        help="the queue's concurrency limit across workers (none: no limit)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     opts = parser.parse_args()
     server: PostgresServer | None = None
@@ -102,21 +116,24 @@ def main() -> None:
         config.attributes["configure_logging"] = False
         command.upgrade(config, "heads")
         for concurrency, prefetch in itertools.product(opts.concurrency, opts.prefetch):
-            rates = []
+            rates: dict[int | None, list[float]] = {limit: [] for limit in opts.limit}
             for i in range(opts.repeat):
-                asyncio.run(fill(url, opts.jobs, opts.job_ms))
-                startup, seconds = drain(url, concurrency, prefetch)
-                rates.append(opts.jobs / seconds)
+                for limit in opts.limit:
+                    asyncio.run(fill(url, opts.jobs, opts.job_ms, limit))
+                    startup, seconds = drain(url, concurrency, prefetch)
+                    rates[limit].append(opts.jobs / seconds)
+                    print(
+                        f"run {i + 1}, limit {limit or 'none'}: start-up {startup:.2f}s, drained "
+                        f"{opts.jobs} in {seconds:.2f}s = {opts.jobs / seconds:,.0f} jobs/s"
+                    )
+            for limit, runs in rates.items():
                 print(
-                    f"run {i + 1}: start-up {startup:.2f}s, drained {opts.jobs} in "
-                    f"{seconds:.2f}s = {opts.jobs / seconds:,.0f} jobs/s"
+                    f"median {statistics.median(runs):,.0f} jobs/s (min {min(runs):,.0f}, "
+                    f"max {max(runs):,.0f}), concurrency {concurrency}, "
+                    f"prefetch {'default' if prefetch is None else prefetch}, "
+                    f"limit {limit or 'none'}, "
+                    f"{f'{opts.job_ms:g} ms jobs' if opts.job_ms else 'no-op jobs'}"
                 )
-            print(
-                f"median {statistics.median(rates):,.0f} jobs/s (min {min(rates):,.0f}, "
-                f"max {max(rates):,.0f}), concurrency {concurrency}, "
-                f"prefetch {'default' if prefetch is None else prefetch}, "
-                f"{f'{opts.job_ms:g} ms jobs' if opts.job_ms else 'no-op jobs'}"
-            )
     finally:
         if server is not None:
             server.close()

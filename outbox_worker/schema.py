@@ -222,3 +222,31 @@ outbox_schedules = Table(
         "missed IN ('skip', 'latest') OR missed ~ '^[0-9]+$'", name="outbox_schedules_missed_valid"
     ),
 )
+
+# Settings per queue (migration pgoutbox_0013): a pause and a global concurrency limit, and
+# the jobs that limit let start (outbox_worker.flow).
+outbox_queues = Table(
+    "outbox_queues",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("concurrency", Integer),
+    Column("paused_at", DateTime(timezone=True)),
+    Column("paused_by", Text),
+    Column("pause_reason", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("held_ids", ARRAY(BigInteger), nullable=False, server_default=text("'{}'::bigint[]")),
+    Column("held_attempts", ARRAY(Integer), nullable=False, server_default=text("'{}'::integer[]")),
+    Column(
+        "held_until",
+        ARRAY(DateTime(timezone=True)),
+        nullable=False,
+        server_default=text("'{}'::timestamp with time zone[]"),
+    ),
+    CheckConstraint(name_check("name"), name="outbox_queues_name_valid"),
+    CheckConstraint("concurrency > 0", name="outbox_queues_concurrency_positive"),
+    CheckConstraint(
+        "cardinality(held_ids) = cardinality(held_attempts)"
+        " AND cardinality(held_ids) = cardinality(held_until)",
+        name="outbox_queues_held_aligned",
+    ),
+)

@@ -33,6 +33,7 @@ from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker._worker.maintenance import Pruner, ReadyLanes, Rescuer
 from outbox_worker._worker.notifier import Notifier
 from outbox_worker._worker.outcomes import Failed, Outcome
+from outbox_worker._worker.queue_watch import QueueWatch
 from outbox_worker._worker.scheduler import Scheduler
 from outbox_worker._worker.service import Service
 from outbox_worker._worker.slots import Slots
@@ -70,7 +71,8 @@ class WorkerOptions:
 
 
 # Producer (claims), completer, its retry of outcomes set aside, heartbeat, rescuer, pruner
-# and gauges: one connection each.
+# and gauges: one connection each. The brief once-a-second reads (lanes' upkeep, schedules,
+# queue settings) take whichever is free.
 SERVICE_POOL_SIZE = 7
 # After the drain timeout: how long cancelled handlers get to end, and then how long the
 # outcomes get to be written, before the worker stops regardless (an unwritten outcome's
@@ -228,8 +230,16 @@ class Worker:
         )
         rescuer = Rescuer(pool=pool, interval=max(0.5, opts.lease_seconds / 2), log=self.log)
         lanes = ReadyLanes(pool=pool, log=self.log)
+        watch = QueueWatch(
+            pool=pool,
+            queues=self.queues,
+            claimer=claimer,
+            slots=slots,
+            interval=opts.poll_interval,
+            log=self.log,
+        )
         # Stopped with the claiming: they only serve claims.
-        claiming: list[Service] = [rescuer, lanes]
+        claiming: list[Service] = [rescuer, lanes, watch]
         if any(keep is not None for keep in opts.retention.values()):
             claiming.append(
                 Pruner(
@@ -289,7 +299,7 @@ class Worker:
                 }
                 watchdog.start()
                 metrics.SLOTS_TOTAL.set(opts.concurrency)
-                await self._first_round(rescuer, lanes, heartbeat)
+                await self._first_round(rescuer, lanes, watch, heartbeat)
                 self.ready.set()
                 self.log.info("worker_ready")
                 await self._produce(claimer)
@@ -301,14 +311,18 @@ class Worker:
         finally:
             watchdog.stop()
 
-    async def _first_round(self, rescuer: Rescuer, lanes: ReadyLanes, heartbeat: Heartbeat) -> None:
+    async def _first_round(
+        self, rescuer: Rescuer, lanes: ReadyLanes, watch: QueueWatch, heartbeat: Heartbeat
+    ) -> None:
         """Before claiming: make the jobs a crashed predecessor left behind due now, not
         after a rescue interval, bring jobs that came due while no worker ran into the
-        lanes the claim reads, and say the worker is alive. A database that went away
-        just now is no reason to stop; the services' own loops go on trying."""
+        lanes the claim reads, learn which queues are limited, and say the worker is alive.
+        A database that went away just now is no reason to stop; the services' own loops go
+        on trying."""
         try:
             await rescuer.rescue_once(until=self._stop)
             await lanes.maintain_once()
+            await watch.read_once()
             await heartbeat.beat()
         except Exception as exc:
             if not db.is_transient(exc):

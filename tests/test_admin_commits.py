@@ -17,28 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from outbox_worker.web.auth import COOKIE, cookie_value
 from outbox_worker.web.dashboard import FLASH_COOKIE, decode_flash
 from tests.admin_host import SessionDependency, begun, create_admin_host, plain
+from tests.admin_support import refuse_commit_ddl
 
 TOKEN = "commit-test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HOST = "http://testserver"
 SIGNED_IN = {"Cookie": f"{COOKIE}={cookie_value(TOKEN)}", "Origin": HOST}
 
-# A commit the database refuses, with no mock: a deferred constraint trigger runs at COMMIT
-# and raises in any transaction that set pgoutbox_test.refuse_commit, so the UPDATE itself
-# succeeds and only the commit fails, as a deferred foreign key or exclusion would.
-REFUSE_COMMIT_DDL = """
-CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    IF current_setting('pgoutbox_test.refuse_commit', true) = 'on' THEN
-        RAISE EXCEPTION 'the test refuses this commit';
-    END IF;
-    RETURN NULL;
-END $$;
-CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT OR UPDATE ON outbox_jobs
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();
-CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT OR UPDATE ON outbox_revoked_sessions
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();
-"""
+REFUSE_COMMIT_DDL = refuse_commit_ddl("outbox_jobs", "outbox_revoked_sessions")
 REFUSE = text("SELECT set_config('pgoutbox_test.refuse_commit', 'on', true)")
 
 

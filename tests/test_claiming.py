@@ -321,7 +321,7 @@ async def _blocked_claim(pool: asyncpg.Pool, claim: Awaitable[Any]) -> asyncio.T
     await wait_until(
         lambda: pool.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-            "AND query LIKE '%claimable%'"
+            "AND query LIKE '%open_queues%'"
         ),
         what="the claim waiting on the lock",
     )

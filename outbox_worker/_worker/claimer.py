@@ -48,15 +48,44 @@ class Claimer:
         # reaching us, leaving rows claimed under our name that we never started. The next
         # claim that runs alone hands them back first.
         self._orphans_suspected = False
+        # The worker's queues with a concurrency limit (QueueWatch keeps this current): each
+        # is claimed on its own, through JOB_CLAIM_LIMITED.
+        self.limited: frozenset[str] = frozenset()
 
     async def claim(self) -> tuple[int, int]:
-        """Claim on a connection of its own: (rows asked for, jobs claimed)."""
+        """Claim on a connection of its own, for each limited queue and then for the
+        others: (rows asked for, jobs claimed)."""
+        asked = claimed = 0
+        for queue in sorted(self.limited):
+            reservation = self._reserve(freed=0)
+            if not reservation:
+                break
+            more, took = await self._claim(
+                sql.JOB_CLAIM_LIMITED,
+                reservation,
+                queue=queue,
+                limit=reservation.asked,
+                ahead=reservation.ahead,
+            )
+            asked, claimed = asked + more, claimed + took
         reservation = self._reserve(freed=0)
-        if not reservation:
-            return 0, 0
+        if reservation:
+            more, took = await self._claim(
+                sql.JOB_CLAIM,
+                reservation,
+                queues=self._queues,
+                limit=reservation.asked,
+                ahead=reservation.ahead,
+            )
+            asked, claimed = asked + more, claimed + took
+        return asked, claimed
+
+    async def _claim(
+        self, statement: str, reservation: Reservation, **params: Any
+    ) -> tuple[int, int]:
         try:
             async with self._pool.acquire(timeout=30) as conn:
-                rows, sent = await self._send(conn, sql.JOB_CLAIM, reservation)
+                rows, sent = await self._send(conn, statement, params)
         finally:
             self._settle(reservation)
         return reservation.asked, self._take(rows, sent)
@@ -65,10 +94,11 @@ class Claimer:
         self, outcomes: Sequence[Succeeded], *, answer_within: float | None = None
     ) -> list[asyncpg.Record]:
         """Write successes and, in the same statement, claim jobs for the slots they free
-        (plus any free already). Returns the rows of the successes written.
+        (plus any free already); not while the worker serves a limited queue, which the
+        producer claims for first. Returns the rows of the successes written.
         ``answer_within``: cancel the statement (TimeoutError) if it takes longer, waiting
         on a locked row say."""
-        reservation = self._reserve(freed=len(outcomes))
+        reservation = NOTHING if self.limited else self._reserve(freed=len(outcomes))
         done: dict[str, list[Any]] = {
             "ids": [o.job_id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
@@ -86,9 +116,13 @@ class Claimer:
                 rows, sent = await self._send(
                     conn,
                     sql.JOB_COMPLETE_AND_CLAIM,
-                    reservation,
+                    {
+                        "queues": self._queues,
+                        "limit": reservation.asked,
+                        "ahead": reservation.ahead,
+                        **done,
+                    },
                     answer_within=answer_within,
-                    **done,
                 )
         finally:
             self._settle(reservation)
@@ -110,13 +144,13 @@ class Claimer:
         self,
         conn: asyncpg.Connection,
         statement: str,
-        reservation: Reservation,
+        params: dict[str, Any],
         *,
         answer_within: float | None = None,
-        **done: list[Any],
     ) -> tuple[list[asyncpg.Record], float]:
-        """The rows of the claim ``statement`` (with ``done``, the successes it writes too),
-        and when it was sent (time.monotonic())."""
+        """The rows of the claim ``statement`` (``params`` but the worker's id and lease,
+        with the successes it writes too for JOB_COMPLETE_AND_CLAIM), and when it was sent
+        (time.monotonic())."""
         if self._orphans_suspected and self._slots.claims_in_flight == 1:
             started = self._slots.started()
             orphans = await conn.fetch(
@@ -135,12 +169,9 @@ class Claimer:
             rows: list[asyncpg.Record] = await conn.fetch(
                 *sql.bind(
                     statement,
-                    queues=self._queues,
-                    limit=reservation.asked,
-                    ahead=reservation.ahead,
                     worker_id=self._worker_id,
                     lease_seconds=self._lease_seconds,
-                    **done,
+                    **params,
                 ),
                 timeout=answer_within,
             )

@@ -225,6 +225,10 @@ class Slots:
         assert self._put is not None, "Slots.attach first"
         self._put(_UNSTARTED[reason](job.id, job.attempt))
 
+    def waiting_in(self, queues: set[str]) -> list[int]:
+        """The jobs claimed ahead, not started, of these queues."""
+        return [job.id for job in self._waiting.values() if job.queue in queues]
+
     def is_running(self, job_id: int) -> bool:
         return job_id in self._running
 

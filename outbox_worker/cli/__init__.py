@@ -66,13 +66,19 @@ def build(*, operator_commands: bool = True) -> typer.Typer:
     )
     from outbox_worker.cli.migrate import migrate_schema
     from outbox_worker.cli.prune import prune
-    from outbox_worker.cli.queues import queues
+    from outbox_worker.cli.queues import queues, queues_pause, queues_resume, queues_set
     from outbox_worker.cli.schedules import schedules
 
     jobs_app = _group("jobs", "List, show, retry and cancel jobs.")
     app.add_typer(jobs_app, name="jobs")
     app.command()(run)
-    app.command()(queues)
+    # Run alone, the group prints the stats: `outbox-worker queues [--json]` as ever.
+    queues_app = _group(
+        "queues",
+        "Per queue: jobs by state, due now, oldest due, finished lately, its limit and pause."
+        " set, pause and resume change those settings.",
+    )
+    app.add_typer(queues_app, name="queues", invoke_without_command=True, no_args_is_help=False)
     app.command()(schedules)
     app.command()(prune)
     app.command()(health)
@@ -82,6 +88,10 @@ def build(*, operator_commands: bool = True) -> typer.Typer:
     jobs_app.command("retry")(jobs_retry)
     jobs_app.command("cancel")(jobs_cancel)
     jobs_app.command("retry-dead")(jobs_retry_dead)
+    queues_app.callback()(queues)
+    queues_app.command("set")(queues_set)
+    queues_app.command("pause")(queues_pause)
+    queues_app.command("resume")(queues_resume)
     return app
 
 

@@ -1,5 +1,7 @@
-"""``outbox-worker queues``: per queue, what waits, what runs and what finished lately; the
-numbers the admin API's ``GET /queues`` answers, and ``--json`` prints them as it does."""
+"""``outbox-worker queues``: per queue, what waits, what runs and what finished lately (the
+numbers the admin API's ``GET /queues`` answers) and the settings every worker obeys; and
+``queues set|pause|resume`` to change those settings, through :mod:`outbox_worker.queue_settings`
+as the other faces do."""
 
 from __future__ import annotations
 
@@ -10,36 +12,66 @@ from rich import box
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from outbox_worker import admin
+from outbox_worker import admin, queue_settings
 from outbox_worker.cli.database import in_transaction
-from outbox_worker.cli.output import MISSING, print_json, stdout
+from outbox_worker.cli.output import MISSING, first_line, print_json, stdout, visible
 from outbox_worker.cli.params import AsJson, DatabaseUrl, duration, resolve_dsn
 from outbox_worker.formatting import format_duration
 from outbox_worker.jobs import JobState
+from outbox_worker.queue_settings import MAX_CONCURRENCY, QueueSettings
+
+DEFAULT_WINDOW = "5m"
+QueueName = Annotated[str, typer.Argument(metavar="NAME", help="The queue's name.")]
 
 
 def queues(
+    ctx: typer.Context,
     window: Annotated[
         str, typer.Option(help="Count jobs finished within this long (e.g. 5m, 1h).")
-    ] = "5m",
+    ] = DEFAULT_WINDOW,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Per queue: jobs by state, due now, age of the oldest due job, finished recently."""
+    """Per queue: jobs by state, due now, age of the oldest due job, finished recently, and
+    its settings (limit, pause). Its subcommands change those settings."""
+    if ctx.invoked_subcommand is not None:
+        # Silently ignored, a flag given before the subcommand would print text to a script
+        # that asked for JSON, or change another database than the one named.
+        given = [
+            flag
+            for flag, is_given in (
+                ("--window", window != DEFAULT_WINDOW),
+                ("--json", as_json),
+                ("--database-url", database_url is not None),
+            )
+            if is_given
+        ]
+        if given:
+            raise typer.BadParameter(
+                f"give it after the subcommand: outbox-worker queues {ctx.invoked_subcommand} "
+                f"... {given[0]}",
+                param_hint=given[0],
+            )
+        return
     window_seconds = duration(window, "--window", positive=True).total_seconds()
     dsn = resolve_dsn(database_url)
 
-    async def call(conn: AsyncConnection) -> list[admin.QueueStats]:
-        return await admin.queue_stats(conn, window_seconds=window_seconds)
+    async def call(conn: AsyncConnection) -> list[queue_settings.QueueView]:
+        return await queue_settings.queue_views(conn, window_seconds=window_seconds)
 
-    stats = in_transaction(dsn, call)
+    views = in_transaction(dsn, call)
     if as_json:
         print_json(
-            {"queues": [entry.as_dict() for entry in stats], "window_seconds": window_seconds}
+            {
+                "queues": [
+                    view.stats.as_dict() | {"settings": view.settings.as_dict()} for view in views
+                ],
+                "window_seconds": window_seconds,
+            }
         )
         return
     console = stdout()
-    if not stats:
+    if not views:
         console.print("no jobs in any queue")
         return
     table = Table(
@@ -49,9 +81,11 @@ def queues(
         caption=f"(+N): finished within the last {window}",
         caption_justify="left",
     )
-    for column in ("QUEUE", "QUEUED", "DUE", "RUNNING", "OLDEST DUE", *admin.FINISHED):
+    for column in ("QUEUE", "QUEUED", "DUE", "RUNNING", "OLDEST DUE", *admin.FINISHED, "LIMIT"):
         table.add_column(column.upper(), justify="left" if column == "QUEUE" else "right")
-    for entry in stats:
+    table.add_column("PAUSED", overflow="fold")
+    for view in views:
+        entry, setting = view.stats, view.settings
         oldest = entry.oldest_due_seconds
         table.add_row(
             entry.queue,
@@ -63,5 +97,103 @@ def queues(
                 f"{entry.depth.get(state, 0)} (+{entry.finished_recently.get(state, 0)})"
                 for state in admin.FINISHED
             ),
+            MISSING if setting.concurrency is None else str(setting.concurrency),
+            _paused_cell(setting),
         )
     console.print(table)
+
+
+def _paused_cell(setting: QueueSettings) -> str:
+    if not setting.paused:
+        return ""
+    if not setting.pause_reason:
+        return "yes"
+    return f"yes ({first_line(setting.pause_reason, width=40)})"
+
+
+def concurrency_limit(value: str) -> int | None:
+    """``--concurrency 5``, or ``none`` for no limit; anything else is a usage error naming
+    the flag, before the database is reached."""
+    text = value.strip()
+    if text.lower() == "none":
+        return None
+    # ASCII digits only: int() also reads other scripts' digits and "1_0", which nobody means.
+    digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_CONCURRENCY))
+    if not digits or not 1 <= int(text) <= MAX_CONCURRENCY:
+        raise typer.BadParameter(
+            f"{value!r} is not a whole number from 1 to {MAX_CONCURRENCY}, nor none for no limit",
+            param_hint="--concurrency",
+        )
+    return int(text)
+
+
+def in_force(setting: QueueSettings) -> str:
+    """The one line each change prints: what workers obey now, the pause and limit both."""
+    limit = (
+        None if setting.concurrency is None else f"at most {setting.concurrency} running at once"
+    )
+    if setting.paused:
+        reason = f" ({visible(setting.pause_reason)})" if setting.pause_reason else ""
+        state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
+    else:
+        state = limit or "running, no limit"
+    return f"queue {setting.name}: {state}"
+
+
+def _report(setting: QueueSettings, as_json: bool) -> None:
+    if as_json:
+        print_json(setting.as_dict())
+    else:
+        stdout().print(in_force(setting), soft_wrap=True)
+
+
+def queues_set(
+    name: QueueName,
+    concurrency: Annotated[
+        str,
+        typer.Option(
+            metavar="N|none",
+            help="At most N of the queue's jobs running at once across every worker; "
+            "none lifts the limit.",
+        ),
+    ],
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Limit how many of a queue's jobs run at once, across every worker and host."""
+    limit = concurrency_limit(concurrency)
+    dsn = resolve_dsn(database_url)
+
+    async def call(conn: AsyncConnection) -> QueueSettings:
+        return await queue_settings.set_concurrency(conn, name, limit)
+
+    _report(in_transaction(dsn, call), as_json)
+
+
+def queues_pause(
+    name: QueueName,
+    reason: Annotated[
+        str | None, typer.Option(help="Why, shown with the pause wherever it is listed.")
+    ] = None,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Start no more jobs of a queue until it is resumed; jobs running finish."""
+    dsn = resolve_dsn(database_url)
+
+    async def call(conn: AsyncConnection) -> QueueSettings:
+        return await queue_settings.pause(conn, name, reason=reason)
+
+    _report(in_transaction(dsn, call), as_json)
+
+
+def queues_resume(
+    name: QueueName, as_json: AsJson = False, database_url: DatabaseUrl = None
+) -> None:
+    """Let a paused queue start jobs again, whoever paused it."""
+    dsn = resolve_dsn(database_url)
+
+    async def call(conn: AsyncConnection) -> QueueSettings:
+        return await queue_settings.resume(conn, name)
+
+    _report(in_transaction(dsn, call), as_json)

@@ -187,3 +187,46 @@ FROM outbox_schedules AS s
 LEFT JOIN outbox_jobs AS j ON j.id = s.last_job_id
 ORDER BY s.name
 """
+
+# ---------------------------------------------------------------------------------------------
+# Queue settings (outbox_worker.queue_settings): the row of outbox_queues each change writes
+# ---------------------------------------------------------------------------------------------
+
+_QUEUE_SETTINGS = "name, concurrency, paused_at, paused_by, pause_reason, updated_at"
+
+# No parameters. Every queue with settings. Index: primary key.
+QUEUE_SETTINGS_LIST = f"""
+SELECT {_QUEUE_SETTINGS}
+FROM outbox_queues
+ORDER BY name
+"""
+
+# :name, :concurrency (NULL: no limit). Index: primary key.
+QUEUE_SET_CONCURRENCY = f"""
+INSERT INTO outbox_queues AS q (name, concurrency)
+VALUES (:name, CAST(:concurrency AS integer))
+ON CONFLICT (name) DO UPDATE
+SET concurrency = excluded.concurrency, updated_at = now()
+RETURNING {_QUEUE_SETTINGS}
+"""
+
+# :name, :by (who paused it: an operator, or the circuit breaker), :reason. A queue paused
+# already keeps the time it was first paused. Index: primary key.
+QUEUE_PAUSE = f"""
+INSERT INTO outbox_queues AS q (name, paused_at, paused_by, pause_reason)
+VALUES (:name, now(), :by, :reason)
+ON CONFLICT (name) DO UPDATE
+SET paused_at = coalesce(q.paused_at, now()),
+    paused_by = excluded.paused_by,
+    pause_reason = excluded.pause_reason,
+    updated_at = now()
+RETURNING {_QUEUE_SETTINGS}
+"""
+
+# :name. No row back when the queue has no settings (it was not paused). Index: primary key.
+QUEUE_RESUME = f"""
+UPDATE outbox_queues
+SET paused_at = NULL, paused_by = NULL, pause_reason = NULL, updated_at = now()
+WHERE name = :name
+RETURNING {_QUEUE_SETTINGS}
+"""

@@ -38,9 +38,9 @@ def fence(attempt: str) -> str:
 # Claim
 # ---------------------------------------------------------------------------------------------
 
-# The claim, shared by JOB_CLAIM and JOB_COMPLETE_AND_CLAIM: :queues to serve, :limit (the
-# rows the worker reserved), of which :ahead go to its buffer of jobs claimed ahead of a
-# free slot, :worker_id, :lease_seconds.
+# The claim, shared by JOB_CLAIM, JOB_COMPLETE_AND_CLAIM and JOB_CLAIM_LIMITED: :queues to
+# serve, :limit (the rows the worker reserved), of which :ahead go to its buffer of jobs
+# claimed ahead of a free slot, :worker_id, :lease_seconds.
 # It finds jobs through outbox_ready, not outbox_jobs_claim_idx: the ready rows of the two
 # lanes (never the later partition), in claim order through outbox_ready_{0,1}_claim_idx (a
 # Merge Append), stopped after :limit rows. Autovacuum never analyzes the lanes, so the
@@ -81,7 +81,12 @@ def fence(attempt: str) -> str:
 # never ran. Such a job past the first :limit - :ahead is locked for the statement and left
 # queued, its ready row kept.
 _CLAIM_PARAMS = ("queues", "limit", "ahead", "worker_id", "lease_seconds")
-_CLAIMABLE = """
+
+
+def _claimable(*, queues: str, limit: str, now: str) -> str:
+    """The claim's CTEs up to the rows it takes, for ``queues`` (a text[] expression),
+    at most ``limit`` rows of which those past the first ``now`` are not last attempts."""
+    return f"""
 picked AS MATERIALIZED (
     SELECT r.lane, r.ctid AS row_ref, r.job_id, r.priority, r.run_at, j.spare
     FROM outbox_ready AS r
@@ -95,16 +100,16 @@ picked AS MATERIALIZED (
         OFFSET 0
     ) AS j
     WHERE r.lane <> 2
-      AND CASE WHEN r.run_at <= now() AND r.queue = ANY(:queues::text[]) THEN true ELSE false END
+      AND CASE WHEN r.run_at <= now() AND r.queue = ANY({queues}) THEN true ELSE false END
     ORDER BY r.priority DESC, r.run_at, r.job_id
-    LIMIT :limit
+    LIMIT {limit}
     FOR UPDATE OF r SKIP LOCKED
 ),
 locked AS MATERIALIZED (
     SELECT j.id
     FROM outbox_jobs AS j
     WHERE j.id = ANY(ARRAY(SELECT job_id FROM picked))
-      AND CASE WHEN j.state = 'queued' AND j.run_at <= now() AND j.queue = ANY(:queues::text[])
+      AND CASE WHEN j.state = 'queued' AND j.run_at <= now() AND j.queue = ANY({queues})
                THEN true ELSE false END
     FOR UPDATE SKIP LOCKED
 ),
@@ -113,7 +118,7 @@ claimable AS MATERIALIZED (
     FROM (SELECT p.*, row_number() OVER (ORDER BY priority DESC, run_at, job_id) AS place
           FROM picked AS p
           WHERE p.job_id IN (SELECT id FROM locked)) AS d
-    WHERE spare OR place <= :limit - :ahead::integer
+    WHERE spare OR place <= {now}
 ),
 unready_0 AS (
     DELETE FROM outbox_ready_0
@@ -124,6 +129,22 @@ unready_1 AS (
     WHERE ctid = ANY(ARRAY(SELECT row_ref FROM claimable WHERE lane = 1))
 )
 """
+
+
+# The worker's queues that claim without flow control: neither paused nor limited (a row
+# of outbox_queues says so). A limited queue is claimed by JOB_CLAIM_LIMITED alone.
+_OPEN_QUEUES = """
+open_queues AS MATERIALIZED (
+    SELECT ARRAY(
+        SELECT q FROM unnest(:queues::text[]) AS q
+        WHERE NOT EXISTS (
+            SELECT 1 FROM outbox_queues AS s
+            WHERE s.name = q AND (s.paused_at IS NOT NULL OR s.concurrency IS NOT NULL))
+    ) AS names
+),"""
+_CLAIMABLE = _OPEN_QUEUES + _claimable(
+    queues="(SELECT names FROM open_queues)::text[]", limit=":limit", now=":limit - :ahead::integer"
+)
 _CLAIM_UPDATE = """
 UPDATE outbox_jobs AS j
 SET state = 'running',
@@ -181,6 +202,93 @@ FROM done
 UNION ALL
 SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
 FROM claimed
+""",
+)
+
+# A limited queue's claim: :queue, :limit and :ahead as in JOB_CLAIM, :worker_id,
+# :lease_seconds. Jobs claimed ahead count against the limit like running ones, so they are
+# claimed only out of the half of the limit no claim would otherwise reach: a worker never
+# holds idle the last places that another worker's free slots could run.
+# The queue's row is locked first (FOR UPDATE waits: the claims of one limited queue take
+# turns), so that it is read as the last claim left it: locking returns the newest version
+# of the row, whatever this statement's older snapshot holds. Its list of the jobs the limit
+# let start is checked against their rows: an entry counts while its job runs that attempt
+# under a live lease, or, if the job's row does not show that attempt yet (claimed after
+# this snapshot was taken), until the lease the claim gave it would run out. A finished,
+# failed or rescued job, or one whose worker died (its lease lapsed), no longer counts. The
+# claim takes at most the limit less what counts, and writes the list back: what still
+# counts, and the jobs it claimed. A paused queue claims nothing; a queue without a row, or
+# without a limit, claims like any other. Indexes: the primary keys (the row, each listed
+# job), outbox_ready's lanes (the claim).
+JOB_CLAIM_LIMITED = statement(
+    params=("queue", "limit", "ahead", "worker_id", "lease_seconds"),
+    text=f"""
+WITH gate AS MATERIALIZED (
+    SELECT q.concurrency, q.paused_at, q.held_ids, q.held_attempts, q.held_until
+    FROM outbox_queues AS q
+    WHERE q.name = :queue
+    FOR UPDATE
+),
+held AS MATERIALIZED (
+    SELECT h.id, h.attempt, h.until
+    FROM gate AS g
+    CROSS JOIN LATERAL unnest(g.held_ids, g.held_attempts, g.held_until) AS h(id, attempt, until)
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN j.attempts = h.attempt
+                    THEN j.state = 'running' AND j.locked_until > now()
+                    ELSE j.attempts < h.attempt AND h.until > now() END AS live
+        FROM outbox_jobs AS j
+        WHERE j.id = h.id
+        OFFSET 0
+    ) AS j
+    WHERE j.live
+),
+room AS MATERIALIZED (
+    SELECT g.paused_at IS NOT NULL AS paused, g.concurrency,
+           greatest(0, g.concurrency - (SELECT count(*) FROM held)) AS left_over
+    FROM gate AS g
+),
+budget AS MATERIALIZED (
+    SELECT coalesce(
+        (SELECT CASE WHEN r.paused THEN 0
+                     WHEN r.concurrency IS NULL THEN :limit::bigint
+                     ELSE least(:limit::bigint - :ahead, r.left_over)
+                          + least(:ahead::bigint,
+                                  greatest(0, r.left_over - (:limit::bigint - :ahead)
+                                              - r.concurrency / 2))
+                END
+         FROM room AS r),
+        :limit::bigint) AS n
+),
+open_queues AS MATERIALIZED (
+    SELECT ARRAY[:queue::text] AS names
+),
+{
+        _claimable(
+            queues="(SELECT names FROM open_queues)::text[]",
+            limit="(SELECT n FROM budget)",
+            now=":limit - :ahead::integer",
+        )
+    },
+claimed AS (
+{_CLAIM_UPDATE}
+),
+granted AS (
+    UPDATE outbox_queues AS q
+    SET held_ids = l.ids, held_attempts = l.attempts, held_until = l.until
+    FROM (SELECT coalesce(array_agg(e.id), '{{}}') AS ids,
+                 coalesce(array_agg(e.attempt), '{{}}') AS attempts,
+                 coalesce(array_agg(e.until), '{{}}') AS until
+          FROM (SELECT id, attempt, until FROM held
+                UNION ALL
+                SELECT id, attempts, now() + make_interval(secs => :lease_seconds::float8)
+                FROM claimed) AS e) AS l
+    WHERE q.name = :queue
+      AND (SELECT concurrency FROM gate) IS NOT NULL
+      AND (EXISTS (SELECT 1 FROM claimed)
+           OR (SELECT count(*) FROM held) < (SELECT cardinality(held_ids) FROM gate))
+)
+SELECT id, task, queue, args, attempts, max_attempts, correlation_id FROM claimed
 """,
 )
 
@@ -449,6 +557,18 @@ SCHEMA_PROBE = statement("SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0")
 
 # Not a statement: the channel client.JOB_INSERT's trigger notifies; the notifier LISTENs.
 NOTIFY_CHANNEL = "outbox_jobs"
+
+# :queues (the worker's). The settings of those that have any: a limit sends a queue's
+# claims through JOB_CLAIM_LIMITED; a pause hands back the jobs claimed ahead of it.
+# Index: primary key.
+QUEUES_WATCH = statement(
+    params=("queues",),
+    text="""
+SELECT name, concurrency, paused_at IS NOT NULL AS paused
+FROM outbox_queues
+WHERE name = ANY(:queues::text[])
+""",
+)
 
 # admin.WORKERS_ALIVE, for the worker's own gauges.
 WORKERS_ALIVE_PG = statement(WORKERS_ALIVE, params=("seconds",))

@@ -1,13 +1,15 @@
 """The dashboard: small server-rendered pages under ``/dashboard``, over the same admin
-service as the JSON routes and the CLI (:mod:`outbox_worker.admin`), so the faces agree.
+service as the JSON routes and the CLI (:mod:`outbox_worker.admin`,
+:mod:`outbox_worker.queue_settings`), so the faces agree.
 
-- ``/dashboard``: queues (depth by state, age of the oldest due job) and the workers alive.
+- ``/dashboard``: queues (depth by state, age of the oldest due job, limit, pause, with
+  Pause, Resume and a form for the limit) and the workers alive.
 - ``/dashboard/jobs``: the job list, filtered by state, queue and task, a page at a time.
 - ``/dashboard/jobs/{id}``: one job, with Retry and Cancel.
 
-Retry, Cancel and signing out commit their change before they flash it as done (as the JSON
-routes do, :func:`outbox_worker.web.router.commit`); a change the database refuses to commit
-is a 500 page that says so.
+Retry, Cancel, the queue settings and signing out commit their change before they flash it
+as done (as the JSON routes do, :func:`outbox_worker.web.router.commit`); a change the
+database refuses to commit is a 500 page that says so.
 
 Every page but the login page needs a signed-in session, and every POST must come from a page
 of this site: :mod:`outbox_worker.web.dashboard_access`. How the pages render and flash:
@@ -17,15 +19,17 @@ of this site: :mod:`outbox_worker.web.dashboard_access`. How the pages render an
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response, status
+from fastapi import APIRouter, Depends, Form, Request, Response, status
 from fastapi.responses import HTMLResponse
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from outbox_worker import admin
+from outbox_worker import admin, queue_settings
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.formatting import format_duration
 from outbox_worker.jobs import Job, JobState
+from outbox_worker.queue_settings import MAX_CONCURRENCY, QueueSettings
 from outbox_worker.web.auth import AdminAuth
 from outbox_worker.web.dashboard_access import (
     Dashboard,
@@ -45,8 +49,12 @@ from outbox_worker.web.dashboard_pages import (
     JOBS,
     LOGIN,
     LOGOUT,
+    QUEUE_LIMIT,
+    QUEUE_PAUSE,
+    QUEUE_RESUME,
     RETRY,
     decode_flash,
+    home,
     link,
     message,
     not_committed,
@@ -78,7 +86,8 @@ def job_not_found(request: Request, exc: JobNotFound) -> HTMLResponse:
 
 async def overview(request: Request, dashboard: DashboardDep, session: SessionDep) -> Response:
     seen_within = dashboard.seen_within(request)
-    queues = await admin.queue_stats(session, window_seconds=STATS_WINDOW_SECONDS)
+    views = await queue_settings.queue_views(session, window_seconds=STATS_WINDOW_SECONDS)
+    queues = [view.stats for view in views]
     workers = await admin.workers_alive(session, within_seconds=seen_within)
     schedules = await admin.list_schedules(session)
     totals = {state.value: 0 for state in JobState}
@@ -90,6 +99,8 @@ async def overview(request: Request, dashboard: DashboardDep, session: SessionDe
         "overview.html",
         refresh=REFRESH_SECONDS,
         queues=queues,
+        settings={view.stats.queue: view.settings for view in views},
+        max_concurrency=MAX_CONCURRENCY,
         workers=workers,
         schedules=schedules,
         totals=totals,
@@ -199,6 +210,84 @@ async def cancel(request: Request, job_id: int, session: SessionDep) -> Response
     return await change_job(request, session, job_id, admin.cancel_job, "cancelled", cancelled)
 
 
+# --- the queue settings ---------------------------------------------------------------------
+
+
+async def change_queue(
+    request: Request,
+    session: AsyncSession,
+    queue: str,
+    change: Callable[[], Awaitable[QueueSettings]],
+    done: str,
+    outcome: Callable[[QueueSettings], str],
+) -> Response:
+    """Pause, Resume and the limit: ``change`` committed, then back to the overview, flashing
+    ``outcome`` of the new settings, or why they were not ``done`` (nothing changed)."""
+    try:
+        settings = await change()
+        await commit(session, f"Queue {queue} was not {done}")
+    except InvalidRequest as exc:
+        return redirect(request, home(request), flash=("error", f"Not {done}: {exc}."))
+    except NotCommitted as exc:
+        return not_committed(request, f"Not {done}", exc)
+    return redirect(request, home(request), flash=("ok", outcome(settings)))
+
+
+def concurrency_limit(value: str) -> int | None:
+    """The limit a form field holds; empty is no limit. Read as ASCII digits, no more than the
+    largest limit has: int() would also read fullwidth digits, and thousands of them."""
+    value = value.strip()
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_CONCURRENCY)):
+        raise InvalidRequest(
+            f"the limit must be a whole number from 1 to {MAX_CONCURRENCY}, or empty for no "
+            f"limit; got {value[:40]!r}"
+        )
+    return int(value)
+
+
+def paused(settings: QueueSettings) -> str:
+    return (
+        f"Queue {settings.name} is paused: none of its jobs start until it is resumed "
+        "(those running finish)."
+    )
+
+
+def resumed(settings: QueueSettings) -> str:
+    return f"Queue {settings.name} is resumed: its jobs start again."
+
+
+def limited(settings: QueueSettings) -> str:
+    if settings.concurrency is None:
+        return f"Queue {settings.name} has no limit on how many of its jobs run at once."
+    return f"Queue {settings.name} runs at most {settings.concurrency} jobs at once."
+
+
+async def pause_queue(request: Request, queue: str, session: SessionDep) -> Response:
+    return await change_queue(
+        request, session, queue, lambda: queue_settings.pause(session, queue), "paused", paused
+    )
+
+
+async def resume_queue(request: Request, queue: str, session: SessionDep) -> Response:
+    return await change_queue(
+        request, session, queue, lambda: queue_settings.resume(session, queue), "resumed", resumed
+    )
+
+
+async def limit_queue(
+    request: Request,
+    queue: str,
+    session: SessionDep,
+    concurrency: Annotated[str, Form()] = "",
+) -> Response:
+    async def change() -> QueueSettings:
+        return await queue_settings.set_concurrency(session, queue, concurrency_limit(concurrency))
+
+    return await change_queue(request, session, queue, change, "changed", limited)
+
+
 # --- the router -----------------------------------------------------------------------------
 
 
@@ -225,6 +314,9 @@ def create_dashboard_router(
     protected.get("/dashboard/jobs/{job_id}", name=JOB, response_class=HTMLResponse)(job_page)
     protected.post("/dashboard/jobs/{job_id}/retry", name=RETRY)(retry)
     protected.post("/dashboard/jobs/{job_id}/cancel", name=CANCEL)(cancel)
+    protected.post("/dashboard/queues/{queue}/pause", name=QUEUE_PAUSE)(pause_queue)
+    protected.post("/dashboard/queues/{queue}/resume", name=QUEUE_RESUME)(resume_queue)
+    protected.post("/dashboard/queues/{queue}/limit", name=QUEUE_LIMIT)(limit_queue)
 
     router = APIRouter(dependencies=[Depends(dashboard.enter)])
     router.include_router(public)

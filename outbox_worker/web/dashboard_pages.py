@@ -28,6 +28,9 @@ JOBS = "outbox_dashboard_jobs"
 JOB = "outbox_dashboard_job"
 RETRY = "outbox_dashboard_retry"
 CANCEL = "outbox_dashboard_cancel"
+QUEUE_PAUSE = "outbox_dashboard_queue_pause"
+QUEUE_RESUME = "outbox_dashboard_queue_resume"
+QUEUE_LIMIT = "outbox_dashboard_queue_limit"
 
 FLASH_COOKIE = "outbox_flash"
 # What browsers keep of one cookie, and more than encode_flash writes: a longer value is not

@@ -1,32 +1,44 @@
 """The admin routes (and the dashboard), as one router any FastAPI app mounts.
 
-Every route goes through :mod:`outbox_worker.admin`, as the CLI does, and runs in the
-transaction of the session dependency the app provides. The routes that change jobs commit
-that transaction themselves before they answer (see :func:`commit`): a 2xx means the change is
-in the database.
+Every route goes through :mod:`outbox_worker.admin` (queue settings through
+:mod:`outbox_worker.queue_settings`), as the CLI does, and runs in the transaction of the
+session dependency the app provides. The routes that change jobs or queue settings commit
+that transaction themselves before they answer (see :func:`commit`): a 2xx means the change
+is in the database.
 """
 
 # No `from __future__ import annotations` here: the routes' annotations name a dependency
 # built inside create_admin_router, which FastAPI can only see if they are evaluated eagerly.
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import asyncpg
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import (
+    APIRouter,
+    Body,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Query,
+    Request,
+    Response,
+    status,
+)
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from outbox_worker import admin
+from outbox_worker import admin, queue_settings
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict, OutboxError
 from outbox_worker.jobs import Job, JobOut
+from outbox_worker.queue_settings import MAX_CONCURRENCY, MAX_REASON_LENGTH, QueueSettings
 from outbox_worker.web.auth import AdminAuth, TokenSource
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
@@ -37,12 +49,27 @@ class JobPageOut(BaseModel):
     next_cursor: str | None
 
 
+class QueueSettingsOut(BaseModel):
+    queue: str
+    concurrency: int | None
+    paused: bool
+    paused_at: str | None
+    paused_by: str | None
+    pause_reason: str | None
+    updated_at: str | None
+
+    @classmethod
+    def of(cls, settings: QueueSettings) -> Self:
+        return cls(**settings.as_dict())
+
+
 class QueueOut(BaseModel):
     queue: str
     depth: dict[str, int]
     due: int
     oldest_due_seconds: float
     finished_recently: dict[str, int]
+    settings: QueueSettingsOut
 
 
 class QueuesOut(BaseModel):
@@ -73,6 +100,22 @@ class SchedulesOut(BaseModel):
 
 class RetriedOut(BaseModel):
     retried: list[int]
+
+
+class ConcurrencyIn(BaseModel):
+    """Strict: a limit of ``true``, ``2.5`` or ``"3"`` is a client's mistake, not a 1, 2 or 3."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
+        description="at most this many of the queue's jobs run at once; null: no limit"
+    )
+
+
+class PauseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    reason: Annotated[str, Field(max_length=MAX_REASON_LENGTH)] | None = None
 
 
 class NotCommitted(OutboxError):
@@ -139,6 +182,15 @@ async def change_job(
     job = await guarded(change(session, job_id))
     await guarded(commit(session, f"job {job_id} was not {done}"))
     return JobOut.of(job)
+
+
+async def change_queue(
+    session: AsyncSession, change: Awaitable[QueueSettings], failure: str
+) -> QueueSettingsOut:
+    """A queue's settings: ``change`` committed before it is answered."""
+    settings = await guarded(change)
+    await guarded(commit(session, failure))
+    return QueueSettingsOut.of(settings)
 
 
 # How long an answer to a database outage tells the client to wait before trying again.
@@ -279,11 +331,41 @@ def create_admin_router(
         session: session_dep,
         window_seconds: Annotated[float, Query(gt=0, le=86400)] = 300.0,
     ) -> QueuesOut:
-        stats = await admin.queue_stats(session, window_seconds=window_seconds)
+        """Every queue with jobs or settings: its numbers, and its limit and pause."""
+        views = await queue_settings.queue_views(session, window_seconds=window_seconds)
         return QueuesOut(
-            queues=[QueueOut(**entry.as_dict()) for entry in stats],
+            queues=[
+                QueueOut(**view.stats.as_dict(), settings=QueueSettingsOut.of(view.settings))
+                for view in views
+            ],
             window_seconds=window_seconds,
         )
+
+    @protected.get("/queues/{name}/settings")
+    async def show_queue_settings(name: str, session: session_dep) -> QueueSettingsOut:
+        """A queue without settings has the defaults: no limit, not paused."""
+        return QueueSettingsOut.of(await guarded(queue_settings.get_settings(session, name)))
+
+    @protected.patch("/queues/{name}/settings")
+    async def set_queue_concurrency(
+        name: str, body: ConcurrencyIn, session: session_dep
+    ) -> QueueSettingsOut:
+        change = queue_settings.set_concurrency(session, name, body.concurrency)
+        return await change_queue(session, change, f"the limit of queue {name} was not set")
+
+    @protected.post("/queues/{name}/pause")
+    async def pause_queue(
+        name: str, session: session_dep, body: Annotated[PauseIn | None, Body()] = None
+    ) -> QueueSettingsOut:
+        """No job of the queue starts until it is resumed; running jobs finish."""
+        reason = None if body is None else body.reason
+        change = queue_settings.pause(session, name, reason=reason, by="operator")
+        return await change_queue(session, change, f"queue {name} was not paused")
+
+    @protected.post("/queues/{name}/resume")
+    async def resume_queue(name: str, session: session_dep) -> QueueSettingsOut:
+        change = queue_settings.resume(session, name)
+        return await change_queue(session, change, f"queue {name} was not resumed")
 
     @protected.get("/schedules")
     async def schedules(session: session_dep) -> SchedulesOut:

@@ -1,0 +1,142 @@
+"""Settings per queue that every worker obeys: a pause, and a limit on how many of the queue's
+jobs run at once across all workers and hosts. One implementation behind every face (the
+CLI, the HTTP API, the dashboard); plain SQL on ``outbox_queues`` works the same way.
+
+Each change is a row of ``outbox_queues``; the functions never commit (the caller's
+transaction decides). Workers read the settings of the queues they serve every poll interval,
+and their claims read the row itself, so a change is in force on every worker within one
+poll interval:
+
+- **paused**: no job of the queue starts. Jobs running finish; jobs a worker claimed ahead
+  and has not started are handed back.
+- **concurrency**: at most that many jobs of the queue run at once, counted from their
+  leases: a job counts from its claim until its outcome is written or its lease lapses (its
+  worker killed), never by a counter that a crash could leave wrong. A queue without a row
+  has neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+
+from outbox_worker import admin, sql
+from outbox_worker.admin import AdminSession
+from outbox_worker.errors import InvalidRequest
+from outbox_worker.jobs import JobState
+from outbox_worker.names import NAME_PATTERN, is_valid_name
+
+# The largest limit accepted: a column of type integer, and far past any pool of workers.
+MAX_CONCURRENCY = 1_000_000
+MAX_REASON_LENGTH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    name: str
+    concurrency: int | None = None
+    paused_at: datetime | None = None
+    paused_by: str | None = None
+    pause_reason: str | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.name,
+            "concurrency": self.concurrency,
+            "paused": self.paused,
+            "paused_at": None if self.paused_at is None else self.paused_at.isoformat(),
+            "paused_by": self.paused_by,
+            "pause_reason": self.pause_reason,
+            "updated_at": None if self.updated_at is None else self.updated_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """A queue as the admin faces show it: its numbers and its settings."""
+
+    stats: admin.QueueStats
+    settings: QueueSettings
+
+
+async def queue_views(session: AdminSession, *, window_seconds: float) -> list[QueueView]:
+    """Every queue with jobs or settings, by name: a queue paused or limited before its first
+    job (or after its last was pruned) stays in sight, where it can be resumed."""
+    stats = {
+        entry.queue: entry
+        for entry in await admin.queue_stats(session, window_seconds=window_seconds)
+    }
+    settings = {entry.name: entry for entry in await list_settings(session)}
+    for name in settings.keys() - stats.keys():
+        stats[name] = admin.QueueStats(
+            name,
+            depth={state.value: 0 for state in JobState},
+            finished_recently={state.value: 0 for state in admin.FINISHED},
+        )
+    return [
+        QueueView(stats[name], settings.get(name, QueueSettings(name))) for name in sorted(stats)
+    ]
+
+
+async def list_settings(session: AdminSession) -> list[QueueSettings]:
+    """Every queue that has settings, by name."""
+    rows = await session.execute(text(sql.QUEUE_SETTINGS_LIST))
+    return [QueueSettings(**dict(row)) for row in rows.mappings()]
+
+
+async def get_settings(session: AdminSession, queue: str) -> QueueSettings:
+    """One queue's settings; a queue without a row has the defaults (no limit, running)."""
+    _check_queue(queue)
+    for entry in await list_settings(session):
+        if entry.name == queue:
+            return entry
+    return QueueSettings(queue)
+
+
+async def set_concurrency(session: AdminSession, queue: str, limit: int | None) -> QueueSettings:
+    """At most ``limit`` jobs of ``queue`` running at once across every worker; None lifts
+    the limit. Jobs running when a limit is set count against it."""
+    _check_queue(queue)
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_CONCURRENCY
+    ):
+        raise InvalidRequest(
+            f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, or none "
+            f"for no limit; got {limit!r}"
+        )
+    return await _write(session, sql.QUEUE_SET_CONCURRENCY, name=queue, concurrency=limit)
+
+
+async def pause(
+    session: AdminSession, queue: str, *, reason: str | None = None, by: str = "operator"
+) -> QueueSettings:
+    """Start no more jobs of ``queue`` until it is resumed; those running finish."""
+    _check_queue(queue)
+    if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH):
+        raise InvalidRequest(f"a pause reason is text of at most {MAX_REASON_LENGTH} characters")
+    return await _write(session, sql.QUEUE_PAUSE, name=queue, by=by, reason=reason or None)
+
+
+async def resume(session: AdminSession, queue: str) -> QueueSettings:
+    """Let ``queue`` start jobs again (whoever paused it: an operator or the breaker)."""
+    _check_queue(queue)
+    row = (await session.execute(text(sql.QUEUE_RESUME), {"name": queue})).mappings().first()
+    return QueueSettings(queue) if row is None else QueueSettings(**dict(row))
+
+
+async def _write(session: AdminSession, statement: str, **params: Any) -> QueueSettings:
+    row = (await session.execute(text(statement), params)).mappings().one()
+    return QueueSettings(**dict(row))
+
+
+def _check_queue(queue: object) -> None:
+    if not is_valid_name(queue):
+        raise InvalidRequest(f"queue names must match {NAME_PATTERN}; got {queue!r}")

@@ -1,0 +1,323 @@
+"""A queue's concurrency limit and pause, as every worker obeys them: exact across claims
+racing on separate connections and across worker processes, counted from live leases (a
+killed worker's jobs stop counting when their leases lapse), in force within one poll
+interval of a change made by plain SQL."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+from collections.abc import Callable
+from datetime import datetime
+
+import asyncpg
+import pytest
+
+from outbox_worker import sql
+from tests.conftest import WorkerProcess, wait_until
+from tests.support import insert_sleepy
+
+LIMITED = "slow"  # the workload's sleepy task runs on this queue
+
+
+async def claim_limited(
+    conn: asyncpg.Connection, limit: int, worker: str = "w", ahead: int = 0
+) -> list[int]:
+    rows = await conn.fetch(
+        *sql.bind(
+            sql.JOB_CLAIM_LIMITED,
+            queue=LIMITED,
+            limit=limit,
+            ahead=ahead,
+            worker_id=worker,
+            lease_seconds=30,
+        )
+    )
+    return [row["id"] for row in rows]
+
+
+async def finish(pool: asyncpg.Pool, job_ids: list[int]) -> None:
+    await pool.execute(
+        "UPDATE outbox_jobs SET state = 'succeeded', finished_at = now(), locked_by = NULL, "
+        "locked_until = NULL WHERE id = ANY($1::bigint[])",
+        job_ids,
+    )
+
+
+async def running(pool: asyncpg.Pool) -> int:
+    n: int = await pool.fetchval(
+        "SELECT count(*) FROM outbox_jobs WHERE queue = $1 AND state = 'running'", LIMITED
+    )
+    return n
+
+
+def most_at_once(spans: list[tuple[datetime, datetime]]) -> int:
+    """The most intervals open at one instant (an end before a start at the same instant)."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = now = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+async def handler_spans(pool: asyncpg.Pool) -> list[tuple[datetime, datetime]]:
+    rows = await pool.fetch(
+        "SELECT s.at AS started, e.at AS ended FROM test_executions AS s "
+        "JOIN test_executions AS e USING (job_id, attempt) "
+        "WHERE s.event = 'start' AND e.event = 'end'"
+    )
+    return [(row["started"], row["ended"]) for row in rows]
+
+
+async def test_a_claim_takes_what_the_limit_leaves_and_a_finished_job_frees_its_place(
+    pool: asyncpg.Pool,
+) -> None:
+    await insert_sleepy(pool, 10, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 3)", LIMITED)
+    async with pool.acquire() as conn:
+        first = await claim_limited(conn, 10)
+        assert len(first) == 3
+        assert await claim_limited(conn, 10) == []
+        await finish(pool, first[:1])
+        third = await claim_limited(conn, 10)
+        assert len(third) == 1
+        held = await pool.fetchval("SELECT held_ids FROM outbox_queues WHERE name = $1", LIMITED)
+        assert sorted(held) == sorted([*first[1:], *third])
+
+
+async def test_jobs_claimed_ahead_take_only_the_half_of_the_limit_free_slots_would_not(
+    pool: asyncpg.Pool,
+) -> None:
+    """A claim for 2 free slots and 6 ahead, under a limit of 10 with nothing running: the 2,
+    and 3 ahead (10 - 2 - 10 / 2); once 5 run, only what free slots ask for."""
+    await insert_sleepy(pool, 20, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 10)", LIMITED)
+    async with pool.acquire() as conn:
+        assert len(await claim_limited(conn, 8, ahead=6)) == 5
+        assert len(await claim_limited(conn, 8, ahead=6)) == 2
+        assert len(await claim_limited(conn, 8, ahead=6)) == 2
+        assert len(await claim_limited(conn, 8, ahead=6)) == 1
+
+
+async def test_a_lapsed_lease_stops_counting_and_a_lifted_limit_claims_freely(
+    pool: asyncpg.Pool,
+) -> None:
+    await insert_sleepy(pool, 10, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 2)", LIMITED)
+    async with pool.acquire() as conn:
+        assert len(await claim_limited(conn, 10)) == 2
+        # The worker that held them died: nobody extends their leases.
+        await pool.execute(
+            "UPDATE outbox_jobs SET locked_until = now() - interval '1 second' "
+            "WHERE state = 'running'"
+        )
+        assert len(await claim_limited(conn, 10)) == 2
+        await pool.execute("UPDATE outbox_queues SET concurrency = NULL")
+        assert len(await claim_limited(conn, 10)) == 6
+
+
+async def test_a_paused_queue_claims_nothing_on_either_path(pool: asyncpg.Pool) -> None:
+    await insert_sleepy(pool, 4, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, paused_at) VALUES ($1, now())", LIMITED)
+    async with pool.acquire() as conn:
+        assert await claim_limited(conn, 10) == []
+        rows = await conn.fetch(
+            *sql.bind(
+                sql.JOB_CLAIM,
+                queues=[LIMITED],
+                limit=10,
+                ahead=0,
+                worker_id="w",
+                lease_seconds=30,
+            )
+        )
+        assert rows == []
+        await pool.execute("UPDATE outbox_queues SET paused_at = NULL")
+        assert len(await claim_limited(conn, 10)) == 4
+
+
+async def test_a_limit_set_while_jobs_run_counts_them(pool: asyncpg.Pool) -> None:
+    """Jobs claimed before the queue had a limit (by the unlimited claim) count against it."""
+    await insert_sleepy(pool, 10, 1.0)
+    async with pool.acquire() as conn:
+        before = await conn.fetch(
+            *sql.bind(
+                sql.JOB_CLAIM, queues=[LIMITED], limit=4, ahead=0, worker_id="w", lease_seconds=30
+            )
+        )
+        assert len(before) == 4
+        await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 5)", LIMITED)
+        assert len(await claim_limited(conn, 10)) == 1
+        # The unlimited claim leaves a limited queue alone.
+        rows = await conn.fetch(
+            *sql.bind(
+                sql.JOB_CLAIM, queues=[LIMITED], limit=4, ahead=0, worker_id="w", lease_seconds=30
+            )
+        )
+        assert rows == []
+
+
+async def test_claims_racing_on_many_connections_never_pass_the_limit(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """Eight connections claim and finish as fast as they can; after every claim, the jobs
+    running never exceed the limit, and the limit is reached."""
+    limit, total = 4, 400
+    await insert_sleepy(pool, total, 0.0)
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, concurrency) VALUES ($1, $2)", LIMITED, limit
+    )
+    seen: list[int] = []
+    rng = random.Random(7)
+
+    async def claimer(n: int) -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            while True:
+                got = await claim_limited(conn, rng.randint(1, 3), worker=f"w{n}")
+                seen.append(await running(pool))
+                if got:
+                    await asyncio.sleep(rng.choice([0, 0.001, 0.003]))
+                    await finish(pool, got)
+                elif not await pool.fetchval(
+                    "SELECT count(*) FROM outbox_jobs WHERE state = 'queued'"
+                ):
+                    return
+                else:
+                    await asyncio.sleep(0.001)
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(claimer(n) for n in range(8)))
+    states = await pool.fetch("SELECT state, count(*) AS n FROM outbox_jobs GROUP BY state")
+    assert {(r["state"], r["n"]) for r in states} == {("succeeded", total)}
+    assert max(seen) == limit, f"most running after a claim: {max(seen)}"
+
+
+@pytest.mark.parametrize(
+    ("slots", "prefetch"),
+    [
+        pytest.param("20", None, id="three workers of twenty slots"),
+        # Two slots each: the limit of five is only reached by all three together.
+        pytest.param("2", "0", id="three workers of two slots"),
+    ],
+)
+async def test_three_workers_run_at_most_the_limit_between_them(
+    pool: asyncpg.Pool,
+    spawn_worker: Callable[..., WorkerProcess],
+    slots: str,
+    prefetch: str | None,
+) -> None:
+    limit, total = 5, 80
+    await insert_sleepy(pool, total, 0.1)
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, concurrency) VALUES ($1, $2)", LIMITED, limit
+    )
+    options = ["--concurrency", slots, *(["--prefetch", prefetch] if prefetch else [])]
+    workers = [spawn_worker(*options) for _ in range(3)]
+    samples: list[int] = []
+
+    async def all_done() -> bool:
+        samples.append(await running(pool))
+        done: int = await pool.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'succeeded'"
+        )
+        return done == total
+
+    await wait_until(all_done, timeout=120, interval=0.005, what="every job done")
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    assert [worker.wait() for worker in workers] == [0, 0, 0]
+    assert max(samples) <= limit, f"sampled running: {max(samples)}"
+    assert max(samples) == limit, "the limit was never reached: nothing was tested"
+    spans = await handler_spans(pool)
+    assert len(spans) == total
+    assert most_at_once(spans) <= limit
+    if slots == "2":
+        assert most_at_once(spans) == limit
+        pids = await pool.fetchval("SELECT count(DISTINCT pid) FROM test_executions")
+        assert pids == 3
+
+
+async def test_a_killed_workers_jobs_hold_the_limit_until_their_leases_lapse(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    limit = 3
+    ids = await insert_sleepy(pool, 9, 1.0)
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, concurrency) VALUES ($1, $2)", LIMITED, limit
+    )
+    doomed = spawn_worker("--concurrency", "10", "--lease-seconds", "3")
+
+    async def all_started() -> bool:
+        started: int = await pool.fetchval(
+            "SELECT count(*) FROM test_executions WHERE event = 'start'"
+        )
+        return started == limit
+
+    await wait_until(all_started, what="the doomed worker's jobs started")
+    doomed.kill()
+    lapse = await pool.fetchval("SELECT min(locked_until) FROM outbox_jobs WHERE state = 'running'")
+    heir = spawn_worker("--concurrency", "10", "--lease-seconds", "3")
+
+    async def all_done() -> bool:
+        # The dead worker's rows read running until the rescuer takes them back; past their
+        # leases they no longer count.
+        leased: int = await pool.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'running' AND locked_until > now()"
+        )
+        assert leased <= limit
+        done: int = await pool.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'succeeded'"
+        )
+        return done == len(ids)
+
+    await wait_until(all_done, timeout=60, interval=0.02, what="the queue drained by the heir")
+    heir.signal(signal.SIGTERM)
+    assert heir.wait() == 0
+    first_start = await pool.fetchval(
+        "SELECT min(at) FROM test_executions WHERE event = 'start' AND pid = $1", heir.pid
+    )
+    assert first_start >= lapse, "the heir started a job while the dead worker's leases held"
+    spans = await handler_spans(pool)
+    assert most_at_once(spans) <= limit
+
+
+@pytest.mark.parametrize("prefetch", ["0", "8"])
+async def test_a_pause_lets_running_jobs_finish_and_starts_nothing_until_resumed(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess], prefetch: str
+) -> None:
+    ids = await insert_sleepy(pool, 30, 0.3)
+    worker = spawn_worker(
+        "--concurrency", "2", "--prefetch", prefetch, "--poll-interval-seconds", "0.2"
+    )
+
+    async def started() -> int:
+        n: int = await pool.fetchval("SELECT count(*) FROM test_executions WHERE event = 'start'")
+        return n
+
+    await wait_until(started, what="a first job started")
+    await pool.execute("INSERT INTO outbox_queues (name, paused_at) VALUES ($1, now())", LIMITED)
+    # Within a poll interval nothing more starts, and what ran finishes.
+    await asyncio.sleep(0.2 + 0.3 + 0.3)
+    frozen = await started()
+    await asyncio.sleep(1.0)
+    assert await started() == frozen
+    assert await running(pool) == 0, "jobs claimed ahead of a paused queue are handed back"
+    assert frozen < len(ids)
+    left = await pool.fetch("SELECT attempts FROM outbox_jobs WHERE state = 'queued'")
+    assert {row["attempts"] for row in left} == {0}, "a hand-back takes the attempt back"
+
+    await pool.execute("UPDATE outbox_queues SET paused_at = NULL")
+
+    async def all_done() -> bool:
+        done: int = await pool.fetchval(
+            "SELECT count(*) FROM outbox_jobs WHERE state = 'succeeded'"
+        )
+        return done == len(ids)
+
+    await wait_until(all_done, timeout=60, what="every job done after the resume")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
