@@ -315,8 +315,11 @@ async def _locked(session: AdminSession, job_id: int) -> Job:
 
 
 async def refresh_gauges(session: AdminSession, *, worker_seen_within: float) -> None:
-    """Queue depth, oldest due age and live workers, for a /metrics scrape: two cheap reads."""
+    """Queue depth, oldest due age, pauses and live workers, for a /metrics scrape: three
+    cheap reads."""
     rows = (await session.execute(text(sql.QUEUE_ACTIVE_STATS))).mappings().all()
     metrics.refresh_queue_gauges(rows)
+    settings = (await session.execute(text(sql.QUEUE_SETTINGS_LIST))).mappings().all()
+    metrics.refresh_pause_gauges(settings)
     alive = await workers_alive(session, within_seconds=worker_seen_within)
     metrics.WORKERS_ALIVE.set(len(alive))

@@ -47,11 +47,22 @@ QUEUE_OLDEST_DUE = Gauge(
     "Age of the oldest due job per queue (0 when none is due)",
     ["queue"],
 )
+QUEUE_PAUSED = Gauge(
+    "outbox_queue_paused",
+    "1 while the queue is paused; by: operator, or breaker (the circuit breaker)",
+    ["queue", "by"],
+)
+BREAKER_TRIPS = Counter(
+    "outbox_breaker_trips",
+    "Times this worker's failures paused a queue: a task failed its threshold in a row",
+    ["queue", "task"],
+)
 SLOTS_IN_USE = Gauge("outbox_worker_slots_in_use", "Claimed jobs this worker holds")
 SLOTS_TOTAL = Gauge("outbox_worker_slots", "This worker's concurrency")
 WORKERS_ALIVE = Gauge("outbox_workers_alive", "Workers whose heartbeat was seen recently")
 
 _seen_queues: set[str] = set()
+_seen_pauses: set[tuple[str, str]] = set()
 
 
 def refresh_queue_gauges(rows: Iterable[Mapping[Any, Any]]) -> None:
@@ -68,3 +79,13 @@ def refresh_queue_gauges(rows: Iterable[Mapping[Any, Any]]) -> None:
             QUEUE_DEPTH.labels(queue, state).set(0)
         QUEUE_OLDEST_DUE.labels(queue).set(0)
     _seen_queues.update(current)
+
+
+def refresh_pause_gauges(rows: Iterable[Mapping[Any, Any]]) -> None:
+    """Set outbox_queue_paused from QUEUE_SETTINGS_LIST rows; a resumed queue reads 0."""
+    current = {(row["name"], row["paused_by"] or "operator") for row in rows if row["paused_at"]}
+    for queue, by in current:
+        QUEUE_PAUSED.labels(queue, by).set(1)
+    for queue, by in _seen_pauses - current:
+        QUEUE_PAUSED.labels(queue, by).set(0)
+    _seen_pauses.update(current)

@@ -11,8 +11,11 @@ poll interval:
   and has not started are handed back.
 - **concurrency**: at most that many jobs of the queue run at once, counted from their
   leases: a job counts from its claim until its outcome is written or its lease lapses (its
-  worker killed), never by a counter that a crash could leave wrong. A queue without a row
-  has neither.
+  worker killed), never by a counter that a crash could leave wrong.
+- **breaker_threshold**: the queue pauses itself (``paused_by`` 'breaker') once one of its
+  tasks has failed that many attempts in a row; an operator resumes it.
+
+A queue without a row has none of them.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ MAX_REASON_LENGTH = 500
 class QueueSettings:
     name: str
     concurrency: int | None = None
+    breaker_threshold: int | None = None
     paused_at: datetime | None = None
     paused_by: str | None = None
     pause_reason: str | None = None
@@ -51,6 +55,7 @@ class QueueSettings:
         return {
             "queue": self.name,
             "concurrency": self.concurrency,
+            "breaker_threshold": self.breaker_threshold,
             "paused": self.paused,
             "paused_at": None if self.paused_at is None else self.paused_at.isoformat(),
             "paused_by": self.paused_by,
@@ -105,14 +110,16 @@ async def set_concurrency(session: AdminSession, queue: str, limit: int | None) 
     """At most ``limit`` jobs of ``queue`` running at once across every worker; None lifts
     the limit. Jobs running when a limit is set count against it."""
     _check_queue(queue)
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_CONCURRENCY
-    ):
-        raise InvalidRequest(
-            f"concurrency must be a whole number from 1 to {MAX_CONCURRENCY}, or none "
-            f"for no limit; got {limit!r}"
-        )
+    _check_count("concurrency", limit, "no limit")
     return await _write(session, sql.QUEUE_SET_CONCURRENCY, name=queue, concurrency=limit)
+
+
+async def set_breaker(session: AdminSession, queue: str, threshold: int | None) -> QueueSettings:
+    """Pause ``queue`` once one of its tasks fails ``threshold`` attempts in a row (counted
+    across every worker, a success starting the count again); None turns it off."""
+    _check_queue(queue)
+    _check_count("breaker_threshold", threshold, "no breaker")
+    return await _write(session, sql.QUEUE_SET_BREAKER, name=queue, threshold=threshold)
 
 
 async def pause(
@@ -135,6 +142,16 @@ async def resume(session: AdminSession, queue: str) -> QueueSettings:
 async def _write(session: AdminSession, statement: str, **params: Any) -> QueueSettings:
     row = (await session.execute(text(statement), params)).mappings().one()
     return QueueSettings(**dict(row))
+
+
+def _check_count(what: str, value: object, none_means: str) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY
+    ):
+        raise InvalidRequest(
+            f"{what} must be a whole number from 1 to {MAX_CONCURRENCY}, or none for "
+            f"{none_means}; got {value!r}"
+        )
 
 
 def _check_queue(queue: object) -> None:

@@ -234,6 +234,7 @@ outbox_queues = Table(
     Column("paused_by", Text),
     Column("pause_reason", Text),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("breaker_threshold", Integer),
     Column("held_ids", ARRAY(BigInteger), nullable=False, server_default=text("'{}'::bigint[]")),
     Column("held_attempts", ARRAY(Integer), nullable=False, server_default=text("'{}'::integer[]")),
     Column(
@@ -244,9 +245,21 @@ outbox_queues = Table(
     ),
     CheckConstraint(name_check("name"), name="outbox_queues_name_valid"),
     CheckConstraint("concurrency > 0", name="outbox_queues_concurrency_positive"),
+    CheckConstraint("breaker_threshold > 0", name="outbox_queues_breaker_threshold_positive"),
     CheckConstraint(
         "cardinality(held_ids) = cardinality(held_attempts)"
         " AND cardinality(held_ids) = cardinality(held_until)",
         name="outbox_queues_held_aligned",
     ),
+)
+
+# The circuit breaker's counts (migration pgoutbox_0014): per queue and task, the attempts that
+# failed since the task last succeeded.
+outbox_breakers = Table(
+    "outbox_breakers",
+    metadata,
+    Column("queue", Text, primary_key=True),
+    Column("task", Text, primary_key=True),
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
 )

@@ -17,7 +17,7 @@ import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_PREFIX = "outbox-worker: error:"
-HEAD = "pgoutbox_0013"
+HEAD = "pgoutbox_0014"
 NewDatabase = Callable[[], Awaitable[str]]
 
 

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TypeAlias
 
 import asyncpg
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -123,3 +124,18 @@ async def count_started(pool: asyncpg.Pool, job_ids: list[int]) -> int:
         job_ids,
     )
     return n
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text page, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(
+    page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
+) -> float | None:
+    return page.get((name, frozenset(labels.items())))

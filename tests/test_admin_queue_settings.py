@@ -21,6 +21,7 @@ from tests.admin_support import AUTH, TOKEN, insert_job, queue_settings_rows, re
 SETTINGS_KEYS = {
     "queue",
     "concurrency",
+    "breaker_threshold",
     "paused",
     "paused_at",
     "paused_by",
@@ -58,6 +59,7 @@ async def test_each_change_is_in_the_table_when_answered(
         assert response.json() == {
             "queue": "emails",
             "concurrency": None,
+            "breaker_threshold": None,
             "paused": False,
             "paused_at": None,
             "paused_by": None,
@@ -239,7 +241,9 @@ async def test_the_settings_routes_are_refused_without_a_configured_token(
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.5}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.0}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": [3]}, "concurrency"),
-        ("PATCH", "/queues/emails/settings", {}, "concurrency"),
+        ("PATCH", "/queues/emails/settings", {}, "concurrency, breaker_threshold or both"),
+        ("PATCH", "/queues/emails/settings", {"breaker_threshold": 0}, "greater than or equal"),
+        ("PATCH", "/queues/emails/settings", {"breaker_threshold": "3"}, "breaker_threshold"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 3, "paused": True}, "paused"),
         ("PATCH", "/queues/emails/settings", None, "body"),
         ("PATCH", "/queues/no%20such%3B%20queue/settings", {"concurrency": 3}, "queue names"),
@@ -311,7 +315,12 @@ async def test_a_refused_commit_is_a_500_that_says_so_and_changes_nothing(
 
     async with client_of(refusing) as client:
         for method, path, body, verb in [
-            ("PATCH", "/queues/emails/settings", {"concurrency": 5}, "the limit of queue emails"),
+            (
+                "PATCH",
+                "/queues/emails/settings",
+                {"concurrency": 5},
+                "the settings of queue emails",
+            ),
             ("POST", "/queues/emails/pause", None, "queue emails was not paused"),
             ("POST", "/queues/emails/resume", None, "queue emails was not resumed"),
         ]:
@@ -321,3 +330,22 @@ async def test_a_refused_commit_is_a_500_that_says_so_and_changes_nothing(
             assert verb in detail
             assert "the test refuses this commit" in detail
     assert await queue_settings_rows(pool) == before
+
+
+async def test_a_patch_changes_only_the_fields_it_gives(
+    pool: asyncpg.Pool, engine: AsyncEngine
+) -> None:
+    async with client_of(plain(engine)) as client:
+        first = await client.patch("/queues/emails/settings", json={"concurrency": 4}, headers=AUTH)
+        assert first.status_code == 200, first.text
+        second = await client.patch(
+            "/queues/emails/settings", json={"breaker_threshold": 10}, headers=AUTH
+        )
+        assert second.status_code == 200, second.text
+        assert (second.json()["concurrency"], second.json()["breaker_threshold"]) == (4, 10)
+    stored = await row(pool, "emails")
+    assert stored is not None
+    stored_breaker = await pool.fetchval(
+        "SELECT breaker_threshold FROM outbox_queues WHERE name = 'emails'"
+    )
+    assert (stored["concurrency"], stored_breaker) == (4, 10)

@@ -135,8 +135,10 @@ def test_there_are_alerts_for_each_failure_mode() -> None:
     names = [rule["alert"] for rule in ALERT_RULES]
     assert len(names) == len(set(names)), "alert names must be unique"
     used = set().union(*(metric_names(rule["expr"]) for rule in ALERT_RULES))
-    # A growing queue, an old due job, a dead-job rate, no worker heartbeats.
+    # A growing queue, an old due job, a dead-job rate, no worker heartbeats, a queue the
+    # circuit breaker paused.
     assert {
+        "outbox_queue_paused",
         "outbox_queue_depth",
         "outbox_queue_oldest_due_seconds",
         "outbox_jobs_dead_total",

@@ -12,7 +12,6 @@ from datetime import timedelta
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from outbox_worker.devdb import free_port
 from tests.cli_support import (
@@ -25,21 +24,7 @@ from tests.cli_support import (
     state_of,
 )
 from tests.conftest import wait_until
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a Prometheus text page, by name and labels."""
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(
-    page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return page.get((name, frozenset(labels.items())))
+from tests.support import samples, value
 
 
 async def test_worker_serves_metrics_over_http(

@@ -26,6 +26,7 @@ from tests.cli_support import (
 
 DEFAULTS = {
     "concurrency": None,
+    "breaker_threshold": None,
     "paused": False,
     "paused_at": None,
     "paused_by": None,
@@ -196,7 +197,9 @@ BAD_INPUT: list[tuple[list[str], str, int]] = [
     (["queues", "set", "emails", "--concurrency", "0"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "-1", "--json"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "abc"], "'abc'", 2),
-    (["queues", "set", "emails"], "--concurrency", 2),
+    (["queues", "set", "emails"], "--concurrency, --breaker or both", 2),
+    (["queues", "set", "emails", "--breaker", "0"], "--breaker", 2),
+    (["queues", "set", "emails", "--concurrency", "3", "--breaker", "x"], "--breaker", 2),
     (["queues", "pause", "emails", "--reason", "x" * 501], "500", 1),
     (["queues", "--json", "pause", "emails"], "after the subcommand", 2),
 ]
@@ -216,6 +219,34 @@ async def test_bad_input_is_one_line_error_and_changes_nothing(
             failures.append(f"{args[:4]}: {report_of(result)}")
     assert not failures, "\n\n".join(failures)
     assert await settings_rows(pool) == before
+
+
+async def test_the_breaker_is_set_apart_from_the_limit(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    out = ok(await cli(database_url, "queues", "set", "emails", "--concurrency", "4"))
+    assert out == "queue emails: at most 4 running at once\n"
+    out = ok(await cli(database_url, "queues", "set", "emails", "--breaker", "10"))
+    assert out == (
+        "queue emails: at most 4 running at once; pauses itself after 10 failures in a row\n"
+    )
+    row = await pool.fetchrow("SELECT concurrency, breaker_threshold FROM outbox_queues")
+    assert row is not None
+    assert (row["concurrency"], row["breaker_threshold"]) == (4, 10)
+    both = ok_json(
+        await cli(
+            database_url,
+            "queues",
+            "set",
+            "emails",
+            "--concurrency",
+            "none",
+            "--breaker",
+            "none",
+            "--json",
+        )
+    )
+    assert (both["concurrency"], both["breaker_threshold"]) == (None, None)
 
 
 async def test_database_unreachable_is_one_line_error() -> None:

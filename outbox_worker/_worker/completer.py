@@ -253,11 +253,15 @@ class Completer:
         return rows
 
     def _count(self, what: str, rows: list[asyncpg.Record]) -> None:
-        """Outcome counters, added up per (task, queue) before touching prometheus."""
+        """Outcome counters, added up per (task, queue) before touching prometheus; and the
+        queues these failures paused."""
         counts: collections.Counter[tuple[Counter, str, str]] = collections.Counter()
+        trips: dict[tuple[str, str], int] = {}
         for row in rows:
             job = self._slots.held.get(row["id"])
             task, queue = (job.task, job.queue) if job is not None else ("unknown", "unknown")
+            if what == "failed" and row["tripped_task"] is not None:
+                trips[queue, row["tripped_task"]] = row["tripped_after"]
             if what in ("failed", "released", "snoozed") and row["state"] == "dead":
                 self._log.error("job_dead", job_id=row["id"])
                 counts[metrics.DEAD, task, queue] += 1
@@ -265,6 +269,16 @@ class Completer:
                 counts[_COUNTERS[what], task, queue] += 1
         for (counter, task, queue), count in counts.items():
             counter.labels(task, queue).inc(count)
+        for (queue, task), failures in trips.items():
+            self._log.error(
+                "queue_paused_by_breaker",
+                queue=queue,
+                task=task,
+                failures=failures,
+                hint="its task failed that many attempts in a row; resume the queue "
+                "(outbox-worker queues resume) once the cause is fixed",
+            )
+            metrics.BREAKER_TRIPS.labels(queue, task).inc()
 
     def _report_fenced(
         self, outcomes: Sequence[Outcome], rows: list[asyncpg.Record], what: str

@@ -1,5 +1,6 @@
 """The gauges behind --metrics-port that only the database knows: queue depth, the oldest due
-job, workers alive; refreshed every metrics interval from two cheap queries."""
+job, paused queues, workers alive; refreshed every metrics interval from three cheap
+queries."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class Gauges:
     async def refresh(self) -> None:
         rows = await db.fetch(self._pool, "gauges", sql.QUEUE_ACTIVE_STATS, give_up_after=5.0)
         metrics.refresh_queue_gauges(rows)
+        settings = await db.fetch(self._pool, "gauges", sql.QUEUE_SETTINGS_LIST, give_up_after=5.0)
+        metrics.refresh_pause_gauges(settings)
         alive = await db.fetch(
             self._pool,
             "gauges",

@@ -111,9 +111,11 @@ def _paused_cell(setting: QueueSettings) -> str:
     return f"yes ({first_line(setting.pause_reason, width=40)})"
 
 
-def concurrency_limit(value: str) -> int | None:
-    """``--concurrency 5``, or ``none`` for no limit; anything else is a usage error naming
-    the flag, before the database is reached."""
+def concurrency_limit(
+    value: str, flag: str = "--concurrency", none_means: str = "no limit"
+) -> int | None:
+    """``--concurrency 5``, or ``none`` for no limit (``--breaker`` likewise); anything else
+    is a usage error naming the flag, before the database is reached."""
     text = value.strip()
     if text.lower() == "none":
         return None
@@ -121,8 +123,9 @@ def concurrency_limit(value: str) -> int | None:
     digits = text.isascii() and text.isdigit() and len(text) <= len(str(MAX_CONCURRENCY))
     if not digits or not 1 <= int(text) <= MAX_CONCURRENCY:
         raise typer.BadParameter(
-            f"{value!r} is not a whole number from 1 to {MAX_CONCURRENCY}, nor none for no limit",
-            param_hint="--concurrency",
+            f"{value!r} is not a whole number from 1 to {MAX_CONCURRENCY}, nor none for "
+            f"{none_means}",
+            param_hint=flag,
         )
     return int(text)
 
@@ -137,6 +140,8 @@ def in_force(setting: QueueSettings) -> str:
         state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
     else:
         state = limit or "running, no limit"
+    if setting.breaker_threshold is not None:
+        state += f"; pauses itself after {setting.breaker_threshold} failures in a row"
     return f"queue {setting.name}: {state}"
 
 
@@ -150,22 +155,41 @@ def _report(setting: QueueSettings, as_json: bool) -> None:
 def queues_set(
     name: QueueName,
     concurrency: Annotated[
-        str,
+        str | None,
         typer.Option(
             metavar="N|none",
             help="At most N of the queue's jobs running at once across every worker; "
             "none lifts the limit.",
         ),
-    ],
+    ] = None,
+    breaker: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|none",
+            help="Pause the queue once one of its tasks fails N attempts in a row; "
+            "none turns it off.",
+        ),
+    ] = None,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Limit how many of a queue's jobs run at once, across every worker and host."""
-    limit = concurrency_limit(concurrency)
+    """Limit how many of a queue's jobs run at once, across every worker and host, and when
+    its circuit breaker pauses it."""
+    if concurrency is None and breaker is None:
+        raise typer.BadParameter(
+            "give --concurrency, --breaker or both", param_hint="--concurrency"
+        )
+    limit = None if concurrency is None else concurrency_limit(concurrency)
+    threshold = None if breaker is None else concurrency_limit(breaker, "--breaker", "no breaker")
     dsn = resolve_dsn(database_url)
 
     async def call(conn: AsyncConnection) -> QueueSettings:
-        return await queue_settings.set_concurrency(conn, name, limit)
+        setting = await queue_settings.get_settings(conn, name)
+        if concurrency is not None:
+            setting = await queue_settings.set_concurrency(conn, name, limit)
+        if breaker is not None:
+            setting = await queue_settings.set_breaker(conn, name, threshold)
+        return setting
 
     _report(in_transaction(dsn, call), as_json)
 

@@ -192,7 +192,9 @@ ORDER BY s.name
 # Queue settings (outbox_worker.queue_settings): the row of outbox_queues each change writes
 # ---------------------------------------------------------------------------------------------
 
-_QUEUE_SETTINGS = "name, concurrency, paused_at, paused_by, pause_reason, updated_at"
+_QUEUE_SETTINGS = (
+    "name, concurrency, breaker_threshold, paused_at, paused_by, pause_reason, updated_at"
+)
 
 # No parameters. Every queue with settings. Index: primary key.
 QUEUE_SETTINGS_LIST = f"""
@@ -210,6 +212,15 @@ SET concurrency = excluded.concurrency, updated_at = now()
 RETURNING {_QUEUE_SETTINGS}
 """
 
+# :name, :threshold (NULL: no breaker). Index: primary key.
+QUEUE_SET_BREAKER = f"""
+INSERT INTO outbox_queues AS q (name, breaker_threshold)
+VALUES (:name, CAST(:threshold AS integer))
+ON CONFLICT (name) DO UPDATE
+SET breaker_threshold = excluded.breaker_threshold, updated_at = now()
+RETURNING {_QUEUE_SETTINGS}
+"""
+
 # :name, :by (who paused it: an operator, or the circuit breaker), :reason. A queue paused
 # already keeps the time it was first paused. Index: primary key.
 QUEUE_PAUSE = f"""
@@ -223,8 +234,13 @@ SET paused_at = coalesce(q.paused_at, now()),
 RETURNING {_QUEUE_SETTINGS}
 """
 
-# :name. No row back when the queue has no settings (it was not paused). Index: primary key.
+# :name. No row back when the queue has no settings (it was not paused). Its tasks' runs of
+# failures start again from 0, so that the next failure does not pause it again at once.
+# Indexes: primary keys.
 QUEUE_RESUME = f"""
+WITH reset AS (
+    UPDATE outbox_breakers SET failures = 0 WHERE queue = :name AND failures > 0
+)
 UPDATE outbox_queues
 SET paused_at = NULL, paused_by = NULL, pause_reason = NULL, updated_at = now()
 WHERE name = :name

@@ -175,10 +175,24 @@ FROM unnest(:ids::bigint[], :attempts::integer[], :results::text[])
      AS done(id, attempt, result)
 WHERE j.id = done.id
   AND {fence("done.attempt")}
-RETURNING j.id
+RETURNING j.id, j.queue, j.task
 """
 
-JOB_COMPLETE_MANY = statement(_COMPLETE, params=("ids", "attempts", "results", "worker_id"))
+# A success ends its task's run of failures (migration pgoutbox_0014): the circuit breaker's
+# count goes back to 0. Only rows above 0 are written, and the table only has rows for
+# queues with a breaker, so without failures this reads an empty table. Index: its primary
+# key.
+_RESET_BREAKERS = """
+reset AS (
+    UPDATE outbox_breakers AS b
+    SET failures = 0
+    WHERE b.failures > 0 AND (b.queue, b.task) IN (SELECT queue, task FROM done)
+)"""
+
+JOB_COMPLETE_MANY = statement(
+    f"WITH done AS ({_COMPLETE}),{_RESET_BREAKERS}\nSELECT id FROM done",
+    params=("ids", "attempts", "results", "worker_id"),
+)
 
 # JOB_CLAIM's parameters, then _COMPLETE's (:worker_id is the claim's). One round trip and
 # one commit for a batch of successes and the jobs that take their slots. Both parts read
@@ -191,7 +205,7 @@ JOB_COMPLETE_AND_CLAIM = statement(
     text=f"""
 WITH done AS (
 {_COMPLETE}
-),
+),{_RESET_BREAKERS},
 {_CLAIMABLE},
 claimed AS (
 {_CLAIM_UPDATE}
@@ -252,9 +266,9 @@ budget AS MATERIALIZED (
     SELECT coalesce(
         (SELECT CASE WHEN r.paused THEN 0
                      WHEN r.concurrency IS NULL THEN :limit::bigint
-                     ELSE least(:limit::bigint - :ahead, r.left_over)
-                          + least(:ahead::bigint,
-                                  greatest(0, r.left_over - (:limit::bigint - :ahead)
+                     ELSE least(:limit::bigint - :ahead::integer, r.left_over)
+                          + least(:ahead::integer,
+                                  greatest(0, r.left_over - (:limit::bigint - :ahead::integer)
                                               - r.concurrency / 2))
                 END
          FROM room AS r),
@@ -296,27 +310,57 @@ SELECT id, task, queue, args, attempts, max_attempts, correlation_id FROM claime
 # A job an operator asked to cancel ends cancelled (the failure beat the worker's next
 # heartbeat). Out of attempts (by the row's own max_attempts, which an operator may have
 # changed) or giving up: dead; otherwise queued again after the delay. Index: primary key.
+# Then the circuit breaker (migration pgoutbox_0014), for queues that have one: the failures
+# written are added to their task's count, under its row's lock, and the count that reaches
+# the queue's threshold pauses the queue. Each failure's row says whether its batch paused
+# the queue (tripped_task, tripped_after: the task and its count). Indexes: primary keys.
 JOB_FAIL_MANY = statement(
     params=("ids", "attempts", "errors", "delays", "give_up", "worker_id"),
     text=f"""
-UPDATE outbox_jobs AS j
-SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                 WHEN f.give_up OR j.attempts >= j.max_attempts THEN 'dead'
-                 ELSE 'queued' END,
-    run_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                    OR f.give_up OR j.attempts >= j.max_attempts THEN j.run_at
-                  ELSE now() + make_interval(secs => f.delay) END,
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
-                         OR f.give_up OR j.attempts >= j.max_attempts THEN now() END,
-    last_error = f.error,
-    locked_by = NULL,
-    locked_until = NULL
-FROM unnest(:ids::bigint[], :attempts::integer[], :errors::text[], :delays::float8[],
-            :give_up::boolean[])
-     AS f(id, attempt, error, delay, give_up)
-WHERE j.id = f.id
-  AND {fence("f.attempt")}
-RETURNING j.id, j.state
+WITH failed AS (
+    UPDATE outbox_jobs AS j
+    SET state = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                     WHEN f.give_up OR j.attempts >= j.max_attempts THEN 'dead'
+                     ELSE 'queued' END,
+        run_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                        OR f.give_up OR j.attempts >= j.max_attempts THEN j.run_at
+                      ELSE now() + make_interval(secs => f.delay) END,
+        finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL
+                             OR f.give_up OR j.attempts >= j.max_attempts THEN now() END,
+        last_error = f.error,
+        locked_by = NULL,
+        locked_until = NULL
+    FROM unnest(:ids::bigint[], :attempts::integer[], :errors::text[], :delays::float8[],
+                :give_up::boolean[])
+         AS f(id, attempt, error, delay, give_up)
+    WHERE j.id = f.id
+      AND {fence("f.attempt")}
+    RETURNING j.id, j.state, j.queue, j.task, f.error
+),
+counted AS (
+    INSERT INTO outbox_breakers AS b (queue, task, failures, last_error)
+    SELECT f.queue, f.task, count(*), left(max(f.error), 500)
+    FROM failed AS f
+    JOIN outbox_queues AS q ON q.name = f.queue AND q.breaker_threshold IS NOT NULL
+    GROUP BY f.queue, f.task
+    ON CONFLICT (queue, task) DO UPDATE
+    SET failures = b.failures + excluded.failures, last_error = excluded.last_error
+    RETURNING b.queue, b.task, b.failures, b.last_error
+),
+tripped AS (
+    UPDATE outbox_queues AS q
+    SET paused_at = now(),
+        paused_by = 'breaker',
+        pause_reason = format('task %s failed %s times in a row; last error: %s',
+                              c.task, c.failures, c.last_error),
+        updated_at = now()
+    FROM counted AS c
+    WHERE q.name = c.queue AND q.paused_at IS NULL AND c.failures >= q.breaker_threshold
+    RETURNING q.name, c.task, c.failures
+)
+SELECT f.id, f.state, t.task AS tripped_task, t.failures AS tripped_after
+FROM failed AS f
+LEFT JOIN tripped AS t ON t.name = f.queue AND t.task = f.task
 """,
 )
 

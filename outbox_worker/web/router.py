@@ -29,7 +29,7 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +52,7 @@ class JobPageOut(BaseModel):
 class QueueSettingsOut(BaseModel):
     queue: str
     concurrency: int | None
+    breaker_threshold: int | None
     paused: bool
     paused_at: str | None
     paused_by: str | None
@@ -102,14 +103,27 @@ class RetriedOut(BaseModel):
     retried: list[int]
 
 
-class ConcurrencyIn(BaseModel):
-    """Strict: a limit of ``true``, ``2.5`` or ``"3"`` is a client's mistake, not a 1, 2 or 3."""
+class QueueSettingsIn(BaseModel):
+    """Strict: a limit of ``true``, ``2.5`` or ``"3"`` is a client's mistake, not a 1, 2 or 3.
+    A field left out is left as it is; at least one must be given."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
-        description="at most this many of the queue's jobs run at once; null: no limit"
+        default=None,
+        description="at most this many of the queue's jobs run at once; null: no limit",
     )
+    breaker_threshold: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
+        default=None,
+        description="pause the queue once one of its tasks fails this many attempts in a "
+        "row; null: no breaker",
+    )
+
+    @model_validator(mode="after")
+    def something_to_set(self) -> Self:
+        if not self.model_fields_set:
+            raise ValueError("give concurrency, breaker_threshold or both")
+        return self
 
 
 class PauseIn(BaseModel):
@@ -347,11 +361,18 @@ def create_admin_router(
         return QueueSettingsOut.of(await guarded(queue_settings.get_settings(session, name)))
 
     @protected.patch("/queues/{name}/settings")
-    async def set_queue_concurrency(
-        name: str, body: ConcurrencyIn, session: session_dep
+    async def set_queue_settings(
+        name: str, body: QueueSettingsIn, session: session_dep
     ) -> QueueSettingsOut:
-        change = queue_settings.set_concurrency(session, name, body.concurrency)
-        return await change_queue(session, change, f"the limit of queue {name} was not set")
+        async def change() -> QueueSettings:
+            settings = await queue_settings.get_settings(session, name)
+            if "concurrency" in body.model_fields_set:
+                settings = await queue_settings.set_concurrency(session, name, body.concurrency)
+            if "breaker_threshold" in body.model_fields_set:
+                settings = await queue_settings.set_breaker(session, name, body.breaker_threshold)
+            return settings
+
+        return await change_queue(session, change(), f"the settings of queue {name} were not set")
 
     @protected.post("/queues/{name}/pause")
     async def pause_queue(
