@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from bench.systems.base import Variant
 
-SECTIONS = ("processing", "latency", "enqueue", "growth", "requests", "steady", "xmin")
+SECTIONS = ("processing", "latency", "enqueue", "growth", "flow", "requests", "steady", "xmin")
 
 # The load of the steady and xmin sections, the same in every mode (the rows' titles name it):
 # jobs per second in fixed-rate mode, jobs kept waiting in target-depth mode; and the rate and

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench import pg
 from bench.context import Context, rotated, system_of
 from bench.measure import BenchError, Child
 from bench.systems.base import System, Variant
@@ -29,12 +31,23 @@ class Drain:
     rss_mb: float
 
 
-async def drain(ctx: Context, variant: Variant, url: str, jobs: int, workers: int) -> Drain:
-    """Pre-fill ``jobs`` no-op jobs into ``url``, drain them with ``workers`` processes."""
+async def drain(
+    ctx: Context,
+    variant: Variant,
+    url: str,
+    jobs: int,
+    workers: int,
+    *,
+    setup: Sequence[str] = (),
+) -> Drain:
+    """Pre-fill ``jobs`` no-op jobs into ``url``, run the ``setup`` statements (queue
+    settings, say), drain them with ``workers`` processes."""
     system = system_of(variant)
     # A table with history (the cost-growth runs) has finished and scheduled rows already.
     waiting = await system.pending(url)
     await system.fill(url, jobs)
+    if setup:
+        await pg.execute(url, *setup)
     before = await system.finished(url)
     children = [
         ctx.child(

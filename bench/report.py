@@ -127,6 +127,27 @@ ROWS = (
         False,
         compare=False,
     ),
+    # Flow control: its cost on the drain, and keys taking turns.
+    Row("flow_none", "flow control: 1 worker, no queue settings (jobs/s)", True, compare=False),
+    Row(
+        "flow_global",
+        "flow control: 1 worker, a global limit that does not bind (jobs/s)",
+        True,
+        compare=False,
+    ),
+    Row(
+        "flow_keys",
+        "flow control: 1 worker, one running job per key, 1,000 keys (jobs/s)",
+        True,
+        compare=False,
+    ),
+    Row("flow_idle_p99", "key B's pickup p99, idle worker (ms)", False, compare=False),
+    Row(
+        "flow_backlog_p99",
+        "key B's pickup p99, key A's backlog filling every slot (ms)",
+        False,
+        compare=False,
+    ),
     # Steady load with the producer in the worker's process; a snapshot held under it.
     *(Row(key, title, higher) for key, title, higher in steady.ROWS),
     *(Row(key, title, higher) for key, title, higher in xmin.ROWS),
@@ -298,6 +319,20 @@ TARGETS = (
         lambda c: median(c, "rss", PGOUTBOX),
         60.0,
         False,
+    ),
+    Target(
+        "flow_global",
+        "≥ 0.9× no queue settings",
+        lambda c: ratio(median(c, "flow_global", PGOUTBOX), median(c, "flow_none", PGOUTBOX)),
+        0.9,
+        True,
+    ),
+    Target(
+        "flow_keys",
+        "≥ 0.7× no queue settings",
+        lambda c: ratio(median(c, "flow_keys", PGOUTBOX), median(c, "flow_none", PGOUTBOX)),
+        0.7,
+        True,
     ),
     # Ahead of pgqueuer at every slot count, under a held depth.
     *(steady_target(c) for c in FULL.steady_concurrency),

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from outbox_worker import metrics, sql
-from outbox_worker.enqueue_checks import MAX_TAG_LENGTH
+from outbox_worker.enqueue_checks import MAX_CONCURRENCY_KEY_LENGTH, MAX_TAG_LENGTH
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.jobs import MAX_JOB_ID, Job, JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
@@ -124,6 +124,14 @@ def _filter_tag(tag: str | None) -> str | None:
     return tag
 
 
+def _filter_concurrency_key(key: str | None) -> str | None:
+    if key is not None and (not key or len(key) > MAX_CONCURRENCY_KEY_LENGTH or "\x00" in key):
+        raise InvalidRequest(
+            f"concurrency_key must be 1 to {MAX_CONCURRENCY_KEY_LENGTH} characters"
+        )
+    return key
+
+
 def parse_cursor(cursor: str | None) -> int | None:
     """Cursors are opaque to clients; here they are the last id of the previous page."""
     if cursor is None or cursor == "":
@@ -168,6 +176,7 @@ async def list_jobs(
     limit: int = 50,
     cursor: str | None = None,
     tag: str | None = None,
+    concurrency_key: str | None = None,
 ) -> JobPage:
     """Newest first, keyset-paginated: pass ``next_cursor`` back for the next page."""
     if state is not None and state not in set(JobState):
@@ -179,6 +188,7 @@ async def list_jobs(
         "queue": _filter_name("queue", queue),
         "task": _filter_name("task", task),
         "tag": _filter_tag(tag),
+        "concurrency_key": _filter_concurrency_key(concurrency_key),
         "before_id": parse_cursor(cursor),
         "limit": limit + 1,
     }

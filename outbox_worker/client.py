@@ -165,6 +165,7 @@ class Outbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]: ...
@@ -183,6 +184,7 @@ class Outbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Coroutine[Any, Any, Job]:
@@ -200,7 +202,17 @@ class Outbox:
         nothing else to commit, in one round trip instead of BEGIN, INSERT and COMMIT.
         """
         runner = drivers.async_runner(session, "enqueue", checked_autocommit(autocommit))
-        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id, tags)
+        options = (
+            key,
+            queue,
+            priority,
+            max_attempts,
+            delay,
+            run_at,
+            correlation_id,
+            tags,
+            concurrency_key,
+        )
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
     def enqueue_many(
@@ -256,6 +268,7 @@ class SyncOutbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Job: ...
@@ -274,12 +287,23 @@ class SyncOutbox:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
         max_args_bytes: int | None = None,
         autocommit: bool = False,
     ) -> Job:
         """:meth:`Outbox.enqueue` for a sync session or connection: the Job, not awaited."""
         runner = drivers.sync_runner(session, "enqueue", checked_autocommit(autocommit))
-        options = (key, queue, priority, max_attempts, delay, run_at, correlation_id, tags)
+        options = (
+            key,
+            queue,
+            priority,
+            max_attempts,
+            delay,
+            run_at,
+            correlation_id,
+            tags,
+            concurrency_key,
+        )
         return runner(session, self._core.plan_one(task, args, options, max_args_bytes))
 
     def enqueue_many(

@@ -83,7 +83,7 @@ class Planner:
 
 
 # enqueue's options, in NewJob's order: key, queue, priority, max_attempts, delay, run_at,
-# correlation_id, tags.
+# correlation_id, tags, concurrency_key.
 Options = tuple[
     JobKey | None,
     str | None,
@@ -93,8 +93,9 @@ Options = tuple[
     datetime | None,
     str | None,
     Sequence[str] | None,
+    str | None,
 ]
-NO_OPTIONS: Options = (None,) * 8
+NO_OPTIONS: Options = (None,) * 9
 
 
 def checked_autocommit(autocommit: object) -> bool:

@@ -29,11 +29,13 @@ INT32_MAX = 2**31 - 1
 MAX_KEY_LENGTH = 512
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 128
+MAX_CONCURRENCY_KEY_LENGTH = 200
 # A throttled key is stored with its window appended: "@2026-12-07T10:15:00Z".
 THROTTLED_KEY_LENGTH = MAX_KEY_LENGTH - len("@2026-12-07T10:15:00Z")
 MAX_CORRELATION_ID_LENGTH = 255
 # A \u0000 escape in JSON text (a real NUL), not an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Built once: json.dumps builds a new encoder on every call that passes options.
 ENCODER = json.JSONEncoder(allow_nan=False, ensure_ascii=False, separators=(",", ":"))
 _SCALARS = (str, int, float, bool, type(None))
@@ -176,6 +178,7 @@ class Row(NamedTuple):
     debounce_key: str | None = None
     debounce_max: float | None = None
     tags: tuple[str, ...] | None = None
+    concurrency_key: str | None = None
 
 
 def _seconds(name: str, value: object, *, allow_zero: bool = False) -> float:
@@ -205,6 +208,27 @@ def _tags(tags: object) -> tuple[str, ...] | None:
             raise InvalidOption(f"a tag is a non-empty text, not {tag!r}")
         _text_option("tag", tag, MAX_TAG_LENGTH)
     return checked_tags
+
+
+def _concurrency_key(value: object) -> str | None:
+    """The key a queue's per-key limit counts by: printable, since operators read it in logs
+    and on the dashboard, and short, since claims sort and compare it."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidOption(f"concurrency_key must be a string, not {type(value).__name__}")
+    if not value or len(value) > MAX_CONCURRENCY_KEY_LENGTH:
+        raise InvalidOption(
+            f"concurrency_key must be 1 to {MAX_CONCURRENCY_KEY_LENGTH} characters, "
+            f"not {len(value)}"
+        )
+    if _CONTROL.search(value):
+        raise InvalidOption(f"concurrency_key must hold no control characters: {value!r}")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidOption(f"concurrency_key is not valid Unicode text: {exc}") from exc
+    return value
 
 
 def _key_fields(key: JobKey | None) -> dict[str, Any]:
@@ -248,6 +272,7 @@ def checked(
         and job.key is None
         and job.correlation_id is None
         and job.tags is None
+        and job.concurrency_key is None
     ):
         # Every option from the task (checked when it was registered): only args to check.
         return Row(
@@ -307,7 +332,9 @@ def checked(
         if job.correlation_id is None
         else _text_option("correlation_id", job.correlation_id, MAX_CORRELATION_ID_LENGTH),
     )
-    return row._replace(**keys, tags=_tags(job.tags))
+    return row._replace(
+        **keys, tags=_tags(job.tags), concurrency_key=_concurrency_key(job.concurrency_key)
+    )
 
 
 def checked_correlation_id() -> str | None:

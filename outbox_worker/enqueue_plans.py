@@ -51,6 +51,7 @@ class NewJob:
     run_at: datetime | None = None
     correlation_id: str | None = None
     tags: Sequence[str] | None = None
+    concurrency_key: str | None = None
 
     def with_options(
         self,
@@ -63,6 +64,7 @@ class NewJob:
         run_at: datetime | None = None,
         correlation_id: str | None = None,
         tags: Sequence[str] | None = None,
+        concurrency_key: str | None = None,
     ) -> NewJob:
         """This job with the options given set and the others kept: how a job built by a
         task handle, whose keyword arguments all belong to the handler, gets a key or a
@@ -76,6 +78,7 @@ class NewJob:
             "run_at": run_at,
             "correlation_id": correlation_id,
             "tags": tags,
+            "concurrency_key": concurrency_key,
         }
         return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
 
@@ -174,6 +177,7 @@ def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
         row.debounce_key,
         None,  # progress
         row.tags or (),
+        row.concurrency_key,
     )
 
 
@@ -250,7 +254,7 @@ def plan_many(
 
 
 # Every column of a Row but args.
-_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+_ALL_BUT_ARGS = operator.itemgetter(0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
 # JOB_INSERT_MANY's arrays, in Row's order.
 _ARRAYS = (
     "queues",
@@ -267,6 +271,7 @@ _ARRAYS = (
     "debounce_keys",
     "debounce_maxes",
     "tags",
+    "concurrency_keys",
 )
 
 
@@ -300,6 +305,7 @@ def _insert_many(
             "delay": first.delay,
             "correlation_id": first.correlation_id,
             "tags": _tags_json(first.tags),
+            "concurrency_key": first.concurrency_key,
         }
         [(ids, run_at, created_at)] = yield sql.JOB_INSERT_MANY_UNIFORM, params
         answer = [(job_id, run_at, created_at, None) for job_id in ids]

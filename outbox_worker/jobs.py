@@ -59,6 +59,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "debounce_key",
     "progress",
     "tags",
+    "concurrency_key",
 )
 
 
@@ -89,6 +90,7 @@ class Job:
     debounce_key: str | None = None
     progress: Any = None
     tags: tuple[str, ...] = ()
+    concurrency_key: str | None = None
     duplicate: bool = False
 
     @classmethod
@@ -135,6 +137,7 @@ class JobOut(BaseModel):
     debounce_key: str | None
     progress: Any
     tags: list[str]
+    concurrency_key: str | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

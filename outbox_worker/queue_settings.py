@@ -12,6 +12,9 @@ poll interval:
 - **concurrency**: at most that many jobs of the queue run at once, counted from their
   leases: a job counts from its claim until its outcome is written or its lease lapses (its
   worker killed), never by a counter that a crash could leave wrong.
+- **key_concurrency**: at most that many jobs of one concurrency key (given at enqueue: a
+  tenant, a customer) run at once, counted the same way; the keys are served in turn, so a
+  key's backlog never holds back another key's jobs.
 - **breaker_threshold**: the queue pauses itself (``paused_by`` 'breaker') once one of its
   tasks has failed that many attempts in a row; an operator resumes it.
 
@@ -41,6 +44,7 @@ MAX_REASON_LENGTH = 500
 class QueueSettings:
     name: str
     concurrency: int | None = None
+    key_concurrency: int | None = None
     breaker_threshold: int | None = None
     paused_at: datetime | None = None
     paused_by: str | None = None
@@ -55,6 +59,7 @@ class QueueSettings:
         return {
             "queue": self.name,
             "concurrency": self.concurrency,
+            "key_concurrency": self.key_concurrency,
             "breaker_threshold": self.breaker_threshold,
             "paused": self.paused,
             "paused_at": None if self.paused_at is None else self.paused_at.isoformat(),
@@ -112,6 +117,16 @@ async def set_concurrency(session: AdminSession, queue: str, limit: int | None) 
     _check_queue(queue)
     _check_count("concurrency", limit, "no limit")
     return await _write(session, sql.QUEUE_SET_CONCURRENCY, name=queue, concurrency=limit)
+
+
+async def set_key_concurrency(
+    session: AdminSession, queue: str, limit: int | None
+) -> QueueSettings:
+    """At most ``limit`` jobs of one concurrency key of ``queue`` running at once across
+    every worker, the keys served in turn; None lifts the limit."""
+    _check_queue(queue)
+    _check_count("key_concurrency", limit, "no limit per key")
+    return await _write(session, sql.QUEUE_SET_KEY_CONCURRENCY, name=queue, limit=limit)
 
 
 async def set_breaker(session: AdminSession, queue: str, threshold: int | None) -> QueueSettings:

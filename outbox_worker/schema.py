@@ -60,6 +60,7 @@ outbox_jobs = Table(
     Column("debounce_until", DateTime(timezone=True)),
     Column("progress", JSONB),
     Column("tags", ARRAY(Text)),
+    Column("concurrency_key", Text),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
@@ -89,9 +90,12 @@ outbox_jobs = Table(
         "run_at >= '0001-01-01 00:00:00+00' AND run_at < '10000-01-01 00:00:00+00'",
         name="outbox_jobs_run_at_readable",
     ),
-    # Serves JOB_CLAIM exactly: due queued jobs in priority, then run_at, then id order.
+    # Queued jobs by queue and key, each key's in claim order: the claims of a queue with a
+    # limit per key (JOB_CLAIM_LIMITED), and counts of a queue's queued jobs.
     Index(
-        "outbox_jobs_claim_idx",
+        "outbox_jobs_queued_idx",
+        "queue",
+        "concurrency_key",
         text("priority DESC"),
         "run_at",
         "id",
@@ -235,6 +239,8 @@ outbox_queues = Table(
     Column("pause_reason", Text),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("breaker_threshold", Integer),
+    Column("key_concurrency", Integer),
+    Column("key_cursor", Text),
     Column("held_ids", ARRAY(BigInteger), nullable=False, server_default=text("'{}'::bigint[]")),
     Column("held_attempts", ARRAY(Integer), nullable=False, server_default=text("'{}'::integer[]")),
     Column(
@@ -243,9 +249,11 @@ outbox_queues = Table(
         nullable=False,
         server_default=text("'{}'::timestamp with time zone[]"),
     ),
+    Column("held_keys", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     CheckConstraint(name_check("name"), name="outbox_queues_name_valid"),
     CheckConstraint("concurrency > 0", name="outbox_queues_concurrency_positive"),
     CheckConstraint("breaker_threshold > 0", name="outbox_queues_breaker_threshold_positive"),
+    CheckConstraint("key_concurrency > 0", name="outbox_queues_key_concurrency_positive"),
     CheckConstraint(
         "cardinality(held_ids) = cardinality(held_attempts)"
         " AND cardinality(held_ids) = cardinality(held_until)",

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from outbox_worker.config import sqlalchemy_url
 from outbox_worker.devdb import PostgresServer, admin, start_postgres
 from outbox_worker.enqueue_plans import default_max_args_bytes
 from tests.admin_host import begun, create_admin_host
+from tests.drivers_support import KINDS, Caller, open_caller
 from tests.support import ADMIN_TOKEN, Enqueuer
 from tests.workload import EXECUTIONS_DDL
 from tests.workload import registry as workload_registry
@@ -331,3 +334,16 @@ def admin_app(admin_host: FastAPI) -> FastAPI:
     """The admin host with admin on: its token set (ADMIN_TOKEN, tests/support.py)."""
     admin_host.state.admin_token = ADMIN_TOKEN
     return admin_host
+
+
+@pytest.fixture(params=KINDS)
+async def caller(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Caller]:
+    """An enqueuing caller of each session kind the library takes (tests/drivers_support.py)."""
+    # The workload's tasks, which the module-level enqueue finds.
+    assert "echo" in workload_registry
+    async with AsyncExitStack() as stack:
+        # SQLModel's AsyncSession warns on execute(): enqueue must not call it (nor anything
+        # else that warns), so every warning is an error here.
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("error")
+        yield await open_caller(request.param, database_url, stack)

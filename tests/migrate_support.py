@@ -14,10 +14,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
+from sqlalchemy import create_engine
+
+from alembic import command
+from outbox_worker import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_PREFIX = "outbox-worker: error:"
-HEAD = "pgoutbox_0014"
+HEAD = "pgoutbox_0015"
 NewDatabase = Callable[[], Awaitable[str]]
 
 
@@ -78,3 +82,17 @@ async def execute(url: str, statements: str) -> None:
         await conn.execute(statements)
     finally:
         await conn.close()
+
+
+def downgrade_one(url: str) -> None:
+    """One revision back, by the newest revision's own downgrade, recorded where
+    ``outbox-worker migrate`` records it: a database as the previous release left it."""
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with engine.connect() as conn:
+            config = migrate.alembic_config()
+            config.attributes["connection"] = conn
+            command.downgrade(config, "-1")
+            conn.commit()
+    finally:
+        engine.dispose()

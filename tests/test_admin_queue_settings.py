@@ -21,6 +21,7 @@ from tests.admin_support import AUTH, TOKEN, insert_job, queue_settings_rows, re
 SETTINGS_KEYS = {
     "queue",
     "concurrency",
+    "key_concurrency",
     "breaker_threshold",
     "paused",
     "paused_at",
@@ -59,6 +60,7 @@ async def test_each_change_is_in_the_table_when_answered(
         assert response.json() == {
             "queue": "emails",
             "concurrency": None,
+            "key_concurrency": None,
             "breaker_threshold": None,
             "paused": False,
             "paused_at": None,
@@ -241,7 +243,7 @@ async def test_the_settings_routes_are_refused_without_a_configured_token(
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.5}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.0}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": [3]}, "concurrency"),
-        ("PATCH", "/queues/emails/settings", {}, "concurrency, breaker_threshold or both"),
+        ("PATCH", "/queues/emails/settings", {}, "concurrency, key_concurrency, breaker_threshold"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": 0}, "greater than or equal"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": "3"}, "breaker_threshold"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 3, "paused": True}, "paused"),
@@ -339,13 +341,20 @@ async def test_a_patch_changes_only_the_fields_it_gives(
         first = await client.patch("/queues/emails/settings", json={"concurrency": 4}, headers=AUTH)
         assert first.status_code == 200, first.text
         second = await client.patch(
-            "/queues/emails/settings", json={"breaker_threshold": 10}, headers=AUTH
+            "/queues/emails/settings",
+            json={"breaker_threshold": 10, "key_concurrency": 2},
+            headers=AUTH,
         )
         assert second.status_code == 200, second.text
-        assert (second.json()["concurrency"], second.json()["breaker_threshold"]) == (4, 10)
-    stored = await row(pool, "emails")
-    assert stored is not None
-    stored_breaker = await pool.fetchval(
-        "SELECT breaker_threshold FROM outbox_queues WHERE name = 'emails'"
+        body = second.json()
+        assert (body["concurrency"], body["key_concurrency"], body["breaker_threshold"]) == (
+            4,
+            2,
+            10,
+        )
+    stored = await pool.fetchrow(
+        "SELECT concurrency, key_concurrency, breaker_threshold FROM outbox_queues "
+        "WHERE name = 'emails'"
     )
-    assert (stored["concurrency"], stored_breaker) == (4, 10)
+    assert stored is not None
+    assert tuple(stored) == (4, 2, 10)

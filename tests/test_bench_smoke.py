@@ -33,6 +33,9 @@ TARGET_ROWS = {
     "enqueue_one_asyncpg",
     "enqueue_batch",
     "growth_big",
+    # Flow control's cost against the same drain without queue settings.
+    "flow_global",
+    "flow_keys",
     "http_job_rps",
     "rss",
     # Ahead of pgqueuer at each slot count (smoke mode measures 10 only; the rest are listed
@@ -93,6 +96,11 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
         "enqueue_one_asyncpg",
         "growth_empty",
         "growth_big",
+        "flow_none",
+        "flow_global",
+        "flow_keys",
+        "flow_idle_p99",
+        "flow_backlog_p99",
         "http_job_rps",
         "http_nojob_rps",
         "http_bare_rps",

@@ -26,6 +26,7 @@ from tests.cli_support import (
 
 DEFAULTS = {
     "concurrency": None,
+    "key_concurrency": None,
     "breaker_threshold": None,
     "paused": False,
     "paused_at": None,
@@ -197,7 +198,8 @@ BAD_INPUT: list[tuple[list[str], str, int]] = [
     (["queues", "set", "emails", "--concurrency", "0"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "-1", "--json"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "abc"], "'abc'", 2),
-    (["queues", "set", "emails"], "--concurrency, --breaker or both", 2),
+    (["queues", "set", "emails"], "--concurrency, --key-concurrency, --breaker", 2),
+    (["queues", "set", "emails", "--key-concurrency", "0"], "--key-concurrency", 2),
     (["queues", "set", "emails", "--breaker", "0"], "--breaker", 2),
     (["queues", "set", "emails", "--concurrency", "3", "--breaker", "x"], "--breaker", 2),
     (["queues", "pause", "emails", "--reason", "x" * 501], "500", 1),
@@ -247,6 +249,20 @@ async def test_the_breaker_is_set_apart_from_the_limit(
         )
     )
     assert (both["concurrency"], both["breaker_threshold"]) == (None, None)
+
+
+async def test_a_limit_per_key_is_set_and_shown(database_url: str, pool: asyncpg.Pool) -> None:
+    out = ok(
+        await cli(
+            database_url, "queues", "set", "emails", "--concurrency", "8", "--key-concurrency", "1"
+        )
+    )
+    assert out == "queue emails: at most 8, 1 per key running at once\n"
+    assert await pool.fetchval("SELECT key_concurrency FROM outbox_queues") == 1
+    table = ok(await cli(database_url, "queues"))
+    assert line_of(table, "emails").split()[-1] == "1/key"
+    out = ok(await cli(database_url, "queues", "set", "emails", "--key-concurrency", "none"))
+    assert out == "queue emails: at most 8 running at once\n"
 
 
 async def test_database_unreachable_is_one_line_error() -> None:

@@ -8,8 +8,6 @@ nothing written and the transaction still usable. The callers are in tests/drive
 from __future__ import annotations
 
 import json
-import warnings
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,17 +31,6 @@ from outbox_worker import (
 )
 from tests.drivers_support import KINDS, Caller, assert_is_the_row, committed, open_caller
 from tests.workload import registry
-
-
-@pytest.fixture(params=KINDS)
-async def caller(request: pytest.FixtureRequest, database_url: str) -> AsyncIterator[Caller]:
-    assert "echo" in registry  # the workload's tasks, which the module-level enqueue finds
-    async with AsyncExitStack() as stack:
-        # SQLModel's AsyncSession warns on execute(): enqueue must not call it (nor anything
-        # else that warns), so every warning is an error here.
-        stack.enter_context(warnings.catch_warnings())
-        warnings.simplefilter("error")
-        yield await open_caller(request.param, database_url, stack)
 
 
 async def test_commit_keeps_the_jobs_and_rollback_leaves_none(
@@ -193,6 +180,8 @@ BAD: list[tuple[str, dict[str, Any], type[EnqueueError]]] = [
     ("tags-text", {"tags": "vip"}, InvalidOption),
     ("tag-empty", {"tags": [""]}, InvalidOption),
     ("tags-many", {"tags": [f"t{n}" for n in range(21)]}, InvalidOption),
+    ("concurrency-key-empty", {"concurrency_key": ""}, InvalidOption),
+    ("concurrency-key-control", {"concurrency_key": "tenant\nacme"}, InvalidOption),
 ]
 
 

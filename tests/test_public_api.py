@@ -240,6 +240,7 @@ def test_job_has_the_contract_fields() -> None:
         "debounce_key",
         "progress",
         "tags",
+        "concurrency_key",
         "duplicate",
     ]
 

@@ -200,7 +200,8 @@ async def test_claims_racing_on_many_connections_never_pass_the_limit(
     ("slots", "prefetch"),
     [
         pytest.param("20", None, id="three workers of twenty slots"),
-        # Two slots each: the limit of five is only reached by all three together.
+        # Two slots each: the limit of five is only reached by all three together. Serving
+        # the limited queue alone, each claims on the statement that writes its successes.
         pytest.param("2", "0", id="three workers of two slots"),
     ],
 )
@@ -211,12 +212,16 @@ async def test_three_workers_run_at_most_the_limit_between_them(
     prefetch: str | None,
 ) -> None:
     limit, total = 5, 80
-    await insert_sleepy(pool, total, 0.1)
     await pool.execute(
         "INSERT INTO outbox_queues (name, concurrency) VALUES ($1, $2)", LIMITED, limit
     )
     options = ["--concurrency", slots, *(["--prefetch", prefetch] if prefetch else [])]
+    if slots == "2":
+        options += ["--queues", LIMITED]
     workers = [spawn_worker(*options) for _ in range(3)]
+    for worker in workers:  # all three claiming before the first job is due
+        await worker.wait_for_log('"worker_ready"')
+    await insert_sleepy(pool, total, 0.1)
     samples: list[int] = []
 
     async def all_done() -> bool:

@@ -98,6 +98,7 @@ FENCED = frozenset(
     {
         "JOB_COMPLETE_MANY",
         "JOB_COMPLETE_AND_CLAIM",
+        "JOB_COMPLETE_AND_CLAIM_LIMITED",
         "JOB_FAIL_MANY",
         "JOB_RELEASE_MANY",
         "JOB_CANCEL_MANY",

@@ -51,6 +51,7 @@ class Claimer:
         # The worker's queues with a concurrency limit (QueueWatch keeps this current): each
         # is claimed on its own, through JOB_CLAIM_LIMITED.
         self.limited: frozenset[str] = frozenset()
+        self._turn = 0  # the limited queue the last batch of successes claimed for
 
     async def claim(self) -> tuple[int, int]:
         """Claim on a connection of its own, for each limited queue and then for the
@@ -94,11 +95,14 @@ class Claimer:
         self, outcomes: Sequence[Succeeded], *, answer_within: float | None = None
     ) -> list[asyncpg.Record]:
         """Write successes and, in the same statement, claim jobs for the slots they free
-        (plus any free already); not while the worker serves a limited queue, which the
-        producer claims for first. Returns the rows of the successes written.
+        (plus any free already): of the queues without limits, or, when every queue the
+        worker serves is limited, of one of them in turn. A worker serving both kinds
+        claims apart, the limited queues first, so that the others never take every slot
+        their successes free. Returns the rows of the successes written.
         ``answer_within``: cancel the statement (TimeoutError) if it takes longer, waiting
         on a locked row say."""
-        reservation = NOTHING if self.limited else self._reserve(freed=len(outcomes))
+        statement, claim = self._riding_claim()
+        reservation = self._reserve(freed=len(outcomes)) if statement else NOTHING
         done: dict[str, list[Any]] = {
             "ids": [o.job_id for o in outcomes],
             "attempts": [o.attempt for o in outcomes],
@@ -115,19 +119,25 @@ class Claimer:
             async with self._pool.acquire(timeout=30) as conn:
                 rows, sent = await self._send(
                     conn,
-                    sql.JOB_COMPLETE_AND_CLAIM,
-                    {
-                        "queues": self._queues,
-                        "limit": reservation.asked,
-                        "ahead": reservation.ahead,
-                        **done,
-                    },
+                    statement,
+                    {**claim, "limit": reservation.asked, "ahead": reservation.ahead, **done},
                     answer_within=answer_within,
                 )
         finally:
             self._settle(reservation)
         self._take([row for row in rows if row["claimed"]], sent)
         return [row for row in rows if not row["claimed"]]
+
+    def _riding_claim(self) -> tuple[str, dict[str, Any]]:
+        """The claim that may ride on a batch of successes, and its queue parameter; none
+        for a worker serving limited queues and others."""
+        if not self.limited:
+            return sql.JOB_COMPLETE_AND_CLAIM, {"queues": self._queues}
+        if not self.limited.issuperset(self._queues):
+            return "", {}
+        limited = sorted(self.limited)
+        self._turn = (self._turn + 1) % len(limited)
+        return sql.JOB_COMPLETE_AND_CLAIM_LIMITED, {"queue": limited[self._turn]}
 
     def _reserve(self, *, freed: int) -> Reservation:
         """Rows for one claim; ``freed`` are held rows the same statement gives back."""

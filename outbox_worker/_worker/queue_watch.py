@@ -55,7 +55,7 @@ class QueueWatch:
             *sql.bind(sql.QUEUES_WATCH, queues=self._queues),
             give_up_after=5.0,
         )
-        limited = frozenset(row["name"] for row in rows if row["concurrency"] is not None)
+        limited = frozenset(row["name"] for row in rows if row["limited"])
         paused = {row["name"] for row in rows if row["paused"]}
         if limited != self._claimer.limited:
             self._log.info("queue_limits_seen", limited=sorted(limited))

@@ -126,6 +126,8 @@ def _print_job(job: Job) -> None:
     table.add_row("correlation id", visible(job.correlation_id or MISSING))
     if job.tags:
         table.add_row("tags", visible(", ".join(job.tags)))
+    if job.concurrency_key is not None:
+        table.add_row("concurrency key", visible(job.concurrency_key))
     table.add_row("locked by", visible(job.locked_by or MISSING))
     for label, moment in (
         ("locked until", job.locked_until),

@@ -97,10 +97,18 @@ def queues(
                 f"{entry.depth.get(state, 0)} (+{entry.finished_recently.get(state, 0)})"
                 for state in admin.FINISHED
             ),
-            MISSING if setting.concurrency is None else str(setting.concurrency),
+            _limit_cell(setting),
             _paused_cell(setting),
         )
     console.print(table)
+
+
+def _limit_cell(setting: QueueSettings) -> str:
+    parts = [
+        *([] if setting.concurrency is None else [str(setting.concurrency)]),
+        *([] if setting.key_concurrency is None else [f"{setting.key_concurrency}/key"]),
+    ]
+    return " ".join(parts) or MISSING
 
 
 def _paused_cell(setting: QueueSettings) -> str:
@@ -132,9 +140,11 @@ def concurrency_limit(
 
 def in_force(setting: QueueSettings) -> str:
     """The one line each change prints: what workers obey now, the pause and limit both."""
-    limit = (
-        None if setting.concurrency is None else f"at most {setting.concurrency} running at once"
-    )
+    limits = [
+        *([] if setting.concurrency is None else [f"at most {setting.concurrency}"]),
+        *([] if setting.key_concurrency is None else [f"{setting.key_concurrency} per key"]),
+    ]
+    limit = f"{', '.join(limits)} running at once" if limits else None
     if setting.paused:
         reason = f" ({visible(setting.pause_reason)})" if setting.pause_reason else ""
         state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
@@ -162,6 +172,14 @@ def queues_set(
             "none lifts the limit.",
         ),
     ] = None,
+    key_concurrency: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N|none",
+            help="At most N jobs of one concurrency key running at once, the keys served "
+            "in turn; none lifts the limit.",
+        ),
+    ] = None,
     breaker: Annotated[
         str | None,
         typer.Option(
@@ -175,11 +193,17 @@ def queues_set(
 ) -> None:
     """Limit how many of a queue's jobs run at once, across every worker and host, and when
     its circuit breaker pauses it."""
-    if concurrency is None and breaker is None:
+    if concurrency is None and key_concurrency is None and breaker is None:
         raise typer.BadParameter(
-            "give --concurrency, --breaker or both", param_hint="--concurrency"
+            "give --concurrency, --key-concurrency, --breaker or several",
+            param_hint="--concurrency",
         )
     limit = None if concurrency is None else concurrency_limit(concurrency)
+    per_key = (
+        None
+        if key_concurrency is None
+        else concurrency_limit(key_concurrency, "--key-concurrency", "no limit per key")
+    )
     threshold = None if breaker is None else concurrency_limit(breaker, "--breaker", "no breaker")
     dsn = resolve_dsn(database_url)
 
@@ -187,6 +211,8 @@ def queues_set(
         setting = await queue_settings.get_settings(conn, name)
         if concurrency is not None:
             setting = await queue_settings.set_concurrency(conn, name, limit)
+        if key_concurrency is not None:
+            setting = await queue_settings.set_key_concurrency(conn, name, per_key)
         if breaker is not None:
             setting = await queue_settings.set_breaker(conn, name, threshold)
         return setting

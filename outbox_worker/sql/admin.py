@@ -67,8 +67,9 @@ RETURNING {JOB_SELECT_LIST}
 # Many jobs: list, retry the dead, prune the finished
 # ---------------------------------------------------------------------------------------------
 
-# :state, :queue, :task (each NULL for any), :before_id (keyset cursor, NULL for the first
-# page), :limit. Newest first. Index: primary key, scanned backwards from :before_id.
+# :state, :queue, :task, :tag, :concurrency_key (each NULL for any), :before_id (keyset
+# cursor, NULL for the first page), :limit. Newest first. Index: primary key, scanned
+# backwards from :before_id.
 JOB_LIST = f"""
 SELECT {JOB_SELECT_LIST}
 FROM outbox_jobs AS j
@@ -76,6 +77,7 @@ WHERE (CAST(:state AS text) IS NULL OR j.state = :state)
   AND (CAST(:queue AS text) IS NULL OR j.queue = :queue)
   AND (CAST(:task AS text) IS NULL OR j.task = :task)
   AND (CAST(:tag AS text) IS NULL OR j.tags @> ARRAY[CAST(:tag AS text)])
+  AND (CAST(:concurrency_key AS text) IS NULL OR j.concurrency_key = :concurrency_key)
   AND (CAST(:before_id AS bigint) IS NULL OR j.id < :before_id)
 ORDER BY j.id DESC
 LIMIT :limit
@@ -137,7 +139,7 @@ WHERE j.id = doomed.id
 # ---------------------------------------------------------------------------------------------
 
 # No parameters. Cheap enough for every metrics scrape: reads only queued and running rows
-# (outbox_jobs_claim_idx, outbox_jobs_running_idx), one row per queue.
+# (outbox_jobs_queued_idx, outbox_jobs_running_idx), one row per queue.
 QUEUE_ACTIVE_STATS = """
 SELECT queue,
        count(*) FILTER (WHERE state = 'queued') AS queued,
@@ -193,7 +195,8 @@ ORDER BY s.name
 # ---------------------------------------------------------------------------------------------
 
 _QUEUE_SETTINGS = (
-    "name, concurrency, breaker_threshold, paused_at, paused_by, pause_reason, updated_at"
+    "name, concurrency, key_concurrency, breaker_threshold, paused_at, paused_by, "
+    "pause_reason, updated_at"
 )
 
 # No parameters. Every queue with settings. Index: primary key.
@@ -209,6 +212,15 @@ INSERT INTO outbox_queues AS q (name, concurrency)
 VALUES (:name, CAST(:concurrency AS integer))
 ON CONFLICT (name) DO UPDATE
 SET concurrency = excluded.concurrency, updated_at = now()
+RETURNING {_QUEUE_SETTINGS}
+"""
+
+# :name, :limit (NULL: no limit per key). Index: primary key.
+QUEUE_SET_KEY_CONCURRENCY = f"""
+INSERT INTO outbox_queues AS q (name, key_concurrency)
+VALUES (:name, CAST(:limit AS integer))
+ON CONFLICT (name) DO UPDATE
+SET key_concurrency = excluded.key_concurrency, updated_at = now()
 RETURNING {_QUEUE_SETTINGS}
 """
 

@@ -16,7 +16,7 @@ JOB_SELECT_LIST = """
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
     j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key,
-    j.progress::text AS progress, j.tags
+    j.progress::text AS progress, j.tags, j.concurrency_key
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -56,19 +56,19 @@ def _debounce_until(max_wait: str) -> str:
 # :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id, :throttle (the
 # window of a throttled dedupe_key, or NULL), :active_key, :debounce_key, :debounce_max
 # (seconds from now to the latest start of a debounced job, or NULL), :tags (a JSON array
-# of texts, or NULL).
+# of texts, or NULL), :concurrency_key.
 # Indexes: outbox_jobs_dedupe_idx, _active_key_idx and _debounce_key_idx decide a conflict
 # (a job has one key at most); no row back means the key is taken.
 JOB_INSERT = f"""
 INSERT INTO outbox_jobs AS j
     (queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-     active_key, debounce_key, debounce_until, tags)
+     active_key, debounce_key, debounce_until, tags, concurrency_key)
 VALUES (
     :queue, :task, CAST(:args AS jsonb), :priority, :max_attempts,
     COALESCE(CAST(:run_at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8))),
     {_throttled("CAST(:dedupe_key AS text)", "CAST(:throttle AS float8)")}, :correlation_id,
     :active_key, :debounce_key, {_debounce_until("CAST(:debounce_max AS float8)")},
-    {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}
+    {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text)
 )
 ON CONFLICT DO NOTHING
 RETURNING {_INSERTED}
@@ -77,7 +77,8 @@ RETURNING {_INSERTED}
 # Parallel arrays, one element per job, in the order of JOB_INSERT's parameters:
 # :queues, :tasks, :args (JSON text), :priorities, :max_attempts, :run_ats, :delays,
 # :dedupe_keys, :correlation_ids, :throttles, :active_keys, :debounce_keys, :debounce_maxes,
-# :tags (each row's as JSON text, or NULL: an array of arrays cannot be unnested by row).
+# :tags (each row's as JSON text, or NULL: an array of arrays cannot be unnested by row),
+# :concurrency_keys.
 # Ids are drawn in input order before the insert so the answer can be matched back to the
 # input (RETURNING alone promises no order); a row whose key was taken comes back with NULL
 # columns. The sequence is looked up once (an InitPlan), not once per row.
@@ -92,20 +93,21 @@ WITH input AS MATERIALIZED (
         CAST(:dedupe_keys AS text[]), CAST(:correlation_ids AS text[]),
         CAST(:throttles AS float8[]), CAST(:active_keys AS text[]),
         CAST(:debounce_keys AS text[]), CAST(:debounce_maxes AS float8[]),
-        CAST(:tags AS text[])
+        CAST(:tags AS text[]), CAST(:concurrency_keys AS text[])
     ) WITH ORDINALITY AS u(queue, task, args, priority, max_attempts, run_at, delay,
                            dedupe_key, correlation_id, throttle, active_key, debounce_key,
-                           debounce_max, tags, ord)
+                           debounce_max, tags, concurrency_key, ord)
 ),
 j AS (
     INSERT INTO outbox_jobs
         (id, queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-         active_key, debounce_key, debounce_until, tags)
+         active_key, debounce_key, debounce_until, tags, concurrency_key)
     OVERRIDING SYSTEM VALUE
     SELECT id, queue, task, args::jsonb, priority, max_attempts,
            COALESCE(run_at, now() + make_interval(secs => delay)),
            {_throttled("dedupe_key", "throttle")}, correlation_id, active_key, debounce_key,
-           {_debounce_until("debounce_max")}, {_TAGS_OF_JSON.format(tags="input.tags")}
+           {_debounce_until("debounce_max")}, {_TAGS_OF_JSON.format(tags="input.tags")},
+           concurrency_key
     FROM input
     -- Keyed rows in key order, so that two calls with the same keys in different orders
     -- lock them in the same order and cannot deadlock.
@@ -172,10 +174,11 @@ WITH input AS MATERIALIZED (
 ),
 j AS (
     INSERT INTO outbox_jobs
-        (id, queue, task, args, priority, max_attempts, run_at, correlation_id, tags)
+        (id, queue, task, args, priority, max_attempts, run_at, correlation_id, tags,
+         concurrency_key)
     OVERRIDING SYSTEM VALUE
     SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id,
-           {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}
+           {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text)
     FROM input
 )
 SELECT array_agg(id ORDER BY ord) AS ids, min(run_at) AS run_at, now() AS created_at
@@ -183,7 +186,7 @@ FROM input
 """
 
 # :queue, :limit. How deep a queue is, counted no further than the limit (backpressure
-# needs only "over or not"). Index: outbox_jobs_claim_idx.
+# needs only "over or not"). Index: outbox_jobs_queued_idx.
 QUEUE_DEPTH_UPTO = """
 SELECT count(*) FROM (
     SELECT 1 FROM outbox_jobs WHERE state = 'queued' AND queue = :queue LIMIT :limit

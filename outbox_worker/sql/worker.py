@@ -41,7 +41,7 @@ def fence(attempt: str) -> str:
 # The claim, shared by JOB_CLAIM, JOB_COMPLETE_AND_CLAIM and JOB_CLAIM_LIMITED: :queues to
 # serve, :limit (the rows the worker reserved), of which :ahead go to its buffer of jobs
 # claimed ahead of a free slot, :worker_id, :lease_seconds.
-# It finds jobs through outbox_ready, not outbox_jobs_claim_idx: the ready rows of the two
+# It finds jobs through outbox_ready, not an index of outbox_jobs: the ready rows of the two
 # lanes (never the later partition), in claim order through outbox_ready_{0,1}_claim_idx (a
 # Merge Append), stopped after :limit rows. Autovacuum never analyzes the lanes, so the
 # planner guesses the selectivity of every condition on them, and each plain condition
@@ -58,7 +58,7 @@ def fence(attempt: str) -> str:
 # rescheduled: the triggers wrote a fresh row) is passed over and goes when its lane is
 # emptied; so jobs are claimed in the order of their own columns.
 # Every check of a job's state is inside a CASE, here and in the locking below. Written as
-# plain conditions, "state = 'queued'" lets the planner probe outbox_jobs_claim_idx (whose
+# plain conditions, "state = 'queued'" lets the planner probe outbox_jobs_queued_idx (whose
 # columns include id) instead of the primary key: a scan of that whole index per ready
 # row, which under a held snapshot is full of dead entries; and it would multiply the
 # equalities' selectivities into "no row", making reading the lanes in order look
@@ -139,23 +139,31 @@ open_queues AS MATERIALIZED (
         SELECT q FROM unnest(:queues::text[]) AS q
         WHERE NOT EXISTS (
             SELECT 1 FROM outbox_queues AS s
-            WHERE s.name = q AND (s.paused_at IS NOT NULL OR s.concurrency IS NOT NULL))
+            WHERE s.name = q AND (s.paused_at IS NOT NULL OR s.concurrency IS NOT NULL
+                                  OR s.key_concurrency IS NOT NULL))
     ) AS names
 ),"""
 _CLAIMABLE = _OPEN_QUEUES + _claimable(
     queues="(SELECT names FROM open_queues)::text[]", limit=":limit", now=":limit - :ahead::integer"
 )
-_CLAIM_UPDATE = """
+
+
+def _claim_update(ids: str) -> str:
+    """The claim itself, of the jobs whose ids the query ``ids`` gives."""
+    return f"""
 UPDATE outbox_jobs AS j
 SET state = 'running',
     attempts = j.attempts + 1,
     locked_by = :worker_id,
     locked_until = now() + make_interval(secs => :lease_seconds::float8),
     started_at = now()
-WHERE j.id = ANY(ARRAY(SELECT id FROM claimable))
+WHERE j.id = ANY(ARRAY({ids}))
 RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempts,
           j.correlation_id
 """
+
+
+_CLAIM_UPDATE = _claim_update("SELECT id FROM claimable")
 
 JOB_CLAIM = statement(f"WITH {_CLAIMABLE}{_CLAIM_UPDATE}", params=_CLAIM_PARAMS)
 
@@ -220,33 +228,56 @@ FROM claimed
 )
 
 # A limited queue's claim: :queue, :limit and :ahead as in JOB_CLAIM, :worker_id,
-# :lease_seconds. Jobs claimed ahead count against the limit like running ones, so they are
-# claimed only out of the half of the limit no claim would otherwise reach: a worker never
-# holds idle the last places that another worker's free slots could run.
+# :lease_seconds. A queue is limited by a concurrency (running jobs of the queue), a
+# key_concurrency (running jobs per concurrency key), or both (migrations pgoutbox_0013,
+# pgoutbox_0015).
 # The queue's row is locked first (FOR UPDATE waits: the claims of one limited queue take
 # turns), so that it is read as the last claim left it: locking returns the newest version
-# of the row, whatever this statement's older snapshot holds. Its list of the jobs the limit
-# let start is checked against their rows: an entry counts while its job runs that attempt
-# under a live lease, or, if the job's row does not show that attempt yet (claimed after
-# this snapshot was taken), until the lease the claim gave it would run out. A finished,
-# failed or rescued job, or one whose worker died (its lease lapsed), no longer counts. The
-# claim takes at most the limit less what counts, and writes the list back: what still
-# counts, and the jobs it claimed. A paused queue claims nothing; a queue without a row, or
-# without a limit, claims like any other. Indexes: the primary keys (the row, each listed
-# job), outbox_ready's lanes (the claim).
-JOB_CLAIM_LIMITED = statement(
-    params=("queue", "limit", "ahead", "worker_id", "lease_seconds"),
-    text=f"""
-WITH gate AS MATERIALIZED (
-    SELECT q.concurrency, q.paused_at, q.held_ids, q.held_attempts, q.held_until
+# of the row, whatever this statement's older snapshot holds. Its list of the jobs the
+# limits let start is checked against their rows: an entry counts while its job runs that
+# attempt under a live lease, or, if the job's row does not show that attempt yet (claimed
+# after this snapshot was taken), until the lease the claim gave it would run out. A
+# finished, failed or rescued job, or one whose worker died (its lease lapsed), no longer
+# counts. The claim takes at most the concurrency less what counts, and writes the list
+# back: what still counts, and the jobs it claimed. Jobs claimed ahead count against the
+# limit like running ones, so they are claimed only out of the half of the limit no claim
+# would otherwise reach: a worker never holds idle the last places that another worker's
+# free slots could run.
+# With a key_concurrency, keyed jobs are taken key by key, in turns: the walk goes through
+# the queue's keys in order from the one after key_cursor (the last key the previous claim
+# served), wrapping round once, each step one probe of outbox_jobs_queued_idx, and at
+# most as many keys as the claim may take plus the keys at their limit plus 32 (keys whose
+# jobs are not due yet). Each key gives its due jobs in claim order, no more than its limit
+# less its jobs that count, and no more than an even share of the claim; the claim takes the
+# first job of every key, then the second, and so on, and remembers the last key it took
+# from. So a key with a huge backlog takes one turn like any other, and a key that waits is
+# served by the next claim at the latest. Jobs without a key take what the keyed jobs left
+# of the claim's free slots, in claim order. Such a queue keeps no ready rows (migration
+# pgoutbox_0015): its claims read outbox_jobs_queued_idx, not the lanes, which a queue
+# limited only in all reads as any other.
+# A paused queue claims nothing; a queue without a row, or without limits, claims like any
+# other. Indexes: the primary keys (the row, each listed job), outbox_jobs_queued_idx
+# (the keys, their jobs, the jobs without a key), outbox_ready's lanes.
+_NEXT_KEY = """(SELECT j.concurrency_key FROM outbox_jobs AS j
+     WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key > {after}
+     ORDER BY j.concurrency_key LIMIT 1)"""
+_FIRST_KEY = """(SELECT j.concurrency_key FROM outbox_jobs AS j
+     WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key IS NOT NULL
+     ORDER BY j.concurrency_key LIMIT 1)"""
+_LIMITED_PARAMS = ("queue", "limit", "ahead", "worker_id", "lease_seconds")
+_LIMITED = f"""
+gate AS MATERIALIZED (
+    SELECT q.concurrency, q.key_concurrency, q.key_cursor, q.paused_at,
+           q.held_ids, q.held_attempts, q.held_until, q.held_keys
     FROM outbox_queues AS q
     WHERE q.name = :queue
     FOR UPDATE
 ),
 held AS MATERIALIZED (
-    SELECT h.id, h.attempt, h.until
+    SELECT h.id, h.attempt, h.until, h.key
     FROM gate AS g
-    CROSS JOIN LATERAL unnest(g.held_ids, g.held_attempts, g.held_until) AS h(id, attempt, until)
+    CROSS JOIN LATERAL unnest(g.held_ids, g.held_attempts, g.held_until, g.held_keys)
+        AS h(id, attempt, until, key)
     CROSS JOIN LATERAL (
         SELECT CASE WHEN j.attempts = h.attempt
                     THEN j.state = 'running' AND j.locked_until > now()
@@ -274,35 +305,148 @@ budget AS MATERIALIZED (
          FROM room AS r),
         :limit::bigint) AS n
 ),
+key_live AS MATERIALIZED (
+    SELECT coalesce(jsonb_object_agg(k.key, k.live), '{{}}') AS live
+    FROM (SELECT h.key, count(*) AS live
+          FROM held AS h
+          WHERE h.key IS NOT NULL
+          GROUP BY h.key) AS k
+),
+walk(key, pos, wrapped, room, free) AS (
+    SELECT s.key, 1, s.after IS NULL, s.room, (s.room > 0)::integer
+    FROM (SELECT coalesce(a.after, a.first) AS key, a.after,
+                 g.key_concurrency
+                     - coalesce((l.live ->> coalesce(a.after, a.first))::integer, 0) AS room
+          FROM gate AS g, key_live AS l,
+               LATERAL (SELECT {_NEXT_KEY.format(after="g.key_cursor")} AS after,
+                               {_FIRST_KEY} AS first) AS a
+          WHERE g.key_concurrency IS NOT NULL AND g.paused_at IS NULL) AS s
+    WHERE s.key IS NOT NULL
+  UNION ALL
+    SELECT n.key, w.pos + 1, n.wrapped, n.room, w.free + (n.room > 0)::integer
+    FROM walk AS w
+    CROSS JOIN LATERAL (
+        SELECT m.key, m.wrapped,
+               (SELECT g.key_concurrency FROM gate AS g)
+                   - coalesce(((SELECT l.live FROM key_live AS l) ->> m.key)::integer, 0) AS room
+        FROM (SELECT coalesce(x.after, CASE WHEN NOT w.wrapped THEN {_FIRST_KEY} END) AS key,
+                     w.wrapped OR x.after IS NULL AS wrapped
+              FROM (SELECT {_NEXT_KEY.format(after="w.key")} AS after) AS x) AS m
+    ) AS n
+    WHERE n.key IS NOT NULL
+      AND w.free < (SELECT n FROM budget)
+      AND w.pos < 8 * (SELECT n FROM budget) + 32
+      AND NOT (n.wrapped AND n.key > coalesce((SELECT key_cursor FROM gate), n.key))
+),
+shares AS MATERIALIZED (
+    SELECT ceil((SELECT n FROM budget)::numeric
+                / greatest(1, count(*) FILTER (WHERE w.room > 0)))::bigint AS share,
+           max(w.pos) AS last_pos
+    FROM walk AS w
+),
+keyed AS MATERIALIZED (
+    SELECT w.key, w.pos, c.id, c.priority, c.run_at, c.spare
+    FROM walk AS w
+    CROSS JOIN LATERAL (
+        SELECT j.id, j.priority, j.run_at, j.attempts + 1 < j.max_attempts AS spare
+        FROM outbox_jobs AS j
+        WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key = w.key
+          AND j.run_at <= now()
+        ORDER BY j.priority DESC, j.run_at, j.id
+        LIMIT least(w.room, (SELECT share FROM shares))
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE w.room > 0
+),
+keyed_taken AS MATERIALIZED (
+    SELECT id, key, pos
+    FROM (SELECT t.*, row_number() OVER (ORDER BY t.turn, t.pos) AS place
+          FROM (SELECT k.*, row_number() OVER (PARTITION BY k.key
+                                               ORDER BY k.priority DESC, k.run_at, k.id)
+                                AS turn
+                FROM keyed AS k) AS t) AS d
+    WHERE spare OR place <= :limit - :ahead::integer
+    ORDER BY place
+    LIMIT (SELECT n FROM budget)
+),
+unkeyed AS MATERIALIZED (
+    SELECT j.id
+    FROM outbox_jobs AS j
+    WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key IS NULL
+      AND j.run_at <= now()
+      AND (SELECT key_concurrency IS NOT NULL FROM gate)
+    ORDER BY j.priority DESC, j.run_at, j.id
+    LIMIT greatest(0, least((SELECT n FROM budget), :limit - :ahead::integer)
+                      - (SELECT count(*) FROM keyed_taken))
+    FOR UPDATE SKIP LOCKED
+),
 open_queues AS MATERIALIZED (
     SELECT ARRAY[:queue::text] AS names
 ),
 {
-        _claimable(
-            queues="(SELECT names FROM open_queues)::text[]",
-            limit="(SELECT n FROM budget)",
-            now=":limit - :ahead::integer",
-        )
-    },
+    _claimable(
+        queues="(SELECT names FROM open_queues)::text[]",
+        limit="(SELECT CASE WHEN key_concurrency IS NULL THEN (SELECT n FROM budget) "
+        "ELSE 0 END FROM gate)",
+        now=":limit - :ahead::integer",
+    )
+},
 claimed AS (
-{_CLAIM_UPDATE}
+{
+    _claim_update(
+        "SELECT id FROM claimable UNION ALL SELECT id FROM keyed_taken "
+        "UNION ALL SELECT id FROM unkeyed"
+    )
+}
 ),
 granted AS (
     UPDATE outbox_queues AS q
-    SET held_ids = l.ids, held_attempts = l.attempts, held_until = l.until
+    SET held_ids = l.ids, held_attempts = l.attempts, held_until = l.until, held_keys = l.keys,
+        key_cursor = coalesce(
+            CASE WHEN (SELECT count(*) FROM keyed_taken) >= (SELECT n FROM budget)
+                 THEN (SELECT t.key FROM keyed_taken AS t ORDER BY t.pos DESC LIMIT 1)
+                 ELSE (SELECT w.key FROM walk AS w, shares AS s WHERE w.pos = s.last_pos) END,
+            q.key_cursor)
     FROM (SELECT coalesce(array_agg(e.id), '{{}}') AS ids,
                  coalesce(array_agg(e.attempt), '{{}}') AS attempts,
-                 coalesce(array_agg(e.until), '{{}}') AS until
-          FROM (SELECT id, attempt, until FROM held
+                 coalesce(array_agg(e.until), '{{}}') AS until,
+                 coalesce(array_agg(e.key), '{{}}') AS keys
+          FROM (SELECT id, attempt, until, key FROM held
                 UNION ALL
-                SELECT id, attempts, now() + make_interval(secs => :lease_seconds::float8)
-                FROM claimed) AS e) AS l
+                SELECT c.id, c.attempts, now() + make_interval(secs => :lease_seconds::float8),
+                       t.key
+                FROM claimed AS c LEFT JOIN keyed_taken AS t ON t.id = c.id) AS e) AS l
     WHERE q.name = :queue
-      AND (SELECT concurrency FROM gate) IS NOT NULL
+      AND (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL FROM gate)
       AND (EXISTS (SELECT 1 FROM claimed)
            OR (SELECT count(*) FROM held) < (SELECT cardinality(held_ids) FROM gate))
 )
-SELECT id, task, queue, args, attempts, max_attempts, correlation_id FROM claimed
+"""
+
+JOB_CLAIM_LIMITED = statement(
+    params=_LIMITED_PARAMS,
+    text=f"""
+WITH RECURSIVE {_LIMITED}SELECT id, task, queue, args, attempts, max_attempts, correlation_id
+FROM claimed
+""",
+)
+
+# JOB_CLAIM_LIMITED's parameters, then _COMPLETE's: JOB_COMPLETE_AND_CLAIM for a worker whose
+# queues are all limited. The list of jobs the limits let start is read in the same
+# snapshot as the successes, so those jobs still count for this claim: it may take fewer
+# than the slots they free, never more than the limits allow. Rows as JOB_COMPLETE_AND_CLAIM's.
+JOB_COMPLETE_AND_CLAIM_LIMITED = statement(
+    params=(*_LIMITED_PARAMS, "ids", "attempts", "results"),
+    text=f"""
+WITH RECURSIVE done AS (
+{_COMPLETE}
+),{_RESET_BREAKERS},
+{_LIMITED}SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
+       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id
+FROM done
+UNION ALL
+SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
+FROM claimed
 """,
 )
 
@@ -602,13 +746,14 @@ SCHEMA_PROBE = statement("SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0")
 # Not a statement: the channel client.JOB_INSERT's trigger notifies; the notifier LISTENs.
 NOTIFY_CHANNEL = "outbox_jobs"
 
-# :queues (the worker's). The settings of those that have any: a limit sends a queue's
-# claims through JOB_CLAIM_LIMITED; a pause hands back the jobs claimed ahead of it.
-# Index: primary key.
+# :queues (the worker's). The settings of those that have any: a limit (of the queue, or per
+# key) sends a queue's claims through JOB_CLAIM_LIMITED; a pause hands back the jobs claimed
+# ahead of it. Index: primary key.
 QUEUES_WATCH = statement(
     params=("queues",),
     text="""
-SELECT name, concurrency, paused_at IS NOT NULL AS paused
+SELECT name, concurrency IS NOT NULL OR key_concurrency IS NOT NULL AS limited,
+       paused_at IS NOT NULL AS paused
 FROM outbox_queues
 WHERE name = ANY(:queues::text[])
 """,

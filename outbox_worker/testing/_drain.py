@@ -106,16 +106,7 @@ async def drain(
         ends: collections.Counter[str] = collections.Counter()
         ran: list[int] = []
         while limit is None or len(ran) < limit:
-            claimed = await pool.fetch(
-                *sql.bind(
-                    sql.JOB_CLAIM,
-                    queues=served,
-                    limit=1,
-                    ahead=0,
-                    worker_id=worker_id,
-                    lease_seconds=DRAIN_LEASE_SECONDS,
-                )
-            )
+            claimed = await _claim_one(pool, served, worker_id)
             if not claimed:
                 break
             row = claimed[0]
@@ -167,3 +158,32 @@ async def _write(pool: asyncpg.Pool, worker_id: str, outcome: Outcome) -> str:
     if isinstance(outcome, Snoozed):
         return _SNOOZED_ENDS[written[0]["state"]]
     return "succeeded" if isinstance(outcome, Succeeded) else "cancelled"
+
+
+async def _claim_one(pool: asyncpg.Pool, served: list[str], worker_id: str) -> list[asyncpg.Record]:
+    """One due job, as a worker claims it: from the queues without limits in claim order,
+    else from each queue with limits (a paused queue gives none)."""
+    claimed: list[asyncpg.Record] = await pool.fetch(
+        *sql.bind(
+            sql.JOB_CLAIM,
+            queues=served,
+            limit=1,
+            ahead=0,
+            worker_id=worker_id,
+            lease_seconds=DRAIN_LEASE_SECONDS,
+        )
+    )
+    for queue in served:
+        if claimed:
+            break
+        claimed = await pool.fetch(
+            *sql.bind(
+                sql.JOB_CLAIM_LIMITED,
+                queue=queue,
+                limit=1,
+                ahead=0,
+                worker_id=worker_id,
+                lease_seconds=DRAIN_LEASE_SECONDS,
+            )
+        )
+    return claimed

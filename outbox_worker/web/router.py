@@ -52,6 +52,7 @@ class JobPageOut(BaseModel):
 class QueueSettingsOut(BaseModel):
     queue: str
     concurrency: int | None
+    key_concurrency: int | None
     breaker_threshold: int | None
     paused: bool
     paused_at: str | None
@@ -113,6 +114,11 @@ class QueueSettingsIn(BaseModel):
         default=None,
         description="at most this many of the queue's jobs run at once; null: no limit",
     )
+    key_concurrency: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
+        default=None,
+        description="at most this many jobs of one concurrency key run at once, the keys "
+        "served in turn; null: no limit per key",
+    )
     breaker_threshold: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
         default=None,
         description="pause the queue once one of its tasks fails this many attempts in a "
@@ -122,7 +128,7 @@ class QueueSettingsIn(BaseModel):
     @model_validator(mode="after")
     def something_to_set(self) -> Self:
         if not self.model_fields_set:
-            raise ValueError("give concurrency, breaker_threshold or both")
+            raise ValueError("give concurrency, key_concurrency, breaker_threshold or several")
         return self
 
 
@@ -303,6 +309,9 @@ def create_admin_router(
         limit: Annotated[int, Query(ge=1, le=admin.MAX_PAGE)] = 50,
         cursor: str | None = None,
         tag: Annotated[str | None, Query(description="only jobs with this tag")] = None,
+        concurrency_key: Annotated[
+            str | None, Query(description="only jobs with this concurrency key")
+        ] = None,
     ) -> JobPageOut:
         page = await guarded(
             admin.list_jobs(
@@ -313,6 +322,7 @@ def create_admin_router(
                 limit=limit,
                 cursor=cursor,
                 tag=tag,
+                concurrency_key=concurrency_key,
             )
         )
         return JobPageOut(
@@ -368,6 +378,10 @@ def create_admin_router(
             settings = await queue_settings.get_settings(session, name)
             if "concurrency" in body.model_fields_set:
                 settings = await queue_settings.set_concurrency(session, name, body.concurrency)
+            if "key_concurrency" in body.model_fields_set:
+                settings = await queue_settings.set_key_concurrency(
+                    session, name, body.key_concurrency
+                )
             if "breaker_threshold" in body.model_fields_set:
                 settings = await queue_settings.set_breaker(session, name, body.breaker_threshold)
             return settings
