@@ -118,6 +118,25 @@ async def test_a_lapsed_lease_stops_counting_and_a_lifted_limit_claims_freely(
         assert len(await claim_limited(conn, 10)) == 6
 
 
+async def test_a_listed_job_this_claim_cannot_see_counts_until_its_lease_would_end(
+    pool: asyncpg.Pool,
+) -> None:
+    """A claim that waited on the queue's row while a job was enqueued and claimed by
+    another finds it listed but absent from its older snapshot: it still counts."""
+    await insert_sleepy(pool, 3, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 1)", LIMITED)
+    await pool.execute(
+        "UPDATE outbox_queues SET held_ids = '{999999}', held_attempts = '{1}', "
+        "held_until = ARRAY[now() + interval '30 seconds']"
+    )
+    async with pool.acquire() as conn:
+        assert await claim_limited(conn, 10) == []
+        await pool.execute(
+            "UPDATE outbox_queues SET held_until = ARRAY[now() - interval '1 second']"
+        )
+        assert len(await claim_limited(conn, 10)) == 1
+
+
 async def test_a_paused_queue_claims_nothing_on_either_path(pool: asyncpg.Pool) -> None:
     await insert_sleepy(pool, 4, 1.0)
     await pool.execute("INSERT INTO outbox_queues (name, paused_at) VALUES ($1, now())", LIMITED)

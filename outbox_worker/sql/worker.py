@@ -236,25 +236,27 @@ FROM claimed
 # of the row, whatever this statement's older snapshot holds. Its list of the jobs the
 # limits let start is checked against their rows: an entry counts while its job runs that
 # attempt under a live lease, or, if the job's row does not show that attempt yet (claimed
-# after this snapshot was taken), until the lease the claim gave it would run out. A
-# finished, failed or rescued job, or one whose worker died (its lease lapsed), no longer
-# counts. The claim takes at most the concurrency less what counts, and writes the list
-# back: what still counts, and the jobs it claimed. Jobs claimed ahead count against the
-# limit like running ones, so they are claimed only out of the half of the limit no claim
-# would otherwise reach: a worker never holds idle the last places that another worker's
-# free slots could run.
+# after this snapshot was taken) or is not in this snapshot at all (inserted after it: a
+# claim that waited on the row while the job was enqueued and claimed), until the lease the
+# claim gave it would run out. A finished, failed or rescued job, or one whose worker died
+# (its lease lapsed), no longer counts. The claim takes at most the concurrency less what
+# counts, and writes the list back: what still counts, and the jobs it claimed. Jobs claimed
+# ahead count against the limit like running ones, so they are claimed only out of the half
+# of the limit no claim would otherwise reach: a worker never holds idle the last places
+# that another worker's free slots could run.
 # With a key_concurrency, keyed jobs are taken key by key, in turns: the walk goes through
-# the queue's keys in order from the one after key_cursor (the last key the previous claim
-# served), wrapping round once, each step one probe of outbox_jobs_queued_idx, and at
-# most as many keys as the claim may take plus the keys at their limit plus 32 (keys whose
-# jobs are not due yet). Each key gives its due jobs in claim order, no more than its limit
-# less its jobs that count, and no more than an even share of the claim; the claim takes the
-# first job of every key, then the second, and so on, and remembers the last key it took
-# from. So a key with a huge backlog takes one turn like any other, and a key that waits is
-# served by the next claim at the latest. Jobs without a key take what the keyed jobs left
-# of the claim's free slots, in claim order. Such a queue keeps no ready rows (migration
-# pgoutbox_0015): its claims read outbox_jobs_queued_idx, not the lanes, which a queue
-# limited only in all reads as any other.
+# the queue's keys in order from the one after key_cursor, wrapping round once, each step
+# one probe of outbox_jobs_queued_idx, until it has found as many keys with room (fewer of
+# their jobs count than the limit: a jsonb map of the counts, built once) as the claim may
+# take, and no further than eight times that plus 32 keys. Each key gives its due jobs in
+# claim order, no more than its room and an even share of the claim; the claim takes the
+# first job of every key, then the second, and so on. key_cursor becomes the last key it
+# took from, or the last key the walk reached when the claim is not full, so that the next
+# claim goes on from there: a key with a huge backlog takes one turn like any other, and a
+# key that waits is served by the next claim with room at the latest. Jobs without a key
+# take what the keyed jobs left of the claim's free slots, in claim order. Such a queue
+# keeps no ready rows (migration pgoutbox_0015): its claims read outbox_jobs_queued_idx, not
+# the lanes, which a queue limited only in all reads as any other.
 # A paused queue claims nothing; a queue without a row, or without limits, claims like any
 # other. Indexes: the primary keys (the row, each listed job), outbox_jobs_queued_idx
 # (the keys, their jobs, the jobs without a key), outbox_ready's lanes.
@@ -278,15 +280,13 @@ held AS MATERIALIZED (
     FROM gate AS g
     CROSS JOIN LATERAL unnest(g.held_ids, g.held_attempts, g.held_until, g.held_keys)
         AS h(id, attempt, until, key)
-    CROSS JOIN LATERAL (
-        SELECT CASE WHEN j.attempts = h.attempt
-                    THEN j.state = 'running' AND j.locked_until > now()
-                    ELSE j.attempts < h.attempt AND h.until > now() END AS live
-        FROM outbox_jobs AS j
-        WHERE j.id = h.id
-        OFFSET 0
-    ) AS j
-    WHERE j.live
+    WHERE coalesce(
+        (SELECT CASE WHEN j.attempts = h.attempt
+                     THEN j.state = 'running' AND j.locked_until > now()
+                     ELSE j.attempts < h.attempt AND h.until > now() END
+         FROM outbox_jobs AS j
+         WHERE j.id = h.id),
+        h.until > now())
 ),
 room AS MATERIALIZED (
     SELECT g.paused_at IS NOT NULL AS paused, g.concurrency,
