@@ -15,6 +15,8 @@ poll interval:
 - **key_concurrency**: at most that many jobs of one concurrency key (given at enqueue: a
   tenant, a customer) run at once, counted the same way; the keys are served in turn, so a
   key's backlog never holds back another key's jobs.
+- **rate_limit** per **rate_period** seconds: at most that many of its jobs start (are
+  claimed) in any window of that length, across every worker.
 - **breaker_threshold**: the queue pauses itself (``paused_by`` 'breaker') once one of its
   tasks has failed that many attempts in a row; an operator resumes it.
 
@@ -38,6 +40,8 @@ from outbox_worker.names import NAME_PATTERN, is_valid_name
 # The largest limit accepted: a column of type integer, and far past any pool of workers.
 MAX_CONCURRENCY = 1_000_000
 MAX_REASON_LENGTH = 500
+# The longest rate window: a day (the table's CHECK).
+MAX_RATE_PERIOD = 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,8 @@ class QueueSettings:
     name: str
     concurrency: int | None = None
     key_concurrency: int | None = None
+    rate_limit: int | None = None
+    rate_period: float = 1.0
     breaker_threshold: int | None = None
     paused_at: datetime | None = None
     paused_by: str | None = None
@@ -60,6 +66,8 @@ class QueueSettings:
             "queue": self.name,
             "concurrency": self.concurrency,
             "key_concurrency": self.key_concurrency,
+            "rate_limit": self.rate_limit,
+            "rate_period": self.rate_period,
             "breaker_threshold": self.breaker_threshold,
             "paused": self.paused,
             "paused_at": None if self.paused_at is None else self.paused_at.isoformat(),
@@ -127,6 +135,24 @@ async def set_key_concurrency(
     _check_queue(queue)
     _check_count("key_concurrency", limit, "no limit per key")
     return await _write(session, sql.QUEUE_SET_KEY_CONCURRENCY, name=queue, limit=limit)
+
+
+async def set_rate(
+    session: AdminSession, queue: str, limit: int | None, period: float = 1.0
+) -> QueueSettings:
+    """At most ``limit`` jobs of ``queue`` start in any window of ``period`` seconds, across
+    every worker; None lifts the limit."""
+    _check_queue(queue)
+    _check_count("rate_limit", limit, "no rate limit")
+    if (
+        isinstance(period, bool)
+        or not isinstance(period, int | float)
+        or not 0 < period <= MAX_RATE_PERIOD
+    ):
+        raise InvalidRequest(
+            f"rate_period must be more than 0 and at most {MAX_RATE_PERIOD} seconds; got {period!r}"
+        )
+    return await _write(session, sql.QUEUE_SET_RATE, name=queue, limit=limit, period=float(period))
 
 
 async def set_breaker(session: AdminSession, queue: str, threshold: int | None) -> QueueSettings:

@@ -250,10 +250,22 @@ outbox_queues = Table(
         server_default=text("'{}'::timestamp with time zone[]"),
     ),
     Column("held_keys", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
+    Column("rate_limit", Integer),
+    Column("rate_period", Double, nullable=False, server_default=text("1")),
+    Column(
+        "rate_starts",
+        ARRAY(DateTime(timezone=True)),
+        nullable=False,
+        server_default=text("'{}'::timestamp with time zone[]"),
+    ),
     CheckConstraint(name_check("name"), name="outbox_queues_name_valid"),
     CheckConstraint("concurrency > 0", name="outbox_queues_concurrency_positive"),
     CheckConstraint("breaker_threshold > 0", name="outbox_queues_breaker_threshold_positive"),
     CheckConstraint("key_concurrency > 0", name="outbox_queues_key_concurrency_positive"),
+    CheckConstraint("rate_limit > 0", name="outbox_queues_rate_limit_positive"),
+    CheckConstraint(
+        "rate_period > 0 AND rate_period <= 86400", name="outbox_queues_rate_period_valid"
+    ),
     CheckConstraint(
         "cardinality(held_ids) = cardinality(held_attempts)"
         " AND cardinality(held_ids) = cardinality(held_until)",

@@ -350,7 +350,8 @@ class Worker:
             if opts.burst and not slots.idle():
                 await slots.changed.wait()  # a finishing job may have enqueued more work
             else:
-                await db.sleep_or_stop(slots.changed, opts.poll_interval)
+                wait = min(opts.poll_interval, claimer.retry_within or opts.poll_interval)
+                await db.sleep_or_stop(slots.changed, wait)
 
     async def _execute(self, job: ClaimedJob, executor: Executor, completer: Completer) -> None:
         try:

@@ -22,6 +22,8 @@ SETTINGS_KEYS = {
     "queue",
     "concurrency",
     "key_concurrency",
+    "rate_limit",
+    "rate_period",
     "breaker_threshold",
     "paused",
     "paused_at",
@@ -61,6 +63,8 @@ async def test_each_change_is_in_the_table_when_answered(
             "queue": "emails",
             "concurrency": None,
             "key_concurrency": None,
+            "rate_limit": None,
+            "rate_period": 1.0,
             "breaker_threshold": None,
             "paused": False,
             "paused_at": None,
@@ -243,7 +247,9 @@ async def test_the_settings_routes_are_refused_without_a_configured_token(
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.5}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 2.0}, "concurrency"),
         ("PATCH", "/queues/emails/settings", {"concurrency": [3]}, "concurrency"),
-        ("PATCH", "/queues/emails/settings", {}, "concurrency, key_concurrency, breaker_threshold"),
+        ("PATCH", "/queues/emails/settings", {}, "concurrency, key_concurrency, rate_limit"),
+        ("PATCH", "/queues/emails/settings", {"rate_period": 0}, "greater than 0"),
+        ("PATCH", "/queues/emails/settings", {"rate_limit": 0}, "greater than or equal to 1"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": 0}, "greater than or equal"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": "3"}, "breaker_threshold"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 3, "paused": True}, "paused"),
@@ -342,7 +348,7 @@ async def test_a_patch_changes_only_the_fields_it_gives(
         assert first.status_code == 200, first.text
         second = await client.patch(
             "/queues/emails/settings",
-            json={"breaker_threshold": 10, "key_concurrency": 2},
+            json={"breaker_threshold": 10, "key_concurrency": 2, "rate_limit": 7},
             headers=AUTH,
         )
         assert second.status_code == 200, second.text
@@ -353,8 +359,8 @@ async def test_a_patch_changes_only_the_fields_it_gives(
             10,
         )
     stored = await pool.fetchrow(
-        "SELECT concurrency, key_concurrency, breaker_threshold FROM outbox_queues "
-        "WHERE name = 'emails'"
+        "SELECT concurrency, key_concurrency, breaker_threshold, rate_limit, rate_period "
+        "FROM outbox_queues WHERE name = 'emails'"
     )
     assert stored is not None
-    assert tuple(stored) == (4, 2, 10)
+    assert tuple(stored) == (4, 2, 10, 7, 1.0)

@@ -27,6 +27,8 @@ from tests.cli_support import (
 DEFAULTS = {
     "concurrency": None,
     "key_concurrency": None,
+    "rate_limit": None,
+    "rate_period": 1.0,
     "breaker_threshold": None,
     "paused": False,
     "paused_at": None,
@@ -198,7 +200,9 @@ BAD_INPUT: list[tuple[list[str], str, int]] = [
     (["queues", "set", "emails", "--concurrency", "0"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "-1", "--json"], "--concurrency", 2),
     (["queues", "set", "emails", "--concurrency", "abc"], "'abc'", 2),
-    (["queues", "set", "emails"], "--concurrency, --key-concurrency, --breaker", 2),
+    (["queues", "set", "emails"], "--concurrency, --key-concurrency, --rate", 2),
+    (["queues", "set", "emails", "--rate", "50"], "--rate", 2),
+    (["queues", "set", "emails", "--rate", "50/2d"], "--rate", 2),
     (["queues", "set", "emails", "--key-concurrency", "0"], "--key-concurrency", 2),
     (["queues", "set", "emails", "--breaker", "0"], "--breaker", 2),
     (["queues", "set", "emails", "--concurrency", "3", "--breaker", "x"], "--breaker", 2),
@@ -263,6 +267,16 @@ async def test_a_limit_per_key_is_set_and_shown(database_url: str, pool: asyncpg
     assert line_of(table, "emails").split()[-1] == "1/key"
     out = ok(await cli(database_url, "queues", "set", "emails", "--key-concurrency", "none"))
     assert out == "queue emails: at most 8 running at once\n"
+
+
+async def test_a_rate_limit_is_set_with_its_window(database_url: str, pool: asyncpg.Pool) -> None:
+    out = ok(await cli(database_url, "queues", "set", "emails", "--rate", "50/1m"))
+    assert out == "queue emails: running, no limit; at most 50 started per 1 min\n"
+    row = await pool.fetchrow("SELECT rate_limit, rate_period FROM outbox_queues")
+    assert row is not None
+    assert tuple(row) == (50, 60.0)
+    lifted = ok_json(await cli(database_url, "queues", "set", "emails", "--rate", "none", "--json"))
+    assert (lifted["rate_limit"], lifted["rate_period"]) == (None, 1.0)
 
 
 async def test_database_unreachable_is_one_line_error() -> None:

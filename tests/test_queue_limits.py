@@ -6,6 +6,7 @@ interval of a change made by plain SQL."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import random
 import signal
 from collections.abc import Callable
@@ -135,6 +136,31 @@ async def test_a_listed_job_this_claim_cannot_see_counts_until_its_lease_would_e
             "UPDATE outbox_queues SET held_until = ARRAY[now() - interval '1 second']"
         )
         assert len(await claim_limited(conn, 10)) == 1
+
+
+async def test_a_rate_limit_counts_the_starts_of_the_last_window(pool: asyncpg.Pool) -> None:
+    await insert_sleepy(pool, 20, 1.0)
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, rate_limit, rate_period) VALUES ($1, 3, 60)", LIMITED
+    )
+    async with pool.acquire() as conn:
+        assert len(await claim_limited(conn, 10)) == 3
+        await finish(
+            pool,
+            [
+                row["id"]
+                for row in await pool.fetch("SELECT id FROM outbox_jobs WHERE state = 'running'")
+            ],
+        )
+        assert await claim_limited(conn, 10) == [], "finished or not, three started this minute"
+        # Two of the starts fall out of the window.
+        await pool.execute(
+            "UPDATE outbox_queues SET rate_starts = ARRAY["
+            "now() - interval '2 minutes', now() - interval '61 seconds', now()]"
+        )
+        assert len(await claim_limited(conn, 10)) == 2
+        starts = await pool.fetchval("SELECT cardinality(rate_starts) FROM outbox_queues")
+        assert starts == 3, "the lapsed starts are dropped, the new ones kept"
 
 
 async def test_a_paused_queue_claims_nothing_on_either_path(pool: asyncpg.Pool) -> None:
@@ -345,3 +371,36 @@ async def test_a_pause_lets_running_jobs_finish_and_starts_nothing_until_resumed
     await wait_until(all_done, timeout=60, what="every job done after the resume")
     worker.signal(signal.SIGTERM)
     assert worker.wait() == 0
+
+
+@pytest.mark.slow
+async def test_three_workers_start_fifty_jobs_a_second_for_thirty_seconds(
+    pool: asyncpg.Pool, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """1,500 starts in 30 s, within 5 %, and no one-second window with more than 50 starts
+    and a claim of one worker's slots besides."""
+    rate, seconds, slots = 50, 30, 20
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, rate_limit, rate_period) VALUES ($1, $2, 1)",
+        LIMITED,
+        rate,
+    )
+    workers = [spawn_worker("--concurrency", str(slots), "--queues", LIMITED) for _ in range(3)]
+    for worker in workers:
+        await worker.wait_for_log('"worker_ready"')
+    await insert_sleepy(pool, rate * seconds * 2, 0.0)
+    await asyncio.sleep(seconds + 3)
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    assert [worker.wait() for worker in workers] == [0, 0, 0]
+    starts = sorted(
+        row["started_at"].timestamp()
+        for row in await pool.fetch("SELECT started_at FROM outbox_jobs WHERE attempts > 0")
+    )
+    first = starts[0]
+    in_window = [t for t in starts if t < first + seconds]
+    assert abs(len(in_window) - rate * seconds) <= rate * seconds * 0.05, len(in_window)
+    busiest = max(bisect.bisect_left(starts, t + 1.0) - i for i, t in enumerate(starts))
+    assert busiest <= rate + slots, f"{busiest} starts within one second"
+    pids = await pool.fetchval("SELECT count(DISTINCT pid) FROM test_executions")
+    assert pids == 3

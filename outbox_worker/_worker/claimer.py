@@ -52,6 +52,9 @@ class Claimer:
         # is claimed on its own, through JOB_CLAIM_LIMITED.
         self.limited: frozenset[str] = frozenset()
         self._turn = 0  # the limited queue the last batch of successes claimed for
+        # Set while a served queue has a rate limit: how soon to claim again after a claim
+        # that found less than it asked for (QueueWatch keeps it current).
+        self.retry_within: float | None = None
 
     async def claim(self) -> tuple[int, int]:
         """Claim on a connection of its own, for each limited queue and then for the

@@ -17,6 +17,8 @@ from outbox_worker._worker.claimer import Claimer
 from outbox_worker._worker.outcomes import StopReason
 from outbox_worker._worker.slots import Slots
 
+RATE_RETRIES = 20
+
 
 class QueueWatch:
     name = "queue_watch"
@@ -56,6 +58,10 @@ class QueueWatch:
             give_up_after=5.0,
         )
         limited = frozenset(row["name"] for row in rows if row["limited"])
+        windows = [row["rate_period"] for row in rows if row["rate_period"] is not None]
+        # A rate frees its places as its window slides: claim again a twentieth of the
+        # shortest window after a claim the rate cut short, not a whole poll interval.
+        self._claimer.retry_within = min(windows) / RATE_RETRIES if windows else None
         paused = {row["name"] for row in rows if row["paused"]}
         if limited != self._claimer.limited:
             self._log.info("queue_limits_seen", limited=sorted(limited))

@@ -18,7 +18,7 @@ from outbox_worker.cli.output import MISSING, first_line, print_json, stdout, vi
 from outbox_worker.cli.params import AsJson, DatabaseUrl, duration, resolve_dsn
 from outbox_worker.formatting import format_duration
 from outbox_worker.jobs import JobState
-from outbox_worker.queue_settings import MAX_CONCURRENCY, QueueSettings
+from outbox_worker.queue_settings import MAX_CONCURRENCY, MAX_RATE_PERIOD, QueueSettings
 
 DEFAULT_WINDOW = "5m"
 QueueName = Annotated[str, typer.Argument(metavar="NAME", help="The queue's name.")]
@@ -138,6 +138,22 @@ def concurrency_limit(
     return int(text)
 
 
+def rate_limit(value: str) -> tuple[int | None, float]:
+    """``--rate 50/1s`` (starts, window), or ``none``; anything else is a usage error."""
+    if value.strip().lower() == "none":
+        return None, 1.0
+    count, slash, window = value.partition("/")
+    if not slash:
+        raise typer.BadParameter(
+            f"{value!r} is not N/PERIOD (50/1s, 1000/1h), nor none", param_hint="--rate"
+        )
+    limit = concurrency_limit(count, "--rate", "no rate limit")
+    period = duration(window.strip(), "--rate", positive=True).total_seconds()
+    if period > MAX_RATE_PERIOD:
+        raise typer.BadParameter(f"the window {window!r} is longer than a day", param_hint="--rate")
+    return limit, period
+
+
 def in_force(setting: QueueSettings) -> str:
     """The one line each change prints: what workers obey now, the pause and limit both."""
     limits = [
@@ -150,6 +166,10 @@ def in_force(setting: QueueSettings) -> str:
         state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
     else:
         state = limit or "running, no limit"
+    if setting.rate_limit is not None:
+        state += (
+            f"; at most {setting.rate_limit} started per {format_duration(setting.rate_period)}"
+        )
     if setting.breaker_threshold is not None:
         state += f"; pauses itself after {setting.breaker_threshold} failures in a row"
     return f"queue {setting.name}: {state}"
@@ -180,6 +200,14 @@ def queues_set(
             "in turn; none lifts the limit.",
         ),
     ] = None,
+    rate: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N/PERIOD|none",
+            help="At most N of the queue's jobs started in any window of PERIOD (50/1s, "
+            "1000/1h); none lifts the limit.",
+        ),
+    ] = None,
     breaker: Annotated[
         str | None,
         typer.Option(
@@ -193,11 +221,12 @@ def queues_set(
 ) -> None:
     """Limit how many of a queue's jobs run at once, across every worker and host, and when
     its circuit breaker pauses it."""
-    if concurrency is None and key_concurrency is None and breaker is None:
+    if concurrency is None and key_concurrency is None and rate is None and breaker is None:
         raise typer.BadParameter(
-            "give --concurrency, --key-concurrency, --breaker or several",
+            "give --concurrency, --key-concurrency, --rate, --breaker or several",
             param_hint="--concurrency",
         )
+    per_window = None if rate is None else rate_limit(rate)
     limit = None if concurrency is None else concurrency_limit(concurrency)
     per_key = (
         None
@@ -213,6 +242,8 @@ def queues_set(
             setting = await queue_settings.set_concurrency(conn, name, limit)
         if key_concurrency is not None:
             setting = await queue_settings.set_key_concurrency(conn, name, per_key)
+        if per_window is not None:
+            setting = await queue_settings.set_rate(conn, name, *per_window)
         if breaker is not None:
             setting = await queue_settings.set_breaker(conn, name, threshold)
         return setting

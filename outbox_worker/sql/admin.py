@@ -195,8 +195,8 @@ ORDER BY s.name
 # ---------------------------------------------------------------------------------------------
 
 _QUEUE_SETTINGS = (
-    "name, concurrency, key_concurrency, breaker_threshold, paused_at, paused_by, "
-    "pause_reason, updated_at"
+    "name, concurrency, key_concurrency, rate_limit, rate_period, breaker_threshold, "
+    "paused_at, paused_by, pause_reason, updated_at"
 )
 
 # No parameters. Every queue with settings. Index: primary key.
@@ -221,6 +221,15 @@ INSERT INTO outbox_queues AS q (name, key_concurrency)
 VALUES (:name, CAST(:limit AS integer))
 ON CONFLICT (name) DO UPDATE
 SET key_concurrency = excluded.key_concurrency, updated_at = now()
+RETURNING {_QUEUE_SETTINGS}
+"""
+
+# :name, :limit (NULL: no rate limit), :period (seconds). Index: primary key.
+QUEUE_SET_RATE = f"""
+INSERT INTO outbox_queues AS q (name, rate_limit, rate_period)
+VALUES (:name, CAST(:limit AS integer), CAST(:period AS float8))
+ON CONFLICT (name) DO UPDATE
+SET rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = now()
 RETURNING {_QUEUE_SETTINGS}
 """
 

@@ -140,7 +140,8 @@ open_queues AS MATERIALIZED (
         WHERE NOT EXISTS (
             SELECT 1 FROM outbox_queues AS s
             WHERE s.name = q AND (s.paused_at IS NOT NULL OR s.concurrency IS NOT NULL
-                                  OR s.key_concurrency IS NOT NULL))
+                                  OR s.key_concurrency IS NOT NULL
+                                  OR s.rate_limit IS NOT NULL))
     ) AS names
 ),"""
 _CLAIMABLE = _OPEN_QUEUES + _claimable(
@@ -270,7 +271,10 @@ _LIMITED_PARAMS = ("queue", "limit", "ahead", "worker_id", "lease_seconds")
 _LIMITED = f"""
 gate AS MATERIALIZED (
     SELECT q.concurrency, q.key_concurrency, q.key_cursor, q.paused_at,
-           q.held_ids, q.held_attempts, q.held_until, q.held_keys
+           q.held_ids, q.held_attempts, q.held_until, q.held_keys,
+           q.rate_limit, q.rate_period,
+           ARRAY(SELECT t FROM unnest(q.rate_starts) AS t
+                 WHERE t > now() - make_interval(secs => q.rate_period)) AS recent
     FROM outbox_queues AS q
     WHERE q.name = :queue
     FOR UPDATE
@@ -280,7 +284,8 @@ held AS MATERIALIZED (
     FROM gate AS g
     CROSS JOIN LATERAL unnest(g.held_ids, g.held_attempts, g.held_until, g.held_keys)
         AS h(id, attempt, until, key)
-    WHERE coalesce(
+    WHERE (g.concurrency IS NOT NULL OR g.key_concurrency IS NOT NULL)
+      AND coalesce(
         (SELECT CASE WHEN j.attempts = h.attempt
                      THEN j.state = 'running' AND j.locked_until > now()
                      ELSE j.attempts < h.attempt AND h.until > now() END
@@ -290,18 +295,23 @@ held AS MATERIALIZED (
 ),
 room AS MATERIALIZED (
     SELECT g.paused_at IS NOT NULL AS paused, g.concurrency,
-           greatest(0, g.concurrency - (SELECT count(*) FROM held)) AS left_over
+           greatest(0, g.concurrency - (SELECT count(*) FROM held)) AS left_over,
+           CASE WHEN g.rate_limit IS NOT NULL
+                THEN greatest(0, g.rate_limit - cardinality(g.recent)) END AS starts_left
     FROM gate AS g
 ),
 budget AS MATERIALIZED (
     SELECT coalesce(
-        (SELECT CASE WHEN r.paused THEN 0
-                     WHEN r.concurrency IS NULL THEN :limit::bigint
-                     ELSE least(:limit::bigint - :ahead::integer, r.left_over)
-                          + least(:ahead::integer,
-                                  greatest(0, r.left_over - (:limit::bigint - :ahead::integer)
-                                              - r.concurrency / 2))
-                END
+        (SELECT least(
+                    CASE WHEN r.paused THEN 0
+                         WHEN r.concurrency IS NULL THEN :limit::bigint
+                         ELSE least(:limit::bigint - :ahead::integer, r.left_over)
+                              + least(:ahead::integer,
+                                      greatest(0, r.left_over
+                                                  - (:limit::bigint - :ahead::integer)
+                                                  - r.concurrency / 2))
+                    END,
+                    r.starts_left)
          FROM room AS r),
         :limit::bigint) AS n
 ),
@@ -402,6 +412,10 @@ claimed AS (
 granted AS (
     UPDATE outbox_queues AS q
     SET held_ids = l.ids, held_attempts = l.attempts, held_until = l.until, held_keys = l.keys,
+        rate_starts = CASE WHEN (SELECT rate_limit IS NULL FROM gate) THEN '{{}}'
+                           ELSE (SELECT recent FROM gate)
+                                || array_fill(now(), ARRAY[(SELECT count(*) FROM claimed)::integer])
+                      END,
         key_cursor = coalesce(
             CASE WHEN (SELECT count(*) FROM keyed_taken) >= (SELECT n FROM budget)
                  THEN (SELECT t.key FROM keyed_taken AS t ORDER BY t.pos DESC LIMIT 1)
@@ -415,9 +429,12 @@ granted AS (
                 UNION ALL
                 SELECT c.id, c.attempts, now() + make_interval(secs => :lease_seconds::float8),
                        t.key
-                FROM claimed AS c LEFT JOIN keyed_taken AS t ON t.id = c.id) AS e) AS l
+                FROM claimed AS c LEFT JOIN keyed_taken AS t ON t.id = c.id
+                WHERE (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL
+                       FROM gate)) AS e) AS l
     WHERE q.name = :queue
-      AND (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL FROM gate)
+      AND (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL
+                  OR rate_limit IS NOT NULL FROM gate)
       AND (EXISTS (SELECT 1 FROM claimed)
            OR (SELECT count(*) FROM held) < (SELECT cardinality(held_ids) FROM gate))
 )
@@ -746,13 +763,17 @@ SCHEMA_PROBE = statement("SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0")
 # Not a statement: the channel client.JOB_INSERT's trigger notifies; the notifier LISTENs.
 NOTIFY_CHANNEL = "outbox_jobs"
 
-# :queues (the worker's). The settings of those that have any: a limit (of the queue, or per
-# key) sends a queue's claims through JOB_CLAIM_LIMITED; a pause hands back the jobs claimed
-# ahead of it. Index: primary key.
+# :queues (the worker's). The settings of those that have any: a limit (of the queue, per
+# key, or of its rate) sends a queue's claims through JOB_CLAIM_LIMITED; a rate's window sets
+# how often the worker tries again; a pause hands back the jobs claimed ahead of it.
+# Index: primary key.
 QUEUES_WATCH = statement(
     params=("queues",),
     text="""
-SELECT name, concurrency IS NOT NULL OR key_concurrency IS NOT NULL AS limited,
+SELECT name,
+       concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL
+           AS limited,
+       CASE WHEN rate_limit IS NOT NULL THEN rate_period END AS rate_period,
        paused_at IS NOT NULL AS paused
 FROM outbox_queues
 WHERE name = ANY(:queues::text[])

@@ -38,7 +38,12 @@ from outbox_worker import admin, queue_settings
 from outbox_worker.db import is_database_unavailable
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict, OutboxError
 from outbox_worker.jobs import Job, JobOut
-from outbox_worker.queue_settings import MAX_CONCURRENCY, MAX_REASON_LENGTH, QueueSettings
+from outbox_worker.queue_settings import (
+    MAX_CONCURRENCY,
+    MAX_RATE_PERIOD,
+    MAX_REASON_LENGTH,
+    QueueSettings,
+)
 from outbox_worker.web.auth import AdminAuth, TokenSource
 
 SessionProvider = Callable[..., AsyncIterator[AsyncSession]]
@@ -53,6 +58,8 @@ class QueueSettingsOut(BaseModel):
     queue: str
     concurrency: int | None
     key_concurrency: int | None
+    rate_limit: int | None
+    rate_period: float
     breaker_threshold: int | None
     paused: bool
     paused_at: str | None
@@ -119,6 +126,14 @@ class QueueSettingsIn(BaseModel):
         description="at most this many jobs of one concurrency key run at once, the keys "
         "served in turn; null: no limit per key",
     )
+    rate_limit: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
+        default=None,
+        description="at most this many of the queue's jobs start in any window of "
+        "rate_period seconds; null: no rate limit",
+    )
+    rate_period: Annotated[float, Field(gt=0, le=MAX_RATE_PERIOD, allow_inf_nan=False)] = Field(
+        default=1.0, description="the rate limit's window, in seconds"
+    )
     breaker_threshold: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
         default=None,
         description="pause the queue once one of its tasks fails this many attempts in a "
@@ -128,7 +143,9 @@ class QueueSettingsIn(BaseModel):
     @model_validator(mode="after")
     def something_to_set(self) -> Self:
         if not self.model_fields_set:
-            raise ValueError("give concurrency, key_concurrency, breaker_threshold or several")
+            raise ValueError(
+                "give concurrency, key_concurrency, rate_limit, breaker_threshold or several"
+            )
         return self
 
 
@@ -381,6 +398,14 @@ def create_admin_router(
             if "key_concurrency" in body.model_fields_set:
                 settings = await queue_settings.set_key_concurrency(
                     session, name, body.key_concurrency
+                )
+            given = body.model_fields_set
+            if given & {"rate_limit", "rate_period"}:
+                settings = await queue_settings.set_rate(
+                    session,
+                    name,
+                    body.rate_limit if "rate_limit" in given else settings.rate_limit,
+                    body.rate_period if "rate_period" in given else settings.rate_period,
                 )
             if "breaker_threshold" in body.model_fields_set:
                 settings = await queue_settings.set_breaker(session, name, body.breaker_threshold)
