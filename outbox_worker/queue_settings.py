@@ -134,7 +134,7 @@ async def set_key_concurrency(
     every worker, the keys served in turn; None lifts the limit."""
     _check_queue(queue)
     _check_count("key_concurrency", limit, "no limit per key")
-    return await _write(session, sql.QUEUE_SET_KEY_CONCURRENCY, name=queue, limit=limit)
+    return await _write(session, sql.QUEUE_SET_KEY_CONCURRENCY, name=queue, key_concurrency=limit)
 
 
 async def set_rate(
@@ -152,7 +152,9 @@ async def set_rate(
         raise InvalidRequest(
             f"rate_period must be more than 0 and at most {MAX_RATE_PERIOD} seconds; got {period!r}"
         )
-    return await _write(session, sql.QUEUE_SET_RATE, name=queue, limit=limit, period=float(period))
+    return await _write(
+        session, sql.QUEUE_SET_RATE, name=queue, rate_limit=limit, rate_period=float(period)
+    )
 
 
 async def set_breaker(session: AdminSession, queue: str, threshold: int | None) -> QueueSettings:
@@ -160,7 +162,7 @@ async def set_breaker(session: AdminSession, queue: str, threshold: int | None) 
     across every worker, a success starting the count again); None turns it off."""
     _check_queue(queue)
     _check_count("breaker_threshold", threshold, "no breaker")
-    return await _write(session, sql.QUEUE_SET_BREAKER, name=queue, threshold=threshold)
+    return await _write(session, sql.QUEUE_SET_BREAKER, name=queue, breaker_threshold=threshold)
 
 
 async def pause(

@@ -206,41 +206,27 @@ FROM outbox_queues
 ORDER BY name
 """
 
-# :name, :concurrency (NULL: no limit). Index: primary key.
-QUEUE_SET_CONCURRENCY = f"""
-INSERT INTO outbox_queues AS q (name, concurrency)
-VALUES (:name, CAST(:concurrency AS integer))
+
+def _queue_set(**columns: str) -> str:
+    """The upsert of a queue's row that sets ``columns`` (column -> SQL type), each from the
+    parameter of its own name. Index: primary key."""
+    casts = ", ".join(f"CAST(:{column} AS {kind})" for column, kind in columns.items())
+    sets = ", ".join(f"{column} = excluded.{column}" for column in columns)
+    return f"""
+INSERT INTO outbox_queues AS q (name, {", ".join(columns)})
+VALUES (:name, {casts})
 ON CONFLICT (name) DO UPDATE
-SET concurrency = excluded.concurrency, updated_at = now()
+SET {sets}, updated_at = now()
 RETURNING {_QUEUE_SETTINGS}
 """
 
-# :name, :limit (NULL: no limit per key). Index: primary key.
-QUEUE_SET_KEY_CONCURRENCY = f"""
-INSERT INTO outbox_queues AS q (name, key_concurrency)
-VALUES (:name, CAST(:limit AS integer))
-ON CONFLICT (name) DO UPDATE
-SET key_concurrency = excluded.key_concurrency, updated_at = now()
-RETURNING {_QUEUE_SETTINGS}
-"""
 
-# :name, :limit (NULL: no rate limit), :period (seconds). Index: primary key.
-QUEUE_SET_RATE = f"""
-INSERT INTO outbox_queues AS q (name, rate_limit, rate_period)
-VALUES (:name, CAST(:limit AS integer), CAST(:period AS float8))
-ON CONFLICT (name) DO UPDATE
-SET rate_limit = excluded.rate_limit, rate_period = excluded.rate_period, updated_at = now()
-RETURNING {_QUEUE_SETTINGS}
-"""
-
-# :name, :threshold (NULL: no breaker). Index: primary key.
-QUEUE_SET_BREAKER = f"""
-INSERT INTO outbox_queues AS q (name, breaker_threshold)
-VALUES (:name, CAST(:threshold AS integer))
-ON CONFLICT (name) DO UPDATE
-SET breaker_threshold = excluded.breaker_threshold, updated_at = now()
-RETURNING {_QUEUE_SETTINGS}
-"""
+# :name and the setting (NULL: none): :concurrency, :key_concurrency, :rate_limit with
+# :rate_period (seconds), :breaker_threshold.
+QUEUE_SET_CONCURRENCY = _queue_set(concurrency="integer")
+QUEUE_SET_KEY_CONCURRENCY = _queue_set(key_concurrency="integer")
+QUEUE_SET_RATE = _queue_set(rate_limit="integer", rate_period="float8")
+QUEUE_SET_BREAKER = _queue_set(breaker_threshold="integer")
 
 # :name, :by (who paused it: an operator, or the circuit breaker), :reason. A queue paused
 # already keeps the time it was first paused. Index: primary key.
