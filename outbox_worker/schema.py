@@ -61,6 +61,7 @@ outbox_jobs = Table(
     Column("progress", JSONB),
     Column("tags", ARRAY(Text)),
     Column("concurrency_key", Text),
+    Column("trace_context", JSONB),
     CheckConstraint(
         "state IN ('queued', 'running', 'succeeded', 'dead', 'cancelled')",
         name="outbox_jobs_state_valid",
@@ -83,6 +84,10 @@ outbox_jobs = Table(
     CheckConstraint(
         "jsonb_typeof(args) = 'object'",
         name="outbox_jobs_args_is_object",
+    ),
+    CheckConstraint(
+        "jsonb_typeof(trace_context) = 'object'",
+        name="outbox_jobs_trace_context_object",
     ),
     # Python's datetime (so asyncpg) reads no timestamptz outside years 1 to 9999, and reads
     # infinity as a naive datetime: one such row would break every listing that includes it.
