@@ -17,6 +17,8 @@ poll interval:
   key's backlog never holds back another key's jobs.
 - **rate_limit** per **rate_period** seconds: at most that many of its jobs start (are
   claimed) in any window of that length, across every worker.
+- **key_rate_limit** per **key_rate_period** seconds: the same for the jobs of each
+  concurrency key on its own; a key at its rate is passed over, never waited for.
 - **breaker_threshold**: the queue pauses itself (``paused_by`` 'breaker') once one of its
   tasks has failed that many attempts in a row; an operator resumes it.
 
@@ -34,6 +36,7 @@ from sqlalchemy import text
 from outbox_worker import admin, sql
 from outbox_worker.admin import AdminSession
 from outbox_worker.errors import InvalidRequest
+from outbox_worker.formatting import format_duration
 from outbox_worker.jobs import JobState
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 
@@ -51,6 +54,8 @@ class QueueSettings:
     key_concurrency: int | None = None
     rate_limit: int | None = None
     rate_period: float = 1.0
+    key_rate_limit: int | None = None
+    key_rate_period: float = 1.0
     breaker_threshold: int | None = None
     paused_at: datetime | None = None
     paused_by: str | None = None
@@ -68,6 +73,8 @@ class QueueSettings:
             "key_concurrency": self.key_concurrency,
             "rate_limit": self.rate_limit,
             "rate_period": self.rate_period,
+            "key_rate_limit": self.key_rate_limit,
+            "key_rate_period": self.key_rate_period,
             "breaker_threshold": self.breaker_threshold,
             "paused": self.paused,
             "paused_at": None if self.paused_at is None else self.paused_at.isoformat(),
@@ -75,6 +82,31 @@ class QueueSettings:
             "pause_reason": self.pause_reason,
             "updated_at": None if self.updated_at is None else self.updated_at.isoformat(),
         }
+
+    def describe(self) -> str:
+        """What workers obey now, on one line: the line the CLI prints after a change and the
+        dashboard flashes, so both faces word it alike. The pause reason is as written; a
+        face escapes it for its medium."""
+        limits = [
+            *([] if self.concurrency is None else [f"at most {self.concurrency}"]),
+            *([] if self.key_concurrency is None else [f"{self.key_concurrency} per key"]),
+        ]
+        limit = f"{', '.join(limits)} running at once" if limits else None
+        if self.paused:
+            reason = f" ({self.pause_reason})" if self.pause_reason else ""
+            state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
+        else:
+            state = limit or "running, no limit"
+        if self.rate_limit is not None:
+            state += f"; at most {self.rate_limit} started per {format_duration(self.rate_period)}"
+        if self.key_rate_limit is not None:
+            state += (
+                f"; at most {self.key_rate_limit} started per key per "
+                f"{format_duration(self.key_rate_period)}"
+            )
+        if self.breaker_threshold is not None:
+            state += f"; pauses itself after {self.breaker_threshold} failures in a row"
+        return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +176,27 @@ async def set_rate(
     every worker; None lifts the limit."""
     _check_queue(queue)
     _check_count("rate_limit", limit, "no rate limit")
-    if (
-        isinstance(period, bool)
-        or not isinstance(period, int | float)
-        or not 0 < period <= MAX_RATE_PERIOD
-    ):
-        raise InvalidRequest(
-            f"rate_period must be more than 0 and at most {MAX_RATE_PERIOD} seconds; got {period!r}"
-        )
+    _check_period("rate_period", period)
     return await _write(
         session, sql.QUEUE_SET_RATE, name=queue, rate_limit=limit, rate_period=float(period)
+    )
+
+
+async def set_key_rate(
+    session: AdminSession, queue: str, limit: int | None, period: float = 1.0
+) -> QueueSettings:
+    """At most ``limit`` jobs of one concurrency key of ``queue`` start in any window of
+    ``period`` seconds, across every worker, the other keys going on meanwhile; None lifts
+    the limit."""
+    _check_queue(queue)
+    _check_count("key_rate_limit", limit, "no rate limit per key")
+    _check_period("key_rate_period", period)
+    return await _write(
+        session,
+        sql.QUEUE_SET_KEY_RATE,
+        name=queue,
+        key_rate_limit=limit,
+        key_rate_period=float(period),
     )
 
 
@@ -194,6 +237,17 @@ def _check_count(what: str, value: object, none_means: str) -> None:
         raise InvalidRequest(
             f"{what} must be a whole number from 1 to {MAX_CONCURRENCY}, or none for "
             f"{none_means}; got {value!r}"
+        )
+
+
+def _check_period(what: str, period: object) -> None:
+    if (
+        isinstance(period, bool)
+        or not isinstance(period, int | float)
+        or not 0 < period <= MAX_RATE_PERIOD
+    ):
+        raise InvalidRequest(
+            f"{what} must be more than 0 and at most {MAX_RATE_PERIOD} seconds; got {period!r}"
         )
 
 

@@ -263,6 +263,9 @@ outbox_queues = Table(
         nullable=False,
         server_default=text("'{}'::timestamp with time zone[]"),
     ),
+    Column("key_rate_limit", Integer),
+    Column("key_rate_period", Double, nullable=False, server_default=text("1")),
+    Column("key_starts", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     CheckConstraint(name_check("name"), name="outbox_queues_name_valid"),
     CheckConstraint("concurrency > 0", name="outbox_queues_concurrency_positive"),
     CheckConstraint("breaker_threshold > 0", name="outbox_queues_breaker_threshold_positive"),
@@ -270,6 +273,11 @@ outbox_queues = Table(
     CheckConstraint("rate_limit > 0", name="outbox_queues_rate_limit_positive"),
     CheckConstraint(
         "rate_period > 0 AND rate_period <= 86400", name="outbox_queues_rate_period_valid"
+    ),
+    CheckConstraint("key_rate_limit > 0", name="outbox_queues_key_rate_limit_positive"),
+    CheckConstraint(
+        "key_rate_period > 0 AND key_rate_period <= 86400",
+        name="outbox_queues_key_rate_period_valid",
     ),
     CheckConstraint(
         "cardinality(held_ids) = cardinality(held_attempts)"

@@ -234,7 +234,9 @@ class JobStateMachine(JobStateMachineBase):
         """Extends the leases it holds, with each handler's latest progress report (its
         step, for every other job), which only the holder of the attempt may write."""
         tick = self._tick()
-        mine = [h for h in self.held if h.worker == worker]
+        # Once per attempt, as a worker's slots list them: a hand-back and a new claim of the
+        # same attempt leave two entries of it in ``held``.
+        mine = list({(h.job_id, h.attempt): h for h in self.held if h.worker == worker}.values())
         reports = [{"step": tick} if n % 2 == 0 else None for n, _ in enumerate(mine)]
         rows = self.env.run(
             self.conn.fetch(

@@ -21,7 +21,7 @@ from outbox_worker import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
 ERROR_PREFIX = "outbox-worker: error:"
-HEAD = "pgoutbox_0017"
+HEAD = "pgoutbox_0018"
 NewDatabase = Callable[[], Awaitable[str]]
 
 

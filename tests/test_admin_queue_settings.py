@@ -24,6 +24,8 @@ SETTINGS_KEYS = {
     "key_concurrency",
     "rate_limit",
     "rate_period",
+    "key_rate_limit",
+    "key_rate_period",
     "breaker_threshold",
     "paused",
     "paused_at",
@@ -65,6 +67,8 @@ async def test_each_change_is_in_the_table_when_answered(
             "key_concurrency": None,
             "rate_limit": None,
             "rate_period": 1.0,
+            "key_rate_limit": None,
+            "key_rate_period": 1.0,
             "breaker_threshold": None,
             "paused": False,
             "paused_at": None,
@@ -250,6 +254,8 @@ async def test_the_settings_routes_are_refused_without_a_configured_token(
         ("PATCH", "/queues/emails/settings", {}, "concurrency, key_concurrency, rate_limit"),
         ("PATCH", "/queues/emails/settings", {"rate_period": 0}, "greater than 0"),
         ("PATCH", "/queues/emails/settings", {"rate_limit": 0}, "greater than or equal to 1"),
+        ("PATCH", "/queues/emails/settings", {"key_rate_limit": 0}, "greater than or equal"),
+        ("PATCH", "/queues/emails/settings", {"key_rate_period": 86401}, "less than or equal"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": 0}, "greater than or equal"),
         ("PATCH", "/queues/emails/settings", {"breaker_threshold": "3"}, "breaker_threshold"),
         ("PATCH", "/queues/emails/settings", {"concurrency": 3, "paused": True}, "paused"),
@@ -364,3 +370,26 @@ async def test_a_patch_changes_only_the_fields_it_gives(
     )
     assert stored is not None
     assert tuple(stored) == (4, 2, 10, 7, 1.0)
+
+
+async def test_a_rate_per_key_keeps_its_window_when_only_the_limit_changes(
+    pool: asyncpg.Pool, engine: AsyncEngine
+) -> None:
+    async with client_of(plain(engine)) as client:
+        first = await client.patch(
+            "/queues/emails/settings",
+            json={"key_rate_limit": 3, "key_rate_period": 60},
+            headers=AUTH,
+        )
+        assert first.status_code == 200, first.text
+        second = await client.patch(
+            "/queues/emails/settings", json={"key_rate_limit": 5}, headers=AUTH
+        )
+        assert second.status_code == 200, second.text
+        assert (second.json()["key_rate_limit"], second.json()["key_rate_period"]) == (5, 60.0)
+    stored = await pool.fetchrow(
+        "SELECT key_rate_limit, key_rate_period, rate_limit FROM outbox_queues "
+        "WHERE name = 'emails'"
+    )
+    assert stored is not None
+    assert tuple(stored) == (5, 60.0, None)

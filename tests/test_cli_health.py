@@ -101,21 +101,21 @@ async def test_health_reports_a_schema_behind_its_migrations(
     database_url: str, pool: asyncpg.Pool
 ) -> None:
     await pool.execute(
-        "UPDATE alembic_version SET version_num = 'pgoutbox_0016' "
-        "WHERE version_num = 'pgoutbox_0017'"
+        "UPDATE alembic_version SET version_num = 'pgoutbox_0017' "
+        "WHERE version_num = 'pgoutbox_0018'"
     )
     result = await cli(database_url, "health", "--json")
     assert result.returncode == 1, report_of(result)
     checks = json.loads(result.stdout)["checks"]
     assert checks["schema"]["status"] == "failing"
     assert (checks["schema"]["current"], checks["schema"]["expected"]) == (
-        "pgoutbox_0016",
         "pgoutbox_0017",
+        "pgoutbox_0018",
     )
     assert "run your application's `alembic upgrade heads`" in checks["schema"]["detail"]
     assert checks["migrations"]["status"] == "failing"
-    assert checks["migrations"]["current"] == ["pgoutbox_0016", "sample_0001"]
-    assert checks["migrations"]["expected"] == ["pgoutbox_0017", "sample_0001"]
+    assert checks["migrations"]["current"] == ["pgoutbox_0017", "sample_0001"]
+    assert checks["migrations"]["expected"] == ["pgoutbox_0018", "sample_0001"]
 
 
 def test_health_with_the_database_unreachable() -> None:

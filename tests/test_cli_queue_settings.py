@@ -29,6 +29,8 @@ DEFAULTS = {
     "key_concurrency": None,
     "rate_limit": None,
     "rate_period": 1.0,
+    "key_rate_limit": None,
+    "key_rate_period": 1.0,
     "breaker_threshold": None,
     "paused": False,
     "paused_at": None,
@@ -277,6 +279,42 @@ async def test_a_rate_limit_is_set_with_its_window(database_url: str, pool: asyn
     assert tuple(row) == (50, 60.0)
     lifted = ok_json(await cli(database_url, "queues", "set", "emails", "--rate", "none", "--json"))
     assert (lifted["rate_limit"], lifted["rate_period"]) == (None, 1.0)
+
+
+async def test_a_rate_per_key_is_set_apart_from_the_queue_s(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    out = ok(
+        await cli(
+            database_url, "queues", "set", "emails", "--rate", "100/1m", "--key-rate", "5/10s"
+        )
+    )
+    assert out == (
+        "queue emails: running, no limit; at most 100 started per 1 min; "
+        "at most 5 started per key per 10 s\n"
+    )
+    row = await pool.fetchrow(
+        "SELECT rate_limit, rate_period, key_rate_limit, key_rate_period FROM outbox_queues"
+    )
+    assert row is not None
+    assert tuple(row) == (100, 60.0, 5, 10.0)
+    lifted = ok_json(
+        await cli(database_url, "queues", "set", "emails", "--key-rate", "none", "--json")
+    )
+    assert (lifted["key_rate_limit"], lifted["rate_limit"]) == (None, 100)
+    ok(await cli(database_url, "queues", "set", "emails", "--key-rate", "2/10s"))
+    table = ok(await cli(database_url, "queues"))
+    assert line_of(table, "emails").split()[-2:] == ["100/1min", "2/key/10s"]
+
+
+@pytest.mark.parametrize("value", ["5", "0/1s", "5/0s", "5/2d", "x/1s"])
+async def test_a_bad_rate_per_key_changes_nothing(
+    database_url: str, pool: asyncpg.Pool, value: str
+) -> None:
+    result = await cli(database_url, "queues", "set", "emails", "--key-rate", value)
+    assert result.returncode == 2, report_of(result)
+    assert "--key-rate" in result.stderr
+    assert await pool.fetchval("SELECT count(*) FROM outbox_queues") == 0
 
 
 async def test_database_unreachable_is_one_line_error() -> None:

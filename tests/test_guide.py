@@ -268,12 +268,12 @@ async def test_the_readme_guide_works_in_a_fresh_project(
         versions = await conn.fetch("SELECT version_num FROM alembic_version ORDER BY 1")
         queue_versions = "pgoutbox_alembic_version"
         if schema_way == "alembic-branch":
-            assert [r[0] for r in versions] == ["0001", "pgoutbox_0017"]
+            assert [r[0] for r in versions] == ["0001", "pgoutbox_0018"]
             assert await conn.fetchval("SELECT to_regclass($1)", queue_versions) is None
         else:
             assert [r[0] for r in versions] == ["0001"]  # the app's own, untouched
             assert await conn.fetchval(f"SELECT version_num FROM {queue_versions}") == (
-                "pgoutbox_0017"
+                "pgoutbox_0018"
             )
 
         # Steps 3, 4 and 6: the guide's files; its test passes.

@@ -51,7 +51,7 @@ async def fetch(url: str, query: str) -> list[tuple[object, ...]]:
 
 def test_the_head_is_the_newest_revision_of_the_branch() -> None:
     assert migrate.head() == HEAD
-    assert migrate.revisions() == {f"pgoutbox_{n:04d}" for n in range(1, 18)}
+    assert migrate.revisions() == {f"pgoutbox_{n:04d}" for n in range(1, 19)}
 
 
 def test_the_revisions_read_from_file_names_are_alembics_own() -> None:
@@ -93,7 +93,7 @@ async def test_migrate_installs_the_schema_once_and_check_tells_where_it_stands(
     one_line_error(
         await run("--check", DATABASE_URL=url),
         1,
-        f"is at pgoutbox_0016, this code needs {HEAD}: run `outbox-worker migrate`",
+        f"is at pgoutbox_0017, this code needs {HEAD}: run `outbox-worker migrate`",
     )
     assert applied(ok(await run(DATABASE_URL=url))) == [HEAD]
     assert await catalog(url) == installed
@@ -253,7 +253,7 @@ async def test_the_wheel_ships_the_migrations(tmp_path: Path, empty_databases: N
         archive.extractall(site)
     assert "outbox_worker/migrations/script.py.mako" in names
     assert "outbox_worker/migrations/env.py" in names
-    assert f"outbox_worker/migrations/versions/{HEAD}_trace_context.py" in names
+    assert f"outbox_worker/migrations/versions/{HEAD}_key_rates.py" in names
 
     program = (
         "import sys, outbox_worker; print(outbox_worker.__file__, flush=True); "

@@ -225,7 +225,7 @@ async def test_an_applications_alembic_carries_the_pgoutbox_branch(
 ) -> None:
     url = await empty_databases()
     config = shop_config(tmp_path, url)
-    assert set(ScriptDirectory.from_config(config).get_heads()) == {"pgoutbox_0017", "shop_0001"}
+    assert set(ScriptDirectory.from_config(config).get_heads()) == {"pgoutbox_0018", "shop_0001"}
 
     await asyncio.to_thread(command.upgrade, config, "heads")
 
@@ -240,7 +240,7 @@ async def test_an_applications_alembic_carries_the_pgoutbox_branch(
     finally:
         await conn.close()
     # Both histories in the application's one table; the library's own table never made.
-    assert versions == {"pgoutbox_0017", "shop_0001"}
+    assert versions == {"pgoutbox_0018", "shop_0001"}
     assert referenced == "outbox_jobs"
     assert own_table is None
 
@@ -366,7 +366,7 @@ async def test_a_database_of_the_old_chain_upgrades_with_every_row_kept(
     finally:
         await conn.close()
     assert _as_before(after, before) == before
-    assert versions == set(schema_heads()) == {"pgoutbox_0017", "sample_0001"}
+    assert versions == set(schema_heads()) == {"pgoutbox_0018", "sample_0001"}
     assert (state.route, state.status) == ("app", "head")
     assert await catalog(url) == await catalog(fresh)
     assert next_id == 6  # the identity goes on where it was

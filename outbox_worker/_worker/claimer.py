@@ -72,12 +72,15 @@ class Claimer:
                 ahead=reservation.ahead,
             )
             asked, claimed = asked + more, claimed + took
-        reservation = self._reserve(freed=0)
+        # The others: none when every queue is limited (JOB_CLAIM passes over limited
+        # queues, so asking it would cost a round trip for nothing).
+        others = [queue for queue in self._queues if queue not in self.limited]
+        reservation = self._reserve(freed=0) if others else NOTHING
         if reservation:
             more, took = await self._claim(
                 sql.JOB_CLAIM,
                 reservation,
-                queues=self._queues,
+                queues=others,
                 limit=reservation.asked,
                 ahead=reservation.ahead,
             )

@@ -104,9 +104,24 @@ def queues(
 
 
 def _limit_cell(setting: QueueSettings) -> str:
+    """The limits in short: ``5 1/key 50/1min 2/key/10s``."""
+
+    def per(window: float) -> str:
+        return format_duration(window).replace(" ", "")
+
     parts = [
         *([] if setting.concurrency is None else [str(setting.concurrency)]),
         *([] if setting.key_concurrency is None else [f"{setting.key_concurrency}/key"]),
+        *(
+            []
+            if setting.rate_limit is None
+            else [f"{setting.rate_limit}/{per(setting.rate_period)}"]
+        ),
+        *(
+            []
+            if setting.key_rate_limit is None
+            else [f"{setting.key_rate_limit}/key/{per(setting.key_rate_period)}"]
+        ),
     ]
     return " ".join(parts) or MISSING
 
@@ -138,48 +153,29 @@ def concurrency_limit(
     return int(text)
 
 
-def rate_limit(value: str) -> tuple[int | None, float]:
-    """``--rate 50/1s`` (starts, window), or ``none``; anything else is a usage error."""
+def rate_limit(value: str, flag: str = "--rate") -> tuple[int | None, float]:
+    """``--rate 50/1s`` (starts, window), or ``none`` (``--key-rate`` likewise); anything
+    else is a usage error."""
     if value.strip().lower() == "none":
         return None, 1.0
     count, slash, window = value.partition("/")
     if not slash:
         raise typer.BadParameter(
-            f"{value!r} is not N/PERIOD (50/1s, 1000/1h), nor none", param_hint="--rate"
+            f"{value!r} is not N/PERIOD (50/1s, 1000/1h), nor none", param_hint=flag
         )
-    limit = concurrency_limit(count, "--rate", "no rate limit")
-    period = duration(window.strip(), "--rate", positive=True).total_seconds()
+    limit = concurrency_limit(count, flag, "no rate limit")
+    period = duration(window.strip(), flag, positive=True).total_seconds()
     if period > MAX_RATE_PERIOD:
-        raise typer.BadParameter(f"the window {window!r} is longer than a day", param_hint="--rate")
+        raise typer.BadParameter(f"the window {window!r} is longer than a day", param_hint=flag)
     return limit, period
-
-
-def in_force(setting: QueueSettings) -> str:
-    """The one line each change prints: what workers obey now, the pause and limit both."""
-    limits = [
-        *([] if setting.concurrency is None else [f"at most {setting.concurrency}"]),
-        *([] if setting.key_concurrency is None else [f"{setting.key_concurrency} per key"]),
-    ]
-    limit = f"{', '.join(limits)} running at once" if limits else None
-    if setting.paused:
-        reason = f" ({visible(setting.pause_reason)})" if setting.pause_reason else ""
-        state = f"paused{reason}" + ("" if limit is None else f"; when resumed, {limit}")
-    else:
-        state = limit or "running, no limit"
-    if setting.rate_limit is not None:
-        state += (
-            f"; at most {setting.rate_limit} started per {format_duration(setting.rate_period)}"
-        )
-    if setting.breaker_threshold is not None:
-        state += f"; pauses itself after {setting.breaker_threshold} failures in a row"
-    return f"queue {setting.name}: {state}"
 
 
 def _report(setting: QueueSettings, as_json: bool) -> None:
     if as_json:
         print_json(setting.as_dict())
     else:
-        stdout().print(in_force(setting), soft_wrap=True)
+        # The line's only free text is the pause reason: escaped for the terminal.
+        stdout().print(visible(f"queue {setting.name}: {setting.describe()}"), soft_wrap=True)
 
 
 def queues_set(
@@ -208,6 +204,14 @@ def queues_set(
             "1000/1h); none lifts the limit.",
         ),
     ] = None,
+    key_rate: Annotated[
+        str | None,
+        typer.Option(
+            metavar="N/PERIOD|none",
+            help="At most N jobs of one concurrency key started in any window of PERIOD, "
+            "the other keys going on; none lifts the limit.",
+        ),
+    ] = None,
     breaker: Annotated[
         str | None,
         typer.Option(
@@ -221,12 +225,13 @@ def queues_set(
 ) -> None:
     """Limit how many of a queue's jobs run at once, across every worker and host, and when
     its circuit breaker pauses it."""
-    if concurrency is None and key_concurrency is None and rate is None and breaker is None:
+    if all(v is None for v in (concurrency, key_concurrency, rate, key_rate, breaker)):
         raise typer.BadParameter(
-            "give --concurrency, --key-concurrency, --rate, --breaker or several",
+            "give --concurrency, --key-concurrency, --rate, --key-rate, --breaker or several",
             param_hint="--concurrency",
         )
     per_window = None if rate is None else rate_limit(rate)
+    per_key_window = None if key_rate is None else rate_limit(key_rate, "--key-rate")
     limit = None if concurrency is None else concurrency_limit(concurrency)
     per_key = (
         None
@@ -244,6 +249,8 @@ def queues_set(
             setting = await queue_settings.set_key_concurrency(conn, name, per_key)
         if per_window is not None:
             setting = await queue_settings.set_rate(conn, name, *per_window)
+        if per_key_window is not None:
+            setting = await queue_settings.set_key_rate(conn, name, *per_key_window)
         if breaker is not None:
             setting = await queue_settings.set_breaker(conn, name, threshold)
         return setting

@@ -195,8 +195,8 @@ ORDER BY s.name
 # ---------------------------------------------------------------------------------------------
 
 _QUEUE_SETTINGS = (
-    "name, concurrency, key_concurrency, rate_limit, rate_period, breaker_threshold, "
-    "paused_at, paused_by, pause_reason, updated_at"
+    "name, concurrency, key_concurrency, rate_limit, rate_period, key_rate_limit, "
+    "key_rate_period, breaker_threshold, paused_at, paused_by, pause_reason, updated_at"
 )
 
 # No parameters. Every queue with settings. Index: primary key.
@@ -222,10 +222,11 @@ RETURNING {_QUEUE_SETTINGS}
 
 
 # :name and the setting (NULL: none): :concurrency, :key_concurrency, :rate_limit with
-# :rate_period (seconds), :breaker_threshold.
+# :rate_period (seconds), :key_rate_limit with :key_rate_period, :breaker_threshold.
 QUEUE_SET_CONCURRENCY = _queue_set(concurrency="integer")
 QUEUE_SET_KEY_CONCURRENCY = _queue_set(key_concurrency="integer")
 QUEUE_SET_RATE = _queue_set(rate_limit="integer", rate_period="float8")
+QUEUE_SET_KEY_RATE = _queue_set(key_rate_limit="integer", key_rate_period="float8")
 QUEUE_SET_BREAKER = _queue_set(breaker_threshold="integer")
 
 # :name, :by (who paused it: an operator, or the circuit breaker), :reason. A queue paused

@@ -160,7 +160,7 @@ SET state = 'running',
     started_at = now()
 WHERE j.id = ANY(ARRAY({ids}))
 RETURNING j.id, j.task, j.queue, j.args::text AS args, j.attempts, j.max_attempts,
-          j.correlation_id
+          j.correlation_id, j.trace_context::text AS trace_context
 """
 
 
@@ -220,18 +220,20 @@ claimed AS (
 {_CLAIM_UPDATE}
 )
 SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
-       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id
+       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id,
+       NULL::text AS trace_context
 FROM done
 UNION ALL
-SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
+SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id, trace_context
 FROM claimed
 """,
 )
 
 # A limited queue's claim: :queue, :limit and :ahead as in JOB_CLAIM, :worker_id,
 # :lease_seconds. A queue is limited by a concurrency (running jobs of the queue), a
-# key_concurrency (running jobs per concurrency key), or both (migrations pgoutbox_0013,
-# pgoutbox_0015).
+# key_concurrency (running jobs per concurrency key), a rate (starts of the queue's jobs in
+# a sliding window) or a key_rate_limit (starts of one key's jobs in a window), or several
+# (migrations pgoutbox_0013, pgoutbox_0015, pgoutbox_0016, pgoutbox_0018).
 # The queue's row is locked first (FOR UPDATE waits: the claims of one limited queue take
 # turns), so that it is read as the last claim left it: locking returns the newest version
 # of the row, whatever this statement's older snapshot holds. Its list of the jobs the
@@ -245,19 +247,22 @@ FROM claimed
 # ahead count against the limit like running ones, so they are claimed only out of the half
 # of the limit no claim would otherwise reach: a worker never holds idle the last places
 # that another worker's free slots could run.
-# With a key_concurrency, keyed jobs are taken key by key, in turns: the walk goes through
-# the queue's keys in order from the one after key_cursor, wrapping round once, each step
-# one probe of outbox_jobs_queued_idx, until it has found as many keys with room (fewer of
-# their jobs count than the limit: a jsonb map of the counts, built once) as the claim may
-# take, and no further than eight times that plus 32 keys. Each key gives its due jobs in
+# With a key_concurrency or a key_rate_limit, keyed jobs are taken key by key, in turns:
+# the walk goes through the queue's keys in order from the one after key_cursor, wrapping
+# round once, each step one probe of outbox_jobs_queued_idx, until it has found as many keys
+# with room (fewer of their jobs count than the limit, and fewer of their starts fall in
+# the window than the rate: jsonb maps by key, built once) as the claim may take, and no
+# further than eight times that plus 32 keys. A key without room takes no turn and holds
+# up no other key. Each key gives its due jobs in
 # claim order, no more than its room and an even share of the claim; the claim takes the
 # first job of every key, then the second, and so on. key_cursor becomes the last key it
 # took from, or the last key the walk reached when the claim is not full, so that the next
 # claim goes on from there: a key with a huge backlog takes one turn like any other, and a
 # key that waits is served by the next claim with room at the latest. Jobs without a key
-# take what the keyed jobs left of the claim's free slots, in claim order. Such a queue
-# keeps no ready rows (migration pgoutbox_0015): its claims read outbox_jobs_queued_idx, not
-# the lanes, which a queue limited only in all reads as any other.
+# take what the keyed jobs left of the claim's free slots, in claim order, and count
+# against no key's limit or rate. Such a queue keeps no ready rows (migrations
+# pgoutbox_0015, pgoutbox_0018): its claims read outbox_jobs_queued_idx, not the lanes,
+# which a queue limited only in all reads as any other.
 # A paused queue claims nothing; a queue without a row, or without limits, claims like any
 # other. Indexes: the primary keys (the row, each listed job), outbox_jobs_queued_idx
 # (the keys, their jobs, the jobs without a key), outbox_ready's lanes.
@@ -267,12 +272,20 @@ _NEXT_KEY = """(SELECT j.concurrency_key FROM outbox_jobs AS j
 _FIRST_KEY = """(SELECT j.concurrency_key FROM outbox_jobs AS j
      WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key IS NOT NULL
      ORDER BY j.concurrency_key LIMIT 1)"""
+# What one key may still start: its limit less its jobs that count, and its rate less its
+# starts in the window; least() passes over the one the queue does not set.
+_KEY_ROOM = """least((SELECT g.key_concurrency FROM gate AS g)
+                   - coalesce(((SELECT l.live FROM key_live AS l) ->> {key})::integer, 0),
+               (SELECT g.key_rate_limit FROM gate AS g)
+                   - coalesce(jsonb_array_length((SELECT r.starts FROM key_rated AS r) -> {key}),
+                              0))"""
 _LIMITED_PARAMS = ("queue", "limit", "ahead", "worker_id", "lease_seconds")
 _LIMITED = f"""
 gate AS MATERIALIZED (
     SELECT q.concurrency, q.key_concurrency, q.key_cursor, q.paused_at,
            q.held_ids, q.held_attempts, q.held_until, q.held_keys,
-           q.rate_limit, q.rate_period,
+           q.rate_limit, q.rate_period, q.key_rate_limit, q.key_rate_period, q.key_starts,
+           q.key_concurrency IS NOT NULL OR q.key_rate_limit IS NOT NULL AS keyed,
            ARRAY(SELECT t FROM unnest(q.rate_starts) AS t
                  WHERE t > now() - make_interval(secs => q.rate_period)) AS recent
     FROM outbox_queues AS q
@@ -322,26 +335,36 @@ key_live AS MATERIALIZED (
           WHERE h.key IS NOT NULL
           GROUP BY h.key) AS k
 ),
+key_rated AS MATERIALIZED (
+    SELECT coalesce(jsonb_object_agg(e.key, r.starts), '{{}}') AS starts
+    FROM gate AS g
+    CROSS JOIN LATERAL jsonb_each(g.key_starts) AS e(key, starts)
+    CROSS JOIN LATERAL (
+        SELECT jsonb_agg(t.at) AS starts
+        FROM jsonb_array_elements(e.starts) AS t(at)
+        WHERE t.at::float8 > extract(epoch FROM now()) - g.key_rate_period
+    ) AS r
+    WHERE g.key_rate_limit IS NOT NULL AND r.starts IS NOT NULL
+),
 walk(key, pos, wrapped, room, free) AS (
-    SELECT s.key, 1, s.after IS NULL, s.room, (s.room > 0)::integer
-    FROM (SELECT coalesce(a.after, a.first) AS key, a.after,
-                 g.key_concurrency
-                     - coalesce((l.live ->> coalesce(a.after, a.first))::integer, 0) AS room
-          FROM gate AS g, key_live AS l,
-               LATERAL (SELECT {_NEXT_KEY.format(after="g.key_cursor")} AS after,
-                               {_FIRST_KEY} AS first) AS a
-          WHERE g.key_concurrency IS NOT NULL AND g.paused_at IS NULL) AS s
-    WHERE s.key IS NOT NULL
+    SELECT s.key, 1, s.wrapped, s.room, (s.room > 0)::integer
+    FROM gate AS g
+    CROSS JOIN LATERAL (
+        SELECT k.key, k.wrapped, {_KEY_ROOM.format(key="k.key")} AS room
+        FROM (SELECT coalesce(a.after, {_FIRST_KEY}) AS key, a.after IS NULL AS wrapped
+              FROM (SELECT {_NEXT_KEY.format(after="g.key_cursor")} AS after OFFSET 0) AS a
+              OFFSET 0) AS k
+    ) AS s
+    WHERE g.keyed AND g.paused_at IS NULL AND s.key IS NOT NULL
   UNION ALL
     SELECT n.key, w.pos + 1, n.wrapped, n.room, w.free + (n.room > 0)::integer
     FROM walk AS w
     CROSS JOIN LATERAL (
-        SELECT m.key, m.wrapped,
-               (SELECT g.key_concurrency FROM gate AS g)
-                   - coalesce(((SELECT l.live FROM key_live AS l) ->> m.key)::integer, 0) AS room
+        SELECT m.key, m.wrapped, {_KEY_ROOM.format(key="m.key")} AS room
         FROM (SELECT coalesce(x.after, CASE WHEN NOT w.wrapped THEN {_FIRST_KEY} END) AS key,
                      w.wrapped OR x.after IS NULL AS wrapped
-              FROM (SELECT {_NEXT_KEY.format(after="w.key")} AS after) AS x) AS m
+              FROM (SELECT {_NEXT_KEY.format(after="w.key")} AS after OFFSET 0) AS x
+              OFFSET 0) AS m
     ) AS n
     WHERE n.key IS NOT NULL
       AND w.free < (SELECT n FROM budget)
@@ -384,7 +407,7 @@ unkeyed AS MATERIALIZED (
     FROM outbox_jobs AS j
     WHERE j.state = 'queued' AND j.queue = :queue AND j.concurrency_key IS NULL
       AND j.run_at <= now()
-      AND (SELECT key_concurrency IS NOT NULL FROM gate)
+      AND (SELECT keyed FROM gate)
     ORDER BY j.priority DESC, j.run_at, j.id
     LIMIT greatest(0, least((SELECT n FROM budget), :limit - :ahead::integer)
                       - (SELECT count(*) FROM keyed_taken))
@@ -396,8 +419,7 @@ open_queues AS MATERIALIZED (
 {
     _claimable(
         queues="(SELECT names FROM open_queues)::text[]",
-        limit="(SELECT CASE WHEN key_concurrency IS NULL THEN (SELECT n FROM budget) "
-        "ELSE 0 END FROM gate)",
+        limit="(SELECT CASE WHEN keyed THEN 0 ELSE (SELECT n FROM budget) END FROM gate)",
         now=":limit - :ahead::integer",
     )
 },
@@ -416,6 +438,20 @@ granted AS (
                            ELSE (SELECT recent FROM gate)
                                 || array_fill(now(), ARRAY[(SELECT count(*) FROM claimed)::integer])
                       END,
+        key_starts = CASE WHEN (SELECT key_rate_limit IS NULL FROM gate) THEN '{{}}'
+                          ELSE (SELECT r.starts FROM key_rated AS r)
+                               || coalesce((SELECT jsonb_object_agg(
+                                                       n.key,
+                                                       coalesce(r.starts -> n.key, '[]')
+                                                       || to_jsonb(array_fill(
+                                                              extract(epoch FROM now()),
+                                                              ARRAY[n.taken])))
+                                            FROM key_rated AS r,
+                                                 (SELECT t.key, count(*)::integer AS taken
+                                                  FROM keyed_taken AS t
+                                                  JOIN claimed AS c ON c.id = t.id
+                                                  GROUP BY t.key) AS n), '{{}}')
+                     END,
         key_cursor = coalesce(
             CASE WHEN (SELECT count(*) FROM keyed_taken) >= (SELECT n FROM budget)
                  THEN (SELECT t.key FROM keyed_taken AS t ORDER BY t.pos DESC LIMIT 1)
@@ -433,8 +469,7 @@ granted AS (
                 WHERE (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL
                        FROM gate)) AS e) AS l
     WHERE q.name = :queue
-      AND (SELECT concurrency IS NOT NULL OR key_concurrency IS NOT NULL
-                  OR rate_limit IS NOT NULL FROM gate)
+      AND (SELECT concurrency IS NOT NULL OR keyed OR rate_limit IS NOT NULL FROM gate)
       AND (EXISTS (SELECT 1 FROM claimed)
            OR (SELECT count(*) FROM held) < (SELECT cardinality(held_ids) FROM gate))
 )
@@ -443,7 +478,8 @@ granted AS (
 JOB_CLAIM_LIMITED = statement(
     params=_LIMITED_PARAMS,
     text=f"""
-WITH RECURSIVE {_LIMITED}SELECT id, task, queue, args, attempts, max_attempts, correlation_id
+WITH RECURSIVE {_LIMITED}SELECT id, task, queue, args, attempts, max_attempts, correlation_id,
+       trace_context
 FROM claimed
 """,
 )
@@ -459,10 +495,11 @@ WITH RECURSIVE done AS (
 {_COMPLETE}
 ),{_RESET_BREAKERS},
 {_LIMITED}SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
-       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id
+       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id,
+       NULL::text AS trace_context
 FROM done
 UNION ALL
-SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id
+SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id, trace_context
 FROM claimed
 """,
 )
@@ -763,17 +800,23 @@ SCHEMA_PROBE = statement("SELECT NULL FROM outbox_jobs, outbox_workers LIMIT 0")
 # Not a statement: the channel client.JOB_INSERT's trigger notifies; the notifier LISTENs.
 NOTIFY_CHANNEL = "outbox_jobs"
 
+# :channel, one the notifier's connection LISTENs to alone: its start-up check that a NOTIFY
+# sent through the worker's pool, as the jobs' are, reaches its LISTEN.
+LISTEN_PROBE = statement(params=("channel",), text="SELECT pg_notify(:channel, '')")
+
 # :queues (the worker's). The settings of those that have any: a limit (of the queue, per
-# key, or of its rate) sends a queue's claims through JOB_CLAIM_LIMITED; a rate's window sets
-# how often the worker tries again; a pause hands back the jobs claimed ahead of it.
+# key, or of its rate or a key's) sends a queue's claims through JOB_CLAIM_LIMITED; the
+# shortest window of its rates sets how often the worker tries again; a pause hands back
+# the jobs claimed ahead of it.
 # Index: primary key.
 QUEUES_WATCH = statement(
     params=("queues",),
     text="""
 SELECT name,
        concurrency IS NOT NULL OR key_concurrency IS NOT NULL OR rate_limit IS NOT NULL
-           AS limited,
-       CASE WHEN rate_limit IS NOT NULL THEN rate_period END AS rate_period,
+           OR key_rate_limit IS NOT NULL AS limited,
+       least(CASE WHEN rate_limit IS NOT NULL THEN rate_period END,
+             CASE WHEN key_rate_limit IS NOT NULL THEN key_rate_period END) AS rate_period,
        paused_at IS NOT NULL AS paused
 FROM outbox_queues
 WHERE name = ANY(:queues::text[])

@@ -60,6 +60,8 @@ class QueueSettingsOut(BaseModel):
     key_concurrency: int | None
     rate_limit: int | None
     rate_period: float
+    key_rate_limit: int | None
+    key_rate_period: float
     breaker_threshold: int | None
     paused: bool
     paused_at: str | None
@@ -134,6 +136,14 @@ class QueueSettingsIn(BaseModel):
     rate_period: Annotated[float, Field(gt=0, le=MAX_RATE_PERIOD, allow_inf_nan=False)] = Field(
         default=1.0, description="the rate limit's window, in seconds"
     )
+    key_rate_limit: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
+        default=None,
+        description="at most this many jobs of one concurrency key start in any window of "
+        "key_rate_period seconds, the other keys going on; null: no rate limit per key",
+    )
+    key_rate_period: Annotated[float, Field(gt=0, le=MAX_RATE_PERIOD, allow_inf_nan=False)] = Field(
+        default=1.0, description="the rate limit per key's window, in seconds"
+    )
     breaker_threshold: Annotated[int, Field(ge=1, le=MAX_CONCURRENCY)] | None = Field(
         default=None,
         description="pause the queue once one of its tasks fails this many attempts in a "
@@ -144,7 +154,8 @@ class QueueSettingsIn(BaseModel):
     def something_to_set(self) -> Self:
         if not self.model_fields_set:
             raise ValueError(
-                "give concurrency, key_concurrency, rate_limit, breaker_threshold or several"
+                "give concurrency, key_concurrency, rate_limit, key_rate_limit, "
+                "breaker_threshold or several"
             )
         return self
 
@@ -406,6 +417,15 @@ def create_admin_router(
                     name,
                     body.rate_limit if "rate_limit" in given else settings.rate_limit,
                     body.rate_period if "rate_period" in given else settings.rate_period,
+                )
+            if given & {"key_rate_limit", "key_rate_period"}:
+                settings = await queue_settings.set_key_rate(
+                    session,
+                    name,
+                    body.key_rate_limit if "key_rate_limit" in given else settings.key_rate_limit,
+                    body.key_rate_period
+                    if "key_rate_period" in given
+                    else settings.key_rate_period,
                 )
             if "breaker_threshold" in body.model_fields_set:
                 settings = await queue_settings.set_breaker(session, name, body.breaker_threshold)

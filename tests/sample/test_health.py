@@ -77,7 +77,7 @@ async def test_readyz_is_503_when_the_schema_is_behind(
     body = response.json()
     assert body["status"] == "unavailable"
     assert body["checks"]["database"] == "ok"
-    assert "pgoutbox_0016" in body["checks"]["schema"]
+    assert "pgoutbox_0017" in body["checks"]["schema"]
     for head in schema_heads():
         assert head in body["checks"]["schema"]
     # Alive nonetheless.

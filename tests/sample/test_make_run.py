@@ -158,7 +158,7 @@ async def test_make_run_migrates_serves_runs_jobs_and_stops_cleanly_on_ctrl_c(
 ) -> None:
     # Start behind head, so that the migrations `make run` applies are visible.
     await asyncio.to_thread(command.downgrade, alembic_config(database_url), "pgoutbox@-1")
-    assert await schema_version(database_url) == {"pgoutbox_0016", "sample_0001"}
+    assert await schema_version(database_url) == {"pgoutbox_0017", "sample_0001"}
 
     dev = DevProcess(database_url, free_port(), tmp_path / "dev.log")
     dev_factory.append(dev)

@@ -70,17 +70,26 @@ def triggers(limited: str, columns: str, was_unlimited: str) -> list[str]:
     ]
 
 
-# A queue whose claims do not read the lanes: paused, or limited per key.
-PARKED = """EXISTS (SELECT 1 FROM outbox_queues AS q
-                    WHERE q.name = {queue}
-                      AND (q.paused_at IS NOT NULL OR q.key_concurrency IS NOT NULL))"""
+# A queue whose claims do not read the lanes: paused, or limited per key. {row} is the
+# queue's row.
+IS_PARKED = "{row}.paused_at IS NOT NULL OR {row}.key_concurrency IS NOT NULL"
 
 
-def ready_triggers(skip_parked: bool) -> list[str]:
+def parked(is_parked: str) -> str:
+    """Whether the queue named {queue} is parked."""
+    return f"""EXISTS (SELECT 1 FROM outbox_queues AS q
+                    WHERE q.name = {{queue}}
+                      AND ({is_parked.format(row="q")}))"""
+
+
+PARKED = parked(IS_PARKED)
+
+
+def ready_triggers(skip_parked: bool, is_parked: str = IS_PARKED) -> list[str]:
     """The functions of pgoutbox_0006's triggers that write ready rows: with this revision,
     none for the jobs of a parked queue."""
-    inserted = f"AND NOT {PARKED.format(queue='n.queue')}" if skip_parked else ""
-    requeued = f"WHERE NOT {PARKED.format(queue='NEW.queue')}" if skip_parked else ""
+    inserted = f"AND NOT {parked(is_parked).format(queue='n.queue')}" if skip_parked else ""
+    requeued = f"WHERE NOT {parked(is_parked).format(queue='NEW.queue')}" if skip_parked else ""
     return [
         f"""
         CREATE OR REPLACE FUNCTION outbox_jobs_ready_inserted() RETURNS trigger
@@ -109,6 +118,29 @@ def ready_triggers(skip_parked: bool) -> list[str]:
     ]
 
 
+def parked_changed(create: str, is_parked: str) -> str:
+    """The trigger function that takes a queue's ready rows away when it becomes parked,
+    and gives them back when it stops being parked."""
+    return f"""
+    {create} FUNCTION outbox_queues_parked_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        was boolean := TG_OP <> 'INSERT' AND ({is_parked.format(row="OLD")});
+        now_parked boolean := TG_OP <> 'DELETE' AND ({is_parked.format(row="NEW")});
+    BEGIN
+        IF now_parked AND NOT was THEN
+            DELETE FROM outbox_ready WHERE queue = NEW.name;
+        ELSIF was AND NOT now_parked THEN
+            INSERT INTO outbox_ready (lane, job_id, queue, priority, run_at)
+            SELECT {lane_of("j.run_at")}, j.id, j.queue, j.priority, j.run_at
+            FROM outbox_jobs AS j, outbox_lanes AS l
+            WHERE j.state = 'queued' AND j.queue = OLD.name;
+        END IF;
+        RETURN NULL;
+    END
+    $$
+    """
+
+
 UPGRADE = [
     "ALTER TABLE outbox_jobs ADD COLUMN concurrency_key text",
     # Every queued job, by queue and key, each key's in claim order: the keys of a queue with
@@ -129,26 +161,7 @@ UPGRADE = [
         ADD COLUMN held_keys text[] NOT NULL DEFAULT '{}'
     """,
     *ready_triggers(skip_parked=True),
-    f"""
-    CREATE FUNCTION outbox_queues_parked_changed() RETURNS trigger LANGUAGE plpgsql AS $$
-    DECLARE
-        was boolean := TG_OP <> 'INSERT'
-                       AND (OLD.paused_at IS NOT NULL OR OLD.key_concurrency IS NOT NULL);
-        now_parked boolean := TG_OP <> 'DELETE'
-                              AND (NEW.paused_at IS NOT NULL OR NEW.key_concurrency IS NOT NULL);
-    BEGIN
-        IF now_parked AND NOT was THEN
-            DELETE FROM outbox_ready WHERE queue = NEW.name;
-        ELSIF was AND NOT now_parked THEN
-            INSERT INTO outbox_ready (lane, job_id, queue, priority, run_at)
-            SELECT {lane_of("j.run_at")}, j.id, j.queue, j.priority, j.run_at
-            FROM outbox_jobs AS j, outbox_lanes AS l
-            WHERE j.state = 'queued' AND j.queue = OLD.name;
-        END IF;
-        RETURN NULL;
-    END
-    $$
-    """,
+    parked_changed("CREATE", IS_PARKED),
     """
     CREATE TRIGGER outbox_queues_parked_changed
         AFTER INSERT OR DELETE OR UPDATE OF paused_at, key_concurrency ON outbox_queues
