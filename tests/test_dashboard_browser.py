@@ -3,8 +3,8 @@
 through Playwright (never a downloaded browser). The sample service's own tests are in
 tests/sample/.
 
-Screenshots land in test-artifacts/ (git-ignored): dashboard.png (the overview) and
-dashboard-job.png (the retried job's page).
+Screenshots land in test-artifacts/ (git-ignored): dashboard.png (the overview),
+dashboard-job.png (the retried job's page) and dashboard-queue.png (a queue's settings).
 """
 
 from __future__ import annotations
@@ -270,6 +270,60 @@ async def test_sign_in_see_a_dead_job_retry_it_and_watch_it_succeed(
     await expect(page.locator("#flash")).to_have_text("Signed out.")
     await page.goto(f"{served.url}/dashboard/jobs")
     assert "/dashboard/login" in page.url
+
+
+async def test_set_a_rate_per_key_on_the_queue_settings_page(
+    served: Served, page: Page, pool: asyncpg.Pool
+) -> None:
+    await pool.execute("INSERT INTO outbox_jobs (task, queue) VALUES ('echo', 'emails')")
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ('emails', 4)")
+    await page.goto(f"{served.url}/dashboard/login")
+    await sign_in(page, served)
+    row = page.locator("#queues tr[data-queue='emails']")
+    await expect(row.locator("[data-limit='concurrency']")).to_have_text("4 running")
+    await expect(row.locator("[data-limit='key_rate']")).to_have_count(0)
+
+    await row.locator("a.settings-link").click()
+    await expect(page).to_have_url(f"{served.url}/dashboard/queues/emails")
+    await expect(page.locator("#concurrency")).to_have_value("4")
+    await expect(page.locator("#key_rate_limit")).to_have_value("")
+    await expect(page.locator("#key_rate_period")).to_have_value("1")
+
+    # Half typed, past the overview's refresh interval: this page does not refresh.
+    await page.fill("#key_rate_limit", "5")
+    await page.wait_for_timeout(6_000)
+    await expect(page.locator("#key_rate_limit")).to_have_value("5")
+
+    # A window the service refuses: named in the flash, nothing changed.
+    await page.fill("#key_rate_period", "0")
+    await page.click("#save")
+    await expect(page.locator("#flash.error")).to_contain_text(
+        "Not changed: key_rate_period must be more than 0"
+    )
+    assert (
+        await pool.fetchval("SELECT key_rate_limit FROM outbox_queues WHERE name = 'emails'")
+        is None
+    )
+
+    await page.fill("#key_rate_limit", "5")
+    await page.fill("#key_rate_period", "2")
+    await page.click("#save")
+    await expect(page).to_have_url(f"{served.url}/dashboard/queues/emails")
+    await expect(page.locator("#flash.ok")).to_have_text(
+        "Queue emails: at most 4 running at once; at most 5 started per key per 2.0 s."
+    )
+    await expect(page.locator("#key_rate_limit")).to_have_value("5")
+    await expect(page.locator("#key_rate_period")).to_have_value("2")
+    settings = await pool.fetchrow(
+        "SELECT concurrency, key_rate_limit, key_rate_period FROM outbox_queues "
+        "WHERE name = 'emails'"
+    )
+    assert dict(settings) == {"concurrency": 4, "key_rate_limit": 5, "key_rate_period": 2.0}
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-queue.png"), full_page=True)
+
+    await page.click("nav >> text=Overview")
+    await expect(row.locator("[data-limit='key_rate']")).to_have_text("5 starts per key / 2.0 s")
 
 
 async def test_a_wrong_token_shows_the_error_and_signs_nobody_in(

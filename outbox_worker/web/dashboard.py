@@ -2,8 +2,10 @@
 service as the JSON routes and the CLI (:mod:`outbox_worker.admin`,
 :mod:`outbox_worker.queue_settings`), so the faces agree.
 
-- ``/dashboard``: queues (depth by state, age of the oldest due job, limit, pause, with
-  Pause, Resume and a form for the limit) and the workers alive.
+- ``/dashboard``: queues (depth by state, age of the oldest due job, their settings in short,
+  pause, with Pause and Resume) and the workers alive.
+- ``/dashboard/queues/{queue}``: one queue's settings, one form that changes them all at
+  once, and Pause or Resume. It never refreshes itself, so nothing typed there is lost.
 - ``/dashboard/jobs``: the job list, filtered by state, queue and task, a page at a time.
 - ``/dashboard/jobs/{id}``: one job, with Retry and Cancel.
 
@@ -18,18 +20,26 @@ of this site: :mod:`outbox_worker.web.dashboard_access`. How the pages render an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request, Response, status
 from fastapi.responses import HTMLResponse
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import FormData
 
 from outbox_worker import admin, queue_settings
 from outbox_worker.errors import InvalidRequest, JobNotFound, JobStateConflict
 from outbox_worker.formatting import format_duration
 from outbox_worker.jobs import Job, JobState
-from outbox_worker.queue_settings import MAX_CONCURRENCY, QueueSettings
+from outbox_worker.names import is_valid_name
+from outbox_worker.queue_settings import (
+    MAX_CONCURRENCY,
+    MAX_RATE_PERIOD,
+    MAX_REASON_LENGTH,
+    QueueSettings,
+)
 from outbox_worker.web.auth import AdminAuth
 from outbox_worker.web.dashboard_access import (
     Dashboard,
@@ -49,9 +59,10 @@ from outbox_worker.web.dashboard_pages import (
     JOBS,
     LOGIN,
     LOGOUT,
-    QUEUE_LIMIT,
+    QUEUE,
     QUEUE_PAUSE,
     QUEUE_RESUME,
+    QUEUE_SETTINGS,
     RETRY,
     decode_flash,
     home,
@@ -100,7 +111,6 @@ async def overview(request: Request, dashboard: DashboardDep, session: SessionDe
         refresh=REFRESH_SECONDS,
         queues=queues,
         settings={view.stats.queue: view.settings for view in views},
-        max_concurrency=MAX_CONCURRENCY,
         workers=workers,
         schedules=schedules,
         totals=totals,
@@ -213,6 +223,16 @@ async def cancel(request: Request, job_id: int, session: SessionDep) -> Response
 # --- the queue settings ---------------------------------------------------------------------
 
 
+# A window in seconds as typed (and as_typed shows it): ASCII digits, where float() would
+# also read "1e9", "inf", "nan" and other scripts' digits; at most a day's worth before the point.
+SECONDS = re.compile(r"[0-9]{1,6}(\.[0-9]{1,12})?")
+
+
+def queue_page_of(request: Request, queue: str) -> str:
+    """A queue's settings page; the overview for a name no queue can have."""
+    return link(request, QUEUE, queue=queue) if is_valid_name(queue) else home(request)
+
+
 async def change_queue(
     request: Request,
     session: AsyncSession,
@@ -220,31 +240,61 @@ async def change_queue(
     change: Callable[[], Awaitable[QueueSettings]],
     done: str,
     outcome: Callable[[QueueSettings], str],
+    back: str,
 ) -> Response:
-    """Pause, Resume and the limit: ``change`` committed, then back to the overview, flashing
-    ``outcome`` of the new settings, or why they were not ``done`` (nothing changed)."""
+    """Pause, Resume and the settings: ``change`` committed, then back to ``back``, flashing
+    ``outcome`` of the new settings, or why they were not ``done``. Then nothing changed: what
+    ``change`` wrote before a value was refused is rolled back, before an app's dependency
+    that commits on the way out can commit it."""
     try:
         settings = await change()
         await commit(session, f"Queue {queue} was not {done}")
     except InvalidRequest as exc:
-        return redirect(request, home(request), flash=("error", f"Not {done}: {exc}."))
+        await session.rollback()
+        return redirect(request, back, flash=("error", f"Not {done}: {exc}."))
     except NotCommitted as exc:
         return not_committed(request, f"Not {done}", exc)
-    return redirect(request, home(request), flash=("ok", outcome(settings)))
+    return redirect(request, back, flash=("ok", outcome(settings)))
 
 
-def concurrency_limit(value: str) -> int | None:
-    """The limit a form field holds; empty is no limit. Read as ASCII digits, no more than the
-    largest limit has: int() would also read fullwidth digits, and thousands of them."""
-    value = value.strip()
+# The settings form's fields are named as the admin API names the settings (and so as the
+# errors name them). It is read as sent (request.form()), not through FastAPI's Form(),
+# which takes an empty field for one not sent: empty is none, not sent leaves the setting.
+
+
+def whole_number(form: FormData, field: str, current: int | None) -> int | None:
+    """A limit as its field holds it: empty is none, not sent is ``current``. Read as ASCII
+    digits, no more than the largest limit has: int() would also read fullwidth digits, and
+    thousands of them. The range is the service's to check."""
+    sent = form.get(field)
+    if sent is None:
+        return current
+    value = str(sent).strip()
     if not value:
         return None
     if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_CONCURRENCY)):
         raise InvalidRequest(
-            f"the limit must be a whole number from 1 to {MAX_CONCURRENCY}, or empty for no "
-            f"limit; got {value[:40]!r}"
+            f"{field} must be a whole number from 1 to {MAX_CONCURRENCY}, or empty for none; "
+            f"got {value[:40]!r}"
         )
     return int(value)
+
+
+def seconds(form: FormData, field: str, current: float) -> float:
+    """A rate's window as its field holds it, in seconds: empty is one second (the default),
+    not sent is ``current``. The range is the service's to check."""
+    sent = form.get(field)
+    if sent is None:
+        return current
+    value = str(sent).strip()
+    if not value:
+        return 1.0
+    if not SECONDS.fullmatch(value):
+        raise InvalidRequest(
+            f"{field} must be a number of seconds, more than 0 and at most {MAX_RATE_PERIOD}; "
+            f"got {value[:40]!r}"
+        )
+    return float(value)
 
 
 def paused(settings: QueueSettings) -> str:
@@ -258,34 +308,85 @@ def resumed(settings: QueueSettings) -> str:
     return f"Queue {settings.name} is resumed: its jobs start again."
 
 
-def limited(settings: QueueSettings) -> str:
-    if settings.concurrency is None:
-        return f"Queue {settings.name} has no limit on how many of its jobs run at once."
-    return f"Queue {settings.name} runs at most {settings.concurrency} jobs at once."
+def in_force(settings: QueueSettings) -> str:
+    return f"Queue {settings.name}: {settings.describe()}."
 
 
-async def pause_queue(request: Request, queue: str, session: SessionDep) -> Response:
-    return await change_queue(
-        request, session, queue, lambda: queue_settings.pause(session, queue), "paused", paused
+def returning(request: Request, queue: str, back: str) -> str:
+    """Where Pause and Resume go back to: the page their button was on."""
+    return queue_page_of(request, queue) if back == "queue" else home(request)
+
+
+async def queue_page(request: Request, queue: str, session: SessionDep) -> Response:
+    try:
+        settings = await queue_settings.get_settings(session, queue)
+    except InvalidRequest as exc:
+        return message(
+            request, status.HTTP_404_NOT_FOUND, "No such queue", str(exc), signed_in=True
+        )
+    return render(
+        request,
+        "queue.html",
+        settings=settings,
+        max_concurrency=MAX_CONCURRENCY,
+        max_period=MAX_RATE_PERIOD,
+        max_reason=MAX_REASON_LENGTH,
     )
 
 
-async def resume_queue(request: Request, queue: str, session: SessionDep) -> Response:
-    return await change_queue(
-        request, session, queue, lambda: queue_settings.resume(session, queue), "resumed", resumed
-    )
-
-
-async def limit_queue(
+async def pause_queue(
     request: Request,
     queue: str,
     session: SessionDep,
-    concurrency: Annotated[str, Form()] = "",
+    reason: Annotated[str, Form()] = "",
+    back: Annotated[str, Form()] = "",
 ) -> Response:
     async def change() -> QueueSettings:
-        return await queue_settings.set_concurrency(session, queue, concurrency_limit(concurrency))
+        return await queue_settings.pause(session, queue, reason=blank(reason))
 
-    return await change_queue(request, session, queue, change, "changed", limited)
+    return await change_queue(
+        request, session, queue, change, "paused", paused, returning(request, queue, back)
+    )
+
+
+async def resume_queue(
+    request: Request, queue: str, session: SessionDep, back: Annotated[str, Form()] = ""
+) -> Response:
+    async def change() -> QueueSettings:
+        return await queue_settings.resume(session, queue)
+
+    return await change_queue(
+        request, session, queue, change, "resumed", resumed, returning(request, queue, back)
+    )
+
+
+async def set_queue_settings(request: Request, queue: str, session: SessionDep) -> Response:
+    form = await request.form()
+
+    async def change() -> QueueSettings:
+        # Every field is read before the first write, and change_queue rolls back the writes
+        # before a value the service refuses: the form changes all its settings or none.
+        now = await queue_settings.get_settings(session, queue)
+        concurrency = whole_number(form, "concurrency", now.concurrency)
+        key_concurrency = whole_number(form, "key_concurrency", now.key_concurrency)
+        rate = (
+            whole_number(form, "rate_limit", now.rate_limit),
+            seconds(form, "rate_period", now.rate_period),
+        )
+        key_rate = (
+            whole_number(form, "key_rate_limit", now.key_rate_limit),
+            seconds(form, "key_rate_period", now.key_rate_period),
+        )
+        breaker = whole_number(form, "breaker_threshold", now.breaker_threshold)
+        await queue_settings.set_concurrency(session, queue, concurrency)
+        await queue_settings.set_key_concurrency(session, queue, key_concurrency)
+        await queue_settings.set_rate(session, queue, *rate)
+        await queue_settings.set_key_rate(session, queue, *key_rate)
+        return await queue_settings.set_breaker(session, queue, breaker)
+
+    return await change_queue(
+        request, session, queue, change, "changed", in_force, queue_page_of(request, queue)
+    )
 
 
 # --- the router -----------------------------------------------------------------------------
@@ -314,9 +415,10 @@ def create_dashboard_router(
     protected.get("/dashboard/jobs/{job_id}", name=JOB, response_class=HTMLResponse)(job_page)
     protected.post("/dashboard/jobs/{job_id}/retry", name=RETRY)(retry)
     protected.post("/dashboard/jobs/{job_id}/cancel", name=CANCEL)(cancel)
+    protected.get("/dashboard/queues/{queue}", name=QUEUE, response_class=HTMLResponse)(queue_page)
+    protected.post("/dashboard/queues/{queue}/settings", name=QUEUE_SETTINGS)(set_queue_settings)
     protected.post("/dashboard/queues/{queue}/pause", name=QUEUE_PAUSE)(pause_queue)
     protected.post("/dashboard/queues/{queue}/resume", name=QUEUE_RESUME)(resume_queue)
-    protected.post("/dashboard/queues/{queue}/limit", name=QUEUE_LIMIT)(limit_queue)
 
     router = APIRouter(dependencies=[Depends(dashboard.enter)])
     router.include_router(public)

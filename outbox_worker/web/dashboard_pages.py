@@ -30,7 +30,8 @@ RETRY = "outbox_dashboard_retry"
 CANCEL = "outbox_dashboard_cancel"
 QUEUE_PAUSE = "outbox_dashboard_queue_pause"
 QUEUE_RESUME = "outbox_dashboard_queue_resume"
-QUEUE_LIMIT = "outbox_dashboard_queue_limit"
+QUEUE = "outbox_dashboard_queue"
+QUEUE_SETTINGS = "outbox_dashboard_queue_settings"
 
 FLASH_COOKIE = "outbox_flash"
 # What browsers keep of one cookie, and more than encode_flash writes: a longer value is not
@@ -50,6 +51,12 @@ def pretty_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
 
 
+def as_typed(value: float) -> str:
+    """A number of seconds as a form field shows it and reads it back: ``1``, ``0.5``, never
+    ``1.0`` or ``1e-07``."""
+    return format(value, ".12f").rstrip("0").rstrip(".")
+
+
 templates = Environment(
     loader=PackageLoader("outbox_worker.web", "templates"),
     autoescape=True,
@@ -63,6 +70,7 @@ templates.filters.update(
     ago=format_relative,
     pretty_json=pretty_json,
     first_line=first_line,
+    as_typed=as_typed,
 )
 
 
