@@ -1,5 +1,7 @@
 """How the service sends e-mail. The default records each message in ``sent_emails`` keyed
-by the job that sent it, inside the job's transaction: a retry cannot send twice."""
+by the job that sent it, inside the job's transaction: a retry cannot send twice. Each send is
+a span, which OpenTelemetry, when configured, records as a child of the job's run
+(docs/operating.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import asyncpg
+from opentelemetry import trace
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,9 @@ class Mailer(Protocol):
         provider (most accept one) so that a retried job does not mail twice."""
 
 
+_tracer = trace.get_tracer("app.mailer")
+
+
 class DatabaseMailer:
     async def send(
         self,
@@ -38,12 +44,13 @@ class DatabaseMailer:
         user_id: int,
         message: EmailMessage,
     ) -> None:
-        await conn.execute(
-            "INSERT INTO sent_emails (job_id, user_id, to_address, subject, body) "
-            "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING",
-            idempotency_key,
-            user_id,
-            message.to,
-            message.subject,
-            message.body,
-        )
+        with _tracer.start_as_current_span("send email", kind=trace.SpanKind.CLIENT):
+            await conn.execute(
+                "INSERT INTO sent_emails (job_id, user_id, to_address, subject, body) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING",
+                idempotency_key,
+                user_id,
+                message.to,
+                message.subject,
+                message.body,
+            )

@@ -52,11 +52,17 @@ Check = Callable[[Any, str, bool], None]
 
 
 def _drive(plan: Plan[T], fetch: Callable[[C, str, Mapping[str, Any]], Rows], conn: C) -> T:
-    """Send ``plan`` the rows of each statement it yields until it returns its result."""
+    """Send ``plan`` the rows of each statement it yields until it returns its result; a
+    statement's error is thrown into the plan, which raises it on (its span records it)."""
     try:
         query = next(plan)
         while True:
-            query = plan.send(fetch(conn, *query))
+            try:
+                rows = fetch(conn, *query)
+            except BaseException as exc:
+                plan.throw(exc)
+                raise
+            query = plan.send(rows)
     except StopIteration as done:
         result: T = done.value
         return result
@@ -68,7 +74,12 @@ async def _drive_async(
     try:
         query = next(plan)
         while True:
-            query = plan.send(await fetch(conn, *query))
+            try:
+                rows = await fetch(conn, *query)
+            except BaseException as exc:
+                plan.throw(exc)
+                raise
+            query = plan.send(rows)
     except StopIteration as done:
         result: T = done.value
         return result

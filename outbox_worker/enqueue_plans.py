@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from prometheus_client import Counter
 
-from outbox_worker import metrics, sql
+from outbox_worker import metrics, sql, tracing
 from outbox_worker.config import WorkerSettings
 from outbox_worker.enqueue_checks import Row, TaskDefaults, checked, checked_correlation_id
 from outbox_worker.errors import EnqueueError, QueueFull
@@ -210,17 +210,25 @@ def plan_one(
     """Check ``job`` now, raising before any SQL, and return the plan that writes it.
 
     With a key, a second enqueue of the same ``(task, key)`` writes nothing and returns the
-    existing job with ``duplicate=True``."""
-    return _insert_one(
-        checked(job, max_args_bytes, spec, checked_correlation_id()), job.args, backpressure
+    existing job with ``duplicate=True``. Called in a span, it is traced
+    (outbox_worker.tracing): the span current now is the enqueue's parent."""
+    row = checked(job, max_args_bytes, spec, checked_correlation_id())
+    parent = tracing.enqueue_context()
+    if parent is None:
+        return _insert_one(row, job.args, backpressure, None)
+    return tracing.sending(
+        parent, (row,), functools.partial(_insert_one, row, job.args, backpressure)
     )
 
 
-def _insert_one(row: Row, args: Mapping[str, Any], backpressure: Backpressure) -> Plan[Job]:
+def _insert_one(
+    row: Row, args: Mapping[str, Any], backpressure: Backpressure, trace_context: str | None
+) -> Plan[Job]:
     if backpressure.limits:
         yield from backpressure.check((row.queue,))
     params = row._asdict()
     params["tags"] = _tags_json(row.tags)
+    params["trace_context"] = trace_context
     # A conflict makes the insert return nothing; the job that holds the key is then read
     # back (a debounced one pushed back). If it no longer holds it by then (pruned, finished,
     # claimed), inserting again is the right answer.
@@ -250,7 +258,10 @@ def plan_many(
     of the same call: the first wins and the later ones come back as duplicates."""
     correlation_id = checked_correlation_id()
     rows = [checked(job, max_args_bytes, specs[job.task], correlation_id) for job in jobs]
-    return _insert_many(rows, jobs, backpressure)
+    parent = tracing.enqueue_context() if rows else None
+    if parent is None:
+        return _insert_many(rows, jobs, backpressure, None)
+    return tracing.sending(parent, rows, functools.partial(_insert_many, rows, jobs, backpressure))
 
 
 # Every column of a Row but args.
@@ -284,7 +295,10 @@ def _keyed(row: Row) -> bool:
 
 
 def _insert_many(
-    rows: list[Row], jobs: Sequence[NewJob], backpressure: Backpressure
+    rows: list[Row],
+    jobs: Sequence[NewJob],
+    backpressure: Backpressure,
+    trace_context: str | None,
 ) -> Plan[list[Job]]:
     if not rows:
         return []
@@ -306,6 +320,7 @@ def _insert_many(
             "correlation_id": first.correlation_id,
             "tags": _tags_json(first.tags),
             "concurrency_key": first.concurrency_key,
+            "trace_context": trace_context,
         }
         [(ids, run_at, created_at)] = yield sql.JOB_INSERT_MANY_UNIFORM, params
         answer = [(job_id, run_at, created_at, None) for job_id in ids]
@@ -315,7 +330,7 @@ def _insert_many(
         columns = dict(zip(_ARRAYS, map(list, zip(*rows, strict=True)), strict=True))
         # An array of arrays cannot be unnested row by row: each row's tags go as JSON.
         columns["tags"] = [_tags_json(tags) for tags in columns["tags"]]
-        answer = yield sql.JOB_INSERT_MANY, columns
+        answer = yield sql.JOB_INSERT_MANY, {**columns, "trace_context": trace_context}
     result: list[Job | None] = [
         None if inserted[0] is None else _written(row, job.args, inserted)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)

@@ -18,13 +18,17 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     correlation_id: str | None
+    # The enqueuer's trace context, a JSON object as text, or None: what the span of the run
+    # links to (outbox_worker.tracing).
+    trace_context: str | None
     # When the claim that leased it was sent (time.monotonic()): its lease runs at least
     # until this plus the lease, until the heartbeat extends it.
     leased_at: float = 0.0
 
     @classmethod
     def of(cls, row: Mapping[str, Any], leased_at: float = 0.0) -> ClaimedJob:
-        """From a row of a claim statement (JOB_CLAIM, JOB_COMPLETE_AND_CLAIM)."""
+        """From a row of a claim statement (JOB_CLAIM, JOB_CLAIM_LIMITED and the
+        JOB_COMPLETE_AND_CLAIM of each)."""
         return cls(
             id=row["id"],
             task=row["task"],
@@ -33,5 +37,6 @@ class ClaimedJob:
             attempt=row["attempts"],
             max_attempts=row["max_attempts"],
             correlation_id=row["correlation_id"],
+            trace_context=row["trace_context"],
             leased_at=leased_at,
         )

@@ -56,19 +56,21 @@ def _debounce_until(max_wait: str) -> str:
 # :delay (seconds, used when :run_at is NULL), :dedupe_key, :correlation_id, :throttle (the
 # window of a throttled dedupe_key, or NULL), :active_key, :debounce_key, :debounce_max
 # (seconds from now to the latest start of a debounced job, or NULL), :tags (a JSON array
-# of texts, or NULL), :concurrency_key.
+# of texts, or NULL), :concurrency_key, :trace_context (the enqueuer's, a JSON object as text,
+# or NULL: outbox_worker.tracing).
 # Indexes: outbox_jobs_dedupe_idx, _active_key_idx and _debounce_key_idx decide a conflict
 # (a job has one key at most); no row back means the key is taken.
 JOB_INSERT = f"""
 INSERT INTO outbox_jobs AS j
     (queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-     active_key, debounce_key, debounce_until, tags, concurrency_key)
+     active_key, debounce_key, debounce_until, tags, concurrency_key, trace_context)
 VALUES (
     :queue, :task, CAST(:args AS jsonb), :priority, :max_attempts,
     COALESCE(CAST(:run_at AS timestamptz), now() + make_interval(secs => CAST(:delay AS float8))),
     {_throttled("CAST(:dedupe_key AS text)", "CAST(:throttle AS float8)")}, :correlation_id,
     :active_key, :debounce_key, {_debounce_until("CAST(:debounce_max AS float8)")},
-    {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text)
+    {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text),
+    CAST(:trace_context AS jsonb)
 )
 ON CONFLICT DO NOTHING
 RETURNING {_INSERTED}
@@ -78,7 +80,7 @@ RETURNING {_INSERTED}
 # :queues, :tasks, :args (JSON text), :priorities, :max_attempts, :run_ats, :delays,
 # :dedupe_keys, :correlation_ids, :throttles, :active_keys, :debounce_keys, :debounce_maxes,
 # :tags (each row's as JSON text, or NULL: an array of arrays cannot be unnested by row),
-# :concurrency_keys.
+# :concurrency_keys; and :trace_context once for all (the rows of one call share it).
 # Ids are drawn in input order before the insert so the answer can be matched back to the
 # input (RETURNING alone promises no order); a row whose key was taken comes back with NULL
 # columns. The sequence is looked up once (an InitPlan), not once per row.
@@ -101,13 +103,13 @@ WITH input AS MATERIALIZED (
 j AS (
     INSERT INTO outbox_jobs
         (id, queue, task, args, priority, max_attempts, run_at, dedupe_key, correlation_id,
-         active_key, debounce_key, debounce_until, tags, concurrency_key)
+         active_key, debounce_key, debounce_until, tags, concurrency_key, trace_context)
     OVERRIDING SYSTEM VALUE
     SELECT id, queue, task, args::jsonb, priority, max_attempts,
            COALESCE(run_at, now() + make_interval(secs => delay)),
            {_throttled("dedupe_key", "throttle")}, correlation_id, active_key, debounce_key,
            {_debounce_until("debounce_max")}, {_TAGS_OF_JSON.format(tags="input.tags")},
-           concurrency_key
+           concurrency_key, CAST(:trace_context AS jsonb)
     FROM input
     -- Keyed rows in key order, so that two calls with the same keys in different orders
     -- lock them in the same order and cannot deadlock.
@@ -175,10 +177,11 @@ WITH input AS MATERIALIZED (
 j AS (
     INSERT INTO outbox_jobs
         (id, queue, task, args, priority, max_attempts, run_at, correlation_id, tags,
-         concurrency_key)
+         concurrency_key, trace_context)
     OVERRIDING SYSTEM VALUE
     SELECT id, :queue, :task, args::jsonb, :priority, :max_attempts, run_at, :correlation_id,
-           {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text)
+           {_TAGS_OF_JSON.format(tags="CAST(:tags AS text)")}, CAST(:concurrency_key AS text),
+           CAST(:trace_context AS jsonb)
     FROM input
 )
 SELECT array_agg(id ORDER BY ord) AS ids, min(run_at) AS run_at, now() AS created_at
