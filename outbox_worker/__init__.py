@@ -19,6 +19,7 @@ from outbox_worker.errors import (
     ConfigError,
     DatabaseUnavailable,
     EnqueueError,
+    HandlerProcessDied,
     InvalidArgs,
     InvalidName,
     InvalidOption,
@@ -35,7 +36,7 @@ from outbox_worker.errors import (
 )
 from outbox_worker.jobs import Job, JobState
 from outbox_worker.keys import ActiveKey, Debounce, Throttle
-from outbox_worker.registry import DeclaredTask, Registry, RetryPolicy, Task
+from outbox_worker.registry import DeclaredTask, Registry, RetryPolicy, SyncTask, Task
 from outbox_worker.waiting import wait_for_job
 from outbox_worker.worker import Worker, WorkerOptions
 
@@ -79,6 +80,7 @@ __all__ = [
     "Debounce",
     "DeclaredTask",
     "EnqueueError",
+    "HandlerProcessDied",
     "InvalidArgs",
     "InvalidName",
     "InvalidOption",
@@ -100,6 +102,7 @@ __all__ = [
     "RetryPolicy",
     "SnoozeJob",
     "SyncOutbox",
+    "SyncTask",
     "Task",
     "TaskDefinitionError",
     "Throttle",

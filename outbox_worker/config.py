@@ -84,6 +84,10 @@ class WorkerSettings(BaseSettings):
     # Jobs claimed ahead of a free slot; unset: as many as the concurrency.
     prefetch: int | None = Field(default=None, ge=0, le=10_000)
     pool_size: int = Field(default=10, ge=2)
+    # Threads for plain def handlers; unset: the concurrency, at most 32.
+    handler_threads: int | None = Field(default=None, ge=1, le=1000)
+    # Processes for run_in="process" handlers; unset: the CPUs, at most the concurrency.
+    handler_processes: int | None = Field(default=None, ge=1, le=1000)
     prepared_statements: bool = True
     # At most MAX_DELAY_SECONDS: a retry must land on a run_at the table takes (years 1 to 9999).
     retry_base_seconds: float = Field(default=1.0, gt=0, le=MAX_DELAY_SECONDS, allow_inf_nan=False)
@@ -130,6 +134,8 @@ class WorkerSettings(BaseSettings):
             listen=self.listen,
             listen_dsn=self.listen_database_url,
             pool_size=self.pool_size,
+            handler_threads=self.handler_threads,
+            handler_processes=self.handler_processes,
             prepared_statements=self.prepared_statements,
             retry_base=self.retry_base_seconds,
             retry_cap=self.retry_cap_seconds,

@@ -6,7 +6,7 @@ import contextvars
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import structlog
@@ -60,6 +60,7 @@ class JobContext:
         self._cancel_requested = cancel_requested
         self._report_progress = report_progress
         self._transaction_used = False
+        self._stopped = False
         self.completed_in_transaction = False
 
     @property
@@ -80,6 +81,15 @@ class JobContext:
         handler's task (CancelledError at its next await); a handler that must clean up can
         catch it, or poll this between steps of a long computation."""
         return self._cancel_requested()
+
+    @property
+    def stopped(self) -> bool:
+        """True once the worker has stopped waiting for this attempt: its timeout passed, an
+        operator cancelled the job, the worker is shutting down or its lease is lapsing. For
+        a plain ``def`` handler in a thread, which nothing can interrupt: poll it between
+        steps and return, since the attempt has ended and what it returns is discarded. An
+        async handler is cancelled instead, and a handler in a process killed."""
+        return self._stopped
 
     def progress(self, value: float | Mapping[str, Any]) -> None:
         """Report how far the job has got: a fraction from 0 to 1, or a small JSON object
@@ -148,3 +158,19 @@ class JobContext:
                 if not self.completed_in_transaction:
                     raise
                 self.log.warning("connection_release_failed_after_commit", error=str(exc))
+
+
+class OffloadedContext(JobContext):
+    """The JobContext of a plain ``def`` handler, which runs outside the event loop: in one
+    of the worker's threads, or in a handler process. ``ctx.transaction()`` needs the event
+    loop, so it raises here."""
+
+    def stop(self) -> None:
+        """The attempt has ended without the handler: ``stopped`` tells it so."""
+        self._stopped = True
+
+    def transaction(self) -> NoReturn:
+        raise OutboxError(
+            "ctx.transaction() is for async handlers: it needs the worker's event loop, and "
+            f"task {self.task!r} is a plain def, which runs outside it"
+        )

@@ -21,6 +21,7 @@
     │                           (also a TimeoutError)
     ├── JobControl              raised by a handler to end its attempt (outbox_worker.control)
     ├── LeaseLost               this worker no longer owns the job it tried to write
+    ├── HandlerProcessDied      a run_in="process" handler's process died before it answered
     ├── DatabaseUnavailable     the database cannot be reached (refused, unknown host, auth)
     └── ConfigError             bad settings, or a MODULE:registry that does not load
 
@@ -96,6 +97,10 @@ class JobWaitTimeout(OutboxError, TimeoutError):
 
 class LeaseLost(OutboxError):
     """This worker no longer holds the job's lease: another worker or an operator took it."""
+
+
+class HandlerProcessDied(OutboxError):
+    """The handler's process died before it answered."""
 
 
 class DatabaseUnavailable(OutboxError):

@@ -6,10 +6,20 @@ import functools
 import inspect
 import json
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ClassVar, Generic, ParamSpec, Protocol, TypeVar, overload
+from typing import (
+    Any,
+    ClassVar,
+    Generic,
+    Literal,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 from outbox_worker.context import JobContext
 from outbox_worker.enqueue_checks import INT32_MAX
@@ -18,10 +28,21 @@ from outbox_worker.errors import InvalidArgs, TaskDefinitionError
 from outbox_worker.names import NAME_PATTERN, is_valid_name
 from outbox_worker.schedules import DEFAULT_GRACE, Missed, Schedule
 
-Handler = Callable[..., Awaitable[Any]]
+# An async def, run on the worker's event loop, or a plain def, run in the worker's threads
+# or in its handler processes (TaskSpec.run_in).
+Handler = Callable[..., Any]
+# Where a task's handler runs: "loop" for an async def; a plain def in a "thread" (the
+# default) or in a "process" of the worker's own (``run_in="process"``).
+RunIn = Literal["loop", "thread", "process"]
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+# What a plain def handler may return: a value with a JSON form (the worker stores it as the
+# job's result; a process's crosses to the worker as JSON). Bounded, unlike an async
+# handler's, so that mypy never takes an async def, whose call gives a coroutine, for one.
+JSONValue = None | bool | int | float | str | Sequence[Any] | Mapping[str, Any]
+S = TypeVar("S", bound=JSONValue)
+S_co = TypeVar("S_co", bound=JSONValue, covariant=True)
 
 
 class TaskHandler(Protocol[P, R_co]):
@@ -31,6 +52,12 @@ class TaskHandler(Protocol[P, R_co]):
     is registered with :meth:`Registry.add`."""
 
     def __call__(self, ctx: JobContext, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R_co]: ...
+
+
+class SyncTaskHandler(Protocol[P, S_co]):
+    """A plain ``def`` handler, run in a thread or a process of the worker's, as mypy sees it."""
+
+    def __call__(self, ctx: JobContext, *args: P.args, **kwargs: P.kwargs) -> S_co: ...
 
 
 Backoff = Callable[[int], float]
@@ -94,6 +121,7 @@ class TaskSpec:
     # couple of set operations (Signature.bind costs microseconds on the hot path).
     accepts: frozenset[str] | None  # None: it takes **kwargs
     requires: frozenset[str]
+    run_in: RunIn = "loop"
 
     @classmethod
     def of(
@@ -105,6 +133,7 @@ class TaskSpec:
         timeout: float | None,
         priority: int,
         policy: RetryPolicy | None = None,
+        run_in: RunIn = "loop",
     ) -> TaskSpec:
         signature = inspect.signature(handler)
         keyword = [
@@ -128,6 +157,7 @@ class TaskSpec:
             policy.max_snoozes,
             None if takes_any else frozenset(p.name for p in keyword),
             frozenset(p.name for p in keyword if p.default is p.empty),
+            run_in,
         )
 
     def retries(self, exc: BaseException) -> bool:
@@ -164,6 +194,33 @@ def _check_options(
         raise TaskDefinitionError(f"task {task_name!r}: priority must fit in 32 bits")
 
 
+def _where(task_name: str, handler: Handler, run_in: str | None) -> RunIn:
+    """Where the handler runs. A process imports its handler by module and name (nothing
+    else crosses to it), so ``run_in="process"`` takes a function defined at the top of a
+    module."""
+    if inspect.iscoroutinefunction(handler):
+        if run_in is not None:
+            raise TaskDefinitionError(
+                f"task {task_name!r}: run_in={run_in!r} is for a plain def; an async def "
+                "runs on the worker's event loop"
+            )
+        return "loop"
+    if run_in not in (None, "thread", "process"):
+        raise TaskDefinitionError(
+            f"task {task_name!r}: run_in is 'thread' or 'process', not {run_in!r}"
+        )
+    if inspect.isasyncgenfunction(handler) or inspect.iscoroutinefunction(type(handler).__call__):
+        raise TaskDefinitionError(f"task {task_name!r} must be an async def or a plain def")
+    if run_in != "process":
+        return "thread"
+    if not inspect.isfunction(handler) or "<" in handler.__qualname__:
+        raise TaskDefinitionError(
+            f"task {task_name!r}: run_in='process' takes a function defined at the top of a "
+            f"module, which its process imports by name; not {handler!r}"
+        )
+    return "process"
+
+
 @dataclass(frozen=True, slots=True)
 class DeclaredTask:
     """A task that an API process enqueues by name without importing its handler (it lives
@@ -180,15 +237,8 @@ class DeclaredTask:
         _check_options(self.name, self.queue, self.max_attempts, None, self.priority)
 
 
-class Task(Generic[P, R]):
-    """What ``@registry.task`` gives back: the handler, called as before, and a typed way to
-    build its jobs.
-
-    ``send_welcome_email.job(user_id=42)`` is the NewJob of that call: mypy checks the
-    arguments against the handler's signature after its context (and so does this method,
-    at run time, for callers mypy does not see). Options go on with
-    ``.with_options(key=…)``; an Outbox enqueues it: ``await outbox.enqueue(session, job)``.
-    """
+class BaseTask(Generic[P, R]):
+    """What :class:`Task` and :class:`SyncTask` share: the spec, and ``job()``."""
 
     # The handler's, as functools.wraps gives a wrapper: the task reads as its function.
     __name__: str
@@ -197,7 +247,7 @@ class Task(Generic[P, R]):
 
     def __init__(self, spec: TaskSpec) -> None:
         self.spec = spec
-        functools.update_wrapper(self, spec.handler)
+        functools.update_wrapper(cast(Callable[..., Any], self), spec.handler)
 
     @property
     def name(self) -> str:
@@ -209,10 +259,6 @@ class Task(Generic[P, R]):
         it but does not run it declares (``Outbox(tasks=[...])``)."""
         spec = self.spec
         return DeclaredTask(spec.name, spec.queue, spec.max_attempts, spec.priority)
-
-    def __call__(self, ctx: JobContext, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
-        result: Awaitable[R] = self.spec.handler(ctx, *args, **kwargs)
-        return result
 
     def job(self, *args: P.args, **kwargs: P.kwargs) -> NewJob:
         """The job that runs the handler with these arguments (after its context)."""
@@ -235,13 +281,48 @@ class Task(Generic[P, R]):
         return NewJob(self.spec.name, named)
 
     def __repr__(self) -> str:
-        return f"<Task {self.name!r} of {self.spec.handler!r}>"
+        return f"<{type(self).__name__} {self.name!r} of {self.spec.handler!r}>"
+
+
+class Task(BaseTask[P, R]):
+    """What ``@registry.task`` gives back for an ``async def``: the handler, called as
+    before, and a typed way to build its jobs.
+
+    ``send_welcome_email.job(user_id=42)`` is the NewJob of that call: mypy checks the
+    arguments against the handler's signature after its context (and so does this method,
+    at run time, for callers mypy does not see). Options go on with
+    ``.with_options(key=…)``; an Outbox enqueues it: ``await outbox.enqueue(session, job)``.
+    """
+
+    def __call__(self, ctx: JobContext, /, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        result: Awaitable[R] = self.spec.handler(ctx, *args, **kwargs)
+        return result
+
+
+class SyncTask(BaseTask[P, R]):
+    """What ``@registry.task`` gives back for a plain ``def``: as :class:`Task`, its call
+    returning the handler's value rather than an awaitable."""
+
+    def __call__(self, ctx: JobContext, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        result: R = self.spec.handler(ctx, *args, **kwargs)
+        return result
+
+
+AnyTask = TypeVar("AnyTask", bound=BaseTask[Any, Any])
+
+
+def _task_of(spec: TaskSpec) -> Task[Any, Any] | SyncTask[Any, Any]:
+    return Task(spec) if spec.run_in == "loop" else SyncTask(spec)
 
 
 class _TaskDecorator(Protocol):
     """What ``registry.task(...)`` gives: the decorator that registers a handler."""
 
+    @overload
     def __call__(self, handler: TaskHandler[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, handler: SyncTaskHandler[P, S], /) -> SyncTask[P, S]: ...
 
 
 class Registry:
@@ -266,6 +347,9 @@ class Registry:
     def task(self, name: TaskHandler[P, R], /) -> Task[P, R]: ...
 
     @overload
+    def task(self, name: SyncTaskHandler[P, S], /) -> SyncTask[P, S]: ...
+
+    @overload
     def task(
         self,
         name: str | None = None,
@@ -275,6 +359,7 @@ class Registry:
         timeout: float | None = None,
         priority: int = 0,
         retry: RetryPolicy | None = None,
+        run_in: Literal["thread", "process"] | None = None,
     ) -> _TaskDecorator: ...
 
     def task(
@@ -286,19 +371,25 @@ class Registry:
         timeout: float | None = None,
         priority: int = 0,
         retry: RetryPolicy | None = None,
-    ) -> Task[Any, Any] | _TaskDecorator:
-        """Register an ``async def handler(ctx: JobContext, **args)``; the name defaults to
-        the function's. ``@registry.task`` and ``@registry.task()`` are the same: written
-        bare, as Celery and procrastinate allow, it must not register nothing in silence.
-        The decorated name is a :class:`Task`: the handler, with ``job()`` besides.
-        ``retry`` is the task's :class:`RetryPolicy` (its backoff, which failures retry)."""
+        run_in: Literal["thread", "process"] | None = None,
+    ) -> Task[Any, Any] | SyncTask[Any, Any] | _TaskDecorator:
+        """Register a ``handler(ctx: JobContext, **args)``; the name defaults to the
+        function's. ``@registry.task`` and ``@registry.task()`` are the same: written bare,
+        as Celery and procrastinate allow, it must not register nothing in silence.
+        The decorated name is a :class:`Task` (a :class:`SyncTask` for a plain ``def``): the
+        handler, with ``job()`` besides. ``retry`` is the task's :class:`RetryPolicy` (its
+        backoff, which failures retry).
+
+        An ``async def`` runs on the worker's event loop; a plain ``def`` in one of the
+        worker's threads, or, with ``run_in="process"``, in one of its handler processes,
+        which a timeout kills (docs/handlers.md)."""
         if callable(name):
-            return Task(self.add(name))
+            return _task_of(self.add(name))
         if name is not None and not isinstance(name, str):
             raise TaskDefinitionError(f"a task name is text, not {type(name).__name__}")
 
-        def register(handler: Handler) -> Task[Any, Any]:
-            return Task(
+        def register(handler: Handler) -> Task[Any, Any] | SyncTask[Any, Any]:
+            return _task_of(
                 self.add(
                     handler,
                     name=name,
@@ -307,10 +398,12 @@ class Registry:
                     timeout=timeout,
                     priority=priority,
                     retry=retry,
+                    run_in=run_in,
                 )
             )
 
-        return register
+        # A plain function cannot declare the decorator's two overloads; it serves both.
+        return register  # type: ignore[return-value]
 
     def add(
         self,
@@ -322,15 +415,15 @@ class Registry:
         timeout: float | None = None,
         priority: int = 0,
         retry: RetryPolicy | None = None,
+        run_in: Literal["thread", "process"] | None = None,
     ) -> TaskSpec:
-        if isinstance(handler, Task):  # a task of another registry: its handler
+        if isinstance(handler, BaseTask):  # a task of another registry: its handler
             handler = handler.spec.handler
         task_name = name or handler.__name__
         _check_options(task_name, queue, max_attempts, timeout, priority)
         if task_name in self._tasks:
             raise TaskDefinitionError(f"task {task_name!r} is already registered")
-        if not inspect.iscoroutinefunction(handler):
-            raise TaskDefinitionError(f"task {task_name!r} must be an async def function")
+        where = _where(task_name, handler, run_in)
         parameters = list(inspect.signature(handler).parameters.values())
         if not parameters or parameters[0].kind not in (
             inspect.Parameter.POSITIONAL_ONLY,
@@ -345,7 +438,7 @@ class Registry:
             )
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise TaskDefinitionError(f"task {task_name!r}: retry must be a RetryPolicy")
-        spec = TaskSpec.of(task_name, handler, queue, max_attempts, timeout, priority, retry)
+        spec = TaskSpec.of(task_name, handler, queue, max_attempts, timeout, priority, retry, where)
         self._tasks[task_name] = spec
         Registry._by_name[task_name] = weakref.ref(self)
         return spec
@@ -353,7 +446,7 @@ class Registry:
     def schedule(
         self,
         name: str,
-        task: str | Task[Any, Any],
+        task: str | BaseTask[Any, Any],
         cron: str,
         *,
         args: Mapping[str, Any] | None = None,
@@ -366,7 +459,7 @@ class Registry:
         once per tick. ``missed`` says what happens to ticks that passed while no worker ran
         (see :class:`~outbox_worker.schedules.Schedule`). A schedule taken out of the code
         stops; a changed one takes effect when a worker with the new code starts."""
-        task_name = task.name if isinstance(task, Task) else task
+        task_name = task.name if isinstance(task, BaseTask) else task
         spec = self._tasks.get(task_name)
         if spec is None:
             raise TaskDefinitionError(
@@ -395,12 +488,12 @@ class Registry:
         timezone: str = "UTC",
         missed: Missed = "latest",
         grace: timedelta = DEFAULT_GRACE,
-    ) -> Callable[[Task[P, R]], Task[P, R]]:
+    ) -> Callable[[AnyTask], AnyTask]:
         """:meth:`schedule` as a decorator, written above ``@registry.task``; the schedule is
         named after the task unless ``name`` is given."""
 
-        def declare(task: Task[P, R]) -> Task[P, R]:
-            if not isinstance(task, Task):
+        def declare(task: AnyTask) -> AnyTask:
+            if not isinstance(task, BaseTask):
                 raise TaskDefinitionError(
                     "@registry.periodic goes above @registry.task, on the task it schedules"
                 )

@@ -231,4 +231,4 @@ def test_a_schedule_name_is_declared_once_and_periodic_goes_above_task() -> None
         return None
 
     with pytest.raises(TaskDefinitionError, match=r"above @registry\.task"):
-        registry.periodic("0 3 * * *")(bare)  # type: ignore[arg-type]
+        registry.periodic("0 3 * * *")(bare)  # type: ignore[type-var]

@@ -14,8 +14,9 @@ import asyncpg
 import structlog
 from prometheus_client import Counter, Histogram
 
-from outbox_worker import metrics
+from outbox_worker import metrics, tracing
 from outbox_worker._worker.claims import ClaimedJob
+from outbox_worker._worker.offload import Offload
 from outbox_worker._worker.outcomes import (
     Abandoned,
     Cancelled,
@@ -59,9 +60,12 @@ class Executor:
         retry_delay: Callable[[int], float],
         stop_reason: Callable[[int], StopReason | None],
         log: structlog.typing.FilteringBoundLogger,
+        offload: Offload,
         report_progress: Callable[[int, str], None] = lambda job_id, progress: None,
     ) -> None:
+        """``offload`` runs the plain ``def`` handlers (in threads, or in processes)."""
         self._registry = registry
+        self._offload = offload
         self._worker_id = worker_id
         self._pool = pool
         self._retry_delay = retry_delay
@@ -117,11 +121,14 @@ class Executor:
         began = time.perf_counter()
         try:
             try:
-                if deadline is None:
-                    value = await spec.handler(ctx, **args)
-                else:
-                    async with deadline:
+                with tracing.processing(job, self._worker_id):
+                    if spec.run_in != "loop":
+                        value = await self._offload.call(spec, ctx, args, deadline)
+                    elif deadline is None:
                         value = await spec.handler(ctx, **args)
+                    else:
+                        async with deadline:
+                            value = await spec.handler(ctx, **args)
             finally:
                 run_seconds.observe(time.perf_counter() - began)
         except asyncio.CancelledError as exc:

@@ -3,13 +3,15 @@ services: the claimer reserves rows and offers what it claimed, the executor ask
 handler was stopped, the heartbeat extends the leases of the held jobs and stops handlers,
 the completer frees rows as outcomes are written.
 
-Two limits. At most ``concurrency`` handlers run at once. Besides them, up to ``ahead`` jobs
-may be claimed ahead and wait here, so that a slot whose handler ends starts its next job at
-once instead of waiting on a round trip to the database. A row counts from the moment a
-claim asks for it (reserved) until its outcome is written (held): the ones running, waiting,
-or ended with their outcome on its way. Counting all of them is what lets claims overlap,
-and ride on the statement that writes successes, without ever holding more than
-``concurrency + ahead`` rows or running more than ``concurrency`` handlers.
+Two limits. At most ``concurrency`` handlers run at once, counting the threads of sync
+handlers that run on after their attempt ended (a thread cannot be interrupted). Besides
+them, up to ``ahead`` jobs may be claimed ahead and wait here, so that a slot whose handler
+ends starts its next job at once instead of waiting on a round trip to the database. A row
+counts from the moment a claim asks for it (reserved) until its outcome is written (held):
+the ones running, waiting, or ended with their outcome on its way. Counting all of them is
+what lets claims overlap, and ride on the statement that writes successes, without ever
+holding more than ``concurrency + ahead`` rows or running more than ``concurrency``
+handlers.
 
 How many jobs are worth claiming ahead follows from Little's law: as many as the slots
 finish before a finished job's replacement arrives, which takes up to two round trips to the
@@ -94,6 +96,9 @@ class Slots:
         self._reserved_now = 0
         self._claims_in_flight = 0
         self._running: dict[int, asyncio.Task[None]] = {}
+        # Threads of sync handlers still running after their attempt ended (a timeout, a
+        # stop): nothing can interrupt them, so each keeps its slot until it returns.
+        self._lingering = 0
         self._started_at: dict[int, float] = {}
         # Claimed ahead, by id in the order they start; last attempts in front.
         self._waiting: collections.OrderedDict[int, ClaimedJob] = collections.OrderedDict()
@@ -128,10 +133,12 @@ class Slots:
         same statement gives back. Nothing once closed."""
         if self.closed:
             return NOTHING
-        asked = self.concurrency + self.worth_ahead() - len(self.held) - self._reserved + freed
+        busy = len(self.held) + self._lingering
+        asked = self.concurrency + self.worth_ahead() - busy - self._reserved + freed
         if asked <= 0:
             return NOTHING
-        now = min(asked, max(0, self.concurrency - len(self._running) - self._reserved_now))
+        running = len(self._running) + self._lingering
+        now = min(asked, max(0, self.concurrency - running - self._reserved_now))
         self._reserved += asked
         self._reserved_now += now
         self._claims_in_flight += 1
@@ -205,11 +212,18 @@ class Slots:
             self.job_seconds = _moving(self.job_seconds, ran)
         self._fill()
 
+    def linger(self, change: int) -> None:
+        """A sync handler's thread runs on past its attempt (+1), or has now returned (-1)."""
+        self._lingering += change
+        if change < 0:
+            self._fill()
+            self.changed.set()
+
     def _fill(self) -> None:
         while (
             self._waiting
             and not self.closed
-            and len(self._running) + self._reserved_now < self.concurrency
+            and len(self._running) + self._lingering + self._reserved_now < self.concurrency
         ):
             _, job = self._waiting.popitem(last=False)
             assert self._execute is not None, "Slots.attach first"

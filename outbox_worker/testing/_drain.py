@@ -19,6 +19,7 @@ from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker._worker.completer import outcome_statement
 from outbox_worker._worker.executor import Executor
 from outbox_worker._worker.maintenance import ReadyLanes
+from outbox_worker._worker.offload import offload_for_one
 from outbox_worker._worker.outcomes import Cancelled, Failed, Outcome, Settled, Snoozed, Succeeded
 from outbox_worker.config import WorkerSettings, asyncpg_dsn
 from outbox_worker.jobs import JobState
@@ -71,11 +72,12 @@ async def drain(
 
     Each job is claimed, run and written as a worker would: the worker's claim, its Executor
     (timeouts, ``ctx.transaction()``, unknown tasks and misfit args go dead), and its fenced
-    outcome statements. A failed attempt is queued again after the worker's backoff
-    (OUTBOX_RETRY_BASE_SECONDS: half a second to a second after a first failure, by
-    default), so it is not due yet and the drain ends rather than retry it at once. Jobs the
-    drained jobs enqueue (and commit) are due too, and drained in the same call: ``limit``
-    bounds a chain that keeps enqueueing.
+    outcome statements. A plain ``def`` handler runs in a thread, and a ``run_in="process"``
+    one in a child process, started for the first such job and stopped at the end. A failed
+    attempt is queued again after the worker's backoff (OUTBOX_RETRY_BASE_SECONDS: half a
+    second to a second after a first failure, by default), so it is not due yet and the
+    drain ends rather than retry it at once. Jobs the drained jobs enqueue (and commit) are
+    due too, and drained in the same call: ``limit`` bounds a chain that keeps enqueueing.
 
     ``database`` is the app's database URL (a pool is opened and closed here) or an asyncpg
     pool. The drain sees committed jobs only: commit (or finish the request) first.
@@ -87,7 +89,8 @@ async def drain(
     served = list(registry.queues() if queues is None else queues)
     settings = WorkerSettings()
     worker_id = new_worker_id("drain")
-    async with _pool(database) as pool:
+    log = structlog.get_logger("outbox_worker").bind(worker_id=worker_id)
+    async with _pool(database) as pool, offload_for_one(log) as offload:
         executor = Executor(
             registry=registry,
             worker_id=worker_id,
@@ -98,7 +101,8 @@ async def drain(
             # Nothing stops a drained handler: no operator cancel is heard (there is no
             # heartbeat), and the drain has no shutdown of its own.
             stop_reason=lambda job_id: None,
-            log=structlog.get_logger("outbox_worker").bind(worker_id=worker_id),
+            log=log,
+            offload=offload,
         )
         # Jobs that came due while no worker ran are still waiting outside the ready lanes
         # the claim reads: bring them in, as a worker does when it starts.

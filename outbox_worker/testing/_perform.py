@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from outbox_worker._worker.offload import HandlerThreads
 from outbox_worker.config import asyncpg_dsn
 from outbox_worker.context import JobContext, current_correlation_id
 from outbox_worker.enqueue_checks import encode_args
@@ -40,6 +41,11 @@ async def perform_job(
     ``database`` (a URL, an asyncpg pool, or a connection: inside the connection's own
     transaction it becomes a savepoint) and commits the handler's writes alone, since no
     row is there to complete. Without ``database`` it raises OutboxError.
+
+    A plain ``def`` handler runs in a thread, with the context a worker's thread gives it
+    (no ``ctx.transaction()``; ``ctx.stopped`` once its timeout passed). So does a
+    ``run_in="process"`` one, so that the test's mocks and fixtures reach it; :func:`drain`
+    runs it in a child process, as a worker does.
     """
     spec = registry.get(task)
     if spec is None:
@@ -65,8 +71,15 @@ async def perform_job(
 
     async def run() -> Any:
         current_correlation_id.set(correlation_id)
-        async with asyncio.timeout(spec.timeout):
-            return await spec.handler(ctx, **decoded)
+        if spec.run_in == "loop":
+            async with asyncio.timeout(spec.timeout):
+                return await spec.handler(ctx, **decoded)
+        threads = HandlerThreads(1)
+        try:
+            deadline = None if spec.timeout is None else asyncio.timeout(spec.timeout)
+            return await threads.call(spec, ctx, decoded, deadline)
+        finally:
+            threads.close()
 
     # A task of its own, as the worker runs a job: the correlation id set for the handler
     # stays out of the caller's context.
