@@ -2,6 +2,13 @@
 
 Counters and the run-time histogram are updated where things happen (enqueue, executor,
 completer); the queue gauges are refreshed from one cheap query (sql.QUEUE_ACTIVE_STATS).
+
+Under ``run --processes N`` each worker process writes its samples to files that the
+supervisor serves as one set (prometheus-client's multiprocess mode). Counters and the
+histogram are summed; each gauge's ``multiprocess_mode`` says how its processes' values are
+combined: a worker's own slots add up, while what the database tells every process alike
+(depths, pauses, workers alive) is read once, as the highest. The ``live`` modes leave out
+processes that have exited. Outside that mode the argument changes nothing.
 """
 
 from __future__ import annotations
@@ -40,26 +47,37 @@ SCHEDULE_TICKS = Counter(
     ["schedule", "outcome"],
 )
 QUEUE_DEPTH = Gauge(
-    "outbox_queue_depth", "Jobs per queue and state (queued, due, running)", ["queue", "state"]
+    "outbox_queue_depth",
+    "Jobs per queue and state (queued, due, running)",
+    ["queue", "state"],
+    multiprocess_mode="livemax",
 )
 QUEUE_OLDEST_DUE = Gauge(
     "outbox_queue_oldest_due_seconds",
     "Age of the oldest due job per queue (0 when none is due)",
     ["queue"],
+    multiprocess_mode="livemax",
 )
 QUEUE_PAUSED = Gauge(
     "outbox_queue_paused",
     "1 while the queue is paused; by: operator, or breaker (the circuit breaker)",
     ["queue", "by"],
+    multiprocess_mode="livemax",
 )
 BREAKER_TRIPS = Counter(
     "outbox_breaker_trips",
     "Times this worker's failures paused a queue: a task failed its threshold in a row",
     ["queue", "task"],
 )
-SLOTS_IN_USE = Gauge("outbox_worker_slots_in_use", "Claimed jobs this worker holds")
-SLOTS_TOTAL = Gauge("outbox_worker_slots", "This worker's concurrency")
-WORKERS_ALIVE = Gauge("outbox_workers_alive", "Workers whose heartbeat was seen recently")
+SLOTS_IN_USE = Gauge(
+    "outbox_worker_slots_in_use", "Claimed jobs this worker holds", multiprocess_mode="livesum"
+)
+SLOTS_TOTAL = Gauge("outbox_worker_slots", "This worker's concurrency", multiprocess_mode="livesum")
+WORKERS_ALIVE = Gauge(
+    "outbox_workers_alive",
+    "Workers whose heartbeat was seen recently",
+    multiprocess_mode="livemax",
+)
 
 _seen_queues: set[str] = set()
 _seen_pauses: set[tuple[str, str]] = set()

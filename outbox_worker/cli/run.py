@@ -4,6 +4,10 @@ Everything a user can get wrong (the registry's name, a flag, the environment, a
 port in use) fails before the worker starts, in one line. Stopping is bounded: handlers that
 ignore their cancellation, or threads still busy, do not keep the process alive past the
 worker's drain timeout.
+
+``--processes N`` (N > 1) runs N such workers as child processes of a supervisor
+(:mod:`outbox_worker.cli.supervisor`); each child is this command again, told its
+supervisor's pid by a hidden flag so that it stops if the supervisor is killed outright.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
 import typer
@@ -29,8 +33,16 @@ from outbox_worker.logs import configure_logging
 from outbox_worker.registry import Registry
 from outbox_worker.worker import Worker
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 # How long the threads of asyncio.to_thread get to finish once the worker has stopped.
 THREADS_GRACE_SECONDS = 1.0
+# More worker processes than this under one supervisor is a typo, not a deployment: each
+# opens pools of its own (docs/deployment.md), and hosts that need more run several pods.
+MAX_PROCESSES = 256
+# How often a supervised worker checks that its supervisor is still there.
+SUPERVISOR_CHECK_SECONDS = 1.0
 
 
 def load_registry(target: str) -> Registry:
@@ -52,13 +64,15 @@ def load_registry(target: str) -> Registry:
     return registry
 
 
-def start_metrics_server(port: int, host: str) -> Callable[[], None]:
-    """Serve prometheus-client's default registry over HTTP; returns the function that
-    stops it."""
-    from prometheus_client import start_http_server
+def start_metrics_server(
+    port: int, host: str, registry: CollectorRegistry | None = None
+) -> Callable[[], None]:
+    """Serve ``registry`` (default: prometheus-client's default registry) over HTTP; returns
+    the function that stops it."""
+    from prometheus_client import REGISTRY, start_http_server
 
     try:
-        server, thread = start_http_server(port, addr=host)
+        server, thread = start_http_server(port, addr=host, registry=registry or REGISTRY)
     except OSError as exc:
         reason = exc.strerror or one_line(exc) or type(exc).__name__
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {reason}") from exc
@@ -103,6 +117,18 @@ async def abandon_stuck_handlers(worker: Worker, threads: ThreadPoolExecutor) ->
         os._exit(0)
 
 
+async def stop_when_orphaned(worker: Worker, supervisor_pid: int) -> None:
+    """Stop, draining as on SIGTERM, once the supervisor that started this process is gone.
+    Killed outright (SIGKILL, the OOM killer), it could not stop its children, and a child
+    left behind would run on unrestarted, its metrics served by no one."""
+    while True:
+        await asyncio.sleep(SUPERVISOR_CHECK_SECONDS)
+        if os.getppid() != supervisor_pid:
+            break
+    worker.log.warning("supervisor_gone", supervisor_pid=supervisor_pid)
+    worker.stop()
+
+
 def run_async(main: Callable[[], Coroutine[Any, Any, None]], use_uvloop: bool) -> None:
     """``main`` on uvloop when asked for and installed, else on asyncio's own loop."""
     loop_factory = None
@@ -118,6 +144,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, None]], use_uvloop: bool) -
 
 
 def run(
+    ctx: typer.Context,
     target: Annotated[
         str,
         typer.Argument(
@@ -170,6 +197,17 @@ def run(
             help="Address the metrics server binds (0.0.0.0 for every interface).",
         ),
     ] = "127.0.0.1",
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_PROCESSES,
+            help="Worker processes, each running --concurrency jobs, under one supervisor that "
+            "restarts a crashed one and serves their metrics as one set (default 1: the worker "
+            "runs in this process).",
+        ),
+    ] = 1,
+    supervisor_pid: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Claim and run jobs until SIGTERM/SIGINT (drains in-flight jobs, then exits 0)."""
     queue_list = queue_names(queues)
@@ -187,6 +225,18 @@ def run(
     options = worker_settings.worker_options(queues=queue_list, burst=burst)
     configure_logging(level=worker_settings.log_level, fmt=worker_settings.log_format)
     registry = load_registry(target)
+    if processes > 1:
+        # Imported here: a worker process never needs it.
+        from outbox_worker.cli.supervisor import supervise
+
+        supervise(
+            ctx,
+            processes=processes,
+            drain_timeout=worker_settings.drain_timeout_seconds,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+        )
+        return
     stop_metrics: Callable[[], None] | None = None
     if metrics_port is not None:
         # Before the worker starts, so a scrape sees the worker from its first claim on.
@@ -203,7 +253,14 @@ def run(
         loop.set_default_executor(threads)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        await worker.run()
+        watch = None
+        if supervisor_pid is not None:
+            watch = asyncio.create_task(stop_when_orphaned(worker, supervisor_pid))
+        try:
+            await worker.run()
+        finally:
+            if watch is not None:
+                watch.cancel()
         await abandon_stuck_handlers(worker, threads)
 
     try:
