@@ -32,6 +32,7 @@ from outbox_worker._worker.gauges import Gauges
 from outbox_worker._worker.heartbeat import Heartbeat, LoopWatchdog
 from outbox_worker._worker.maintenance import Pruner, ReadyLanes, Rescuer
 from outbox_worker._worker.notifier import Notifier
+from outbox_worker._worker.offload import Offload
 from outbox_worker._worker.outcomes import Failed, Outcome
 from outbox_worker._worker.queue_watch import QueueWatch
 from outbox_worker._worker.scheduler import Scheduler
@@ -68,6 +69,10 @@ class WorkerOptions:
     # How long start-up waits for a database that does not answer (refused, unknown host,
     # starting up) before it gives up with DatabaseUnavailable.
     startup_timeout: float = 60.0
+    # Threads for plain def handlers (None: the concurrency, at most 32), and processes for
+    # run_in="process" ones (None: the CPUs, at most the concurrency), started when needed.
+    handler_threads: int | None = None
+    handler_processes: int | None = None
 
 
 # Producer (claims), completer, its retry of outcomes set aside, heartbeat, rescuer, pruner
@@ -103,6 +108,12 @@ class Worker:
         self._slots = Slots(options.concurrency, ahead=ahead, log=self.log)
         self._stop = asyncio.Event()
         self._give_up_writes = asyncio.Event()
+        self._offload = Offload(
+            threads=options.handler_threads or min(32, options.concurrency),
+            processes=options.handler_processes or min(os.cpu_count() or 1, options.concurrency),
+            log=self.log,
+            linger=self._slots.linger,
+        )
 
     @property
     def processed(self) -> int:
@@ -139,6 +150,7 @@ class Worker:
                 finally:
                     self.log.info("worker_stopped", processed=self.processed)
         finally:
+            await self._offload.close()
             await _close_pool(pool)
             await _close_pool(handler_pool)
 
@@ -193,6 +205,7 @@ class Worker:
             retry_delay=functools.partial(retry_delay, base=opts.retry_base, cap=opts.retry_cap),
             stop_reason=slots.stop_reason,
             log=self.log,
+            offload=self._offload,
             report_progress=slots.report_progress,
         )
         claimer = Claimer(
@@ -264,7 +277,9 @@ class Worker:
             claiming.append(
                 Notifier(
                     dsn=opts.listen_dsn or opts.dsn,
+                    pool=pool,
                     wake=self.wake,
+                    poll_interval=opts.poll_interval,
                     keepalive_seconds=max(1.0, opts.poll_interval * 5),
                     log=self.log,
                 )
