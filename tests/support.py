@@ -11,7 +11,7 @@ import asyncio
 import json
 import random
 from datetime import datetime
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
@@ -99,6 +99,20 @@ async def job_states(pool: asyncpg.Pool) -> dict[str, int]:
 # The admin token the library's admin host runs with in the admin routes' and the dashboard's
 # tests (the ``admin_app`` fixture, tests/admin_support.py, tests/dashboard_support.py).
 ADMIN_TOKEN = "s3cret-admin-token-for-tests"
+
+
+async def insert_job(
+    pool: asyncpg.Pool, task: str, args: dict[str, Any] | None = None, max_attempts: int = 5
+) -> int:
+    """One job by plain SQL, as another service would enqueue it; its id."""
+    job_id: int = await pool.fetchval(
+        "INSERT INTO outbox_jobs (task, args, max_attempts) "
+        "VALUES ($1, $2::jsonb, $3) RETURNING id",
+        task,
+        json.dumps(args or {}),
+        max_attempts,
+    )
+    return job_id
 
 
 async def insert_sleepy(

@@ -30,21 +30,9 @@ from outbox_worker.testing import DrainResult, drain, perform_job
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.invariants import log_events
 from tests.offload_tasks import Threads, add, registry
+from tests.support import insert_job as enqueue
 
 TASKS = "tests.offload_tasks:registry"
-
-
-async def enqueue(
-    pool: asyncpg.Pool, task: str, args: dict[str, Any] | None = None, max_attempts: int = 5
-) -> int:
-    job_id: int = await pool.fetchval(
-        "INSERT INTO outbox_jobs (task, args, max_attempts) "
-        "VALUES ($1, $2::jsonb, $3) RETURNING id",
-        task,
-        json.dumps(args or {}),
-        max_attempts,
-    )
-    return job_id
 
 
 async def row(pool: asyncpg.Pool, job_id: int) -> asyncpg.Record:
