@@ -81,8 +81,10 @@ def queues(
         caption=f"(+N): finished within the last {window}",
         caption_justify="left",
     )
-    for column in ("QUEUE", "QUEUED", "DUE", "RUNNING", "OLDEST DUE", *admin.FINISHED, "LIMIT"):
+    for column in ("QUEUE", "QUEUED", "DUE", "RUNNING", "OLDEST DUE", *admin.FINISHED):
         table.add_column(column.upper(), justify="left" if column == "QUEUE" else "right")
+    # Folded, not cut short: a narrow terminal must still show every limit whole.
+    table.add_column("LIMIT", justify="right", overflow="fold")
     table.add_column("PAUSED", overflow="fold")
     for view in views:
         entry, setting = view.stats, view.settings
