@@ -47,6 +47,7 @@ PARAMETER_TYPES = {
     "args": "jsonb",
     "attempts": "int4[]",
     "batch": "int8",
+    "channel": "text",
     "concurrency": "int4",
     "cron": "text",
     "delays": "float8[]",
