@@ -9,13 +9,18 @@ import asyncio
 import bisect
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
+import structlog
 
 from outbox_worker import sql
+from outbox_worker._worker.claimer import Claimer
+from outbox_worker._worker.outcomes import Succeeded
+from outbox_worker._worker.slots import Slots
 from tests.conftest import WorkerProcess, wait_until
 from tests.support import insert_sleepy
 
@@ -136,6 +141,103 @@ async def test_a_listed_job_this_claim_cannot_see_counts_until_its_lease_would_e
             "UPDATE outbox_queues SET held_until = ARRAY[now() - interval '1 second']"
         )
         assert len(await claim_limited(conn, 10)) == 1
+
+
+async def test_a_batch_of_successes_claims_the_places_it_frees(pool: asyncpg.Pool) -> None:
+    """The jobs a statement writes successes for finish when it commits: its claim may take
+    their places under the limit, and they leave the queue's list."""
+    await insert_sleepy(pool, 10, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 3)", LIMITED)
+    async with pool.acquire() as conn:
+        first = await claim_limited(conn, 10)
+        rows = await conn.fetch(
+            *sql.bind(
+                sql.JOB_COMPLETE_AND_CLAIM_LIMITED,
+                queue=LIMITED,
+                limit=10,
+                ahead=0,
+                worker_id="w",
+                lease_seconds=30,
+                ids=first[:2],
+                attempts=[1, 1],
+                results=[None, None],
+            )
+        )
+    assert sorted(r["id"] for r in rows if not r["claimed"]) == first[:2]
+    claimed = [r["id"] for r in rows if r["claimed"]]
+    assert len(claimed) == 2
+    held = await pool.fetchval("SELECT held_ids FROM outbox_queues WHERE name = $1", LIMITED)
+    assert sorted(held) == sorted([first[2], *claimed])
+
+
+def limited_claimer(pool: asyncpg.Pool, slots: int) -> tuple[Claimer, Slots]:
+    """A claimer of the limited queue whose claimed jobs are held but never run."""
+    held = Slots(slots, ahead=slots, log=structlog.get_logger("test"))
+    claimer = Claimer(
+        pool=pool,
+        worker_id="w",
+        queues=[LIMITED],
+        lease_seconds=30,
+        slots=held,
+        start=held.hold,
+        log=structlog.get_logger("test"),
+    )
+    claimer.limited = frozenset({LIMITED})
+    return claimer, held
+
+
+async def claim_waiting_on_the_queue_row(
+    pool: asyncpg.Pool, claim: Awaitable[Any]
+) -> asyncio.Task[Any]:
+    """Start a claim that waits on the queue's row, locked by another transaction."""
+    task = asyncio.ensure_future(claim)
+    await wait_until(
+        lambda: pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%gate AS MATERIALIZED%'"
+        ),
+        what="the claim waiting on the queue's row",
+    )
+    return task
+
+
+async def test_a_worker_never_waits_on_its_own_claim_of_a_limited_queue(
+    pool: asyncpg.Pool,
+) -> None:
+    """While one path's claim of a limited queue is in flight, the other does not claim it
+    too (it would only wait on the row the first holds): the completer writes its
+    successes alone, the producer leaves the queue out."""
+    await insert_sleepy(pool, 2, 1.0)
+    await pool.execute("INSERT INTO outbox_queues (name, concurrency) VALUES ($1, 10)", LIMITED)
+    claimer, slots = limited_claimer(pool, 4)
+    assert await claimer.claim() == (4, 2)
+    await insert_sleepy(pool, 10, 1.0)
+    first, second = sorted(slots.held)
+    async with pool.acquire() as locker:
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM outbox_queues WHERE name = $1 FOR UPDATE", LIMITED)
+            producing = await claim_waiting_on_the_queue_row(pool, claimer.claim())
+            written = await asyncio.wait_for(
+                claimer.complete_and_claim([Succeeded(first, 1, None)]), 10
+            )
+            assert [r["id"] for r in written] == [first]
+            assert not producing.done()
+        assert await producing == (2, 2)
+        assert len(slots.held) == 4
+
+        async with locker.transaction():
+            await locker.execute("SELECT 1 FROM outbox_queues WHERE name = $1 FOR UPDATE", LIMITED)
+            completing = await claim_waiting_on_the_queue_row(
+                pool, claimer.complete_and_claim([Succeeded(second, 1, None)])
+            )
+            # Claiming ahead has become worth it: the producer has rows to ask for.
+            slots.job_seconds = slots.trip_seconds = 1.0
+            assert await asyncio.wait_for(claimer.claim(), 10) == (0, 0)
+        assert [r["id"] for r in await completing] == [second]
+    states = await pool.fetch(
+        "SELECT state FROM outbox_jobs WHERE id = ANY($1::bigint[])", [first, second]
+    )
+    assert [r["state"] for r in states] == ["succeeded", "succeeded"]
 
 
 async def test_a_rate_limit_counts_the_starts_of_the_last_window(pool: asyncpg.Pool) -> None:

@@ -10,8 +10,9 @@ so the event loop and the database work at the same time instead of in turn.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -55,22 +56,31 @@ class Claimer:
         # Set while a served queue has a rate limit: how soon to claim again after a claim
         # that found less than it asked for (QueueWatch keeps it current).
         self.retry_within: float | None = None
+        # The limited queues one of this worker's claims is in flight for. The producer and
+        # the completer never both claim one of them at once: the second claim would only
+        # wait on the queue's row, which the first holds locked until it commits, keeping a
+        # connection and, on the completer's side, a batch of successes waiting with it.
+        # The producer leaves such a queue out (the claim in flight asked for every free
+        # slot, and the write after it wakes the producer again); the completer writes its
+        # successes alone, or rides a claim on another limited queue.
+        self._claiming: set[str] = set()
 
     async def claim(self) -> tuple[int, int]:
         """Claim on a connection of its own, for each limited queue and then for the
         others: (rows asked for, jobs claimed)."""
         asked = claimed = 0
-        for queue in sorted(self.limited):
+        for queue in sorted(self.limited - self._claiming):
             reservation = self._reserve(freed=0)
             if not reservation:
                 break
-            more, took = await self._claim(
-                sql.JOB_CLAIM_LIMITED,
-                reservation,
-                queue=queue,
-                limit=reservation.asked,
-                ahead=reservation.ahead,
-            )
+            with self._in_flight(queue):
+                more, took = await self._claim(
+                    sql.JOB_CLAIM_LIMITED,
+                    reservation,
+                    queue=queue,
+                    limit=reservation.asked,
+                    ahead=reservation.ahead,
+                )
             asked, claimed = asked + more, claimed + took
         # The others: none when every queue is limited (JOB_CLAIM passes over limited
         # queues, so asking it would cost a round trip for nothing).
@@ -122,13 +132,14 @@ class Claimer:
                 )
             return written
         try:
-            async with self._pool.acquire(timeout=30) as conn:
-                rows, sent = await self._send(
-                    conn,
-                    statement,
-                    {**claim, "limit": reservation.asked, "ahead": reservation.ahead, **done},
-                    answer_within=answer_within,
-                )
+            with self._in_flight(claim.get("queue")):
+                async with self._pool.acquire(timeout=30) as conn:
+                    rows, sent = await self._send(
+                        conn,
+                        statement,
+                        {**claim, "limit": reservation.asked, "ahead": reservation.ahead, **done},
+                        answer_within=answer_within,
+                    )
         finally:
             self._settle(reservation)
         self._take([row for row in rows if row["claimed"]], sent)
@@ -136,14 +147,30 @@ class Claimer:
 
     def _riding_claim(self) -> tuple[str, dict[str, Any]]:
         """The claim that may ride on a batch of successes, and its queue parameter; none
-        for a worker serving limited queues and others."""
+        for a worker serving limited queues and others, nor while each of its limited queues
+        has a claim in flight."""
         if not self.limited:
             return sql.JOB_COMPLETE_AND_CLAIM, {"queues": self._queues}
         if not self.limited.issuperset(self._queues):
             return "", {}
         limited = sorted(self.limited)
-        self._turn = (self._turn + 1) % len(limited)
-        return sql.JOB_COMPLETE_AND_CLAIM_LIMITED, {"queue": limited[self._turn]}
+        for _ in limited:
+            self._turn = (self._turn + 1) % len(limited)
+            if limited[self._turn] not in self._claiming:
+                return sql.JOB_COMPLETE_AND_CLAIM_LIMITED, {"queue": limited[self._turn]}
+        return "", {}
+
+    @contextlib.contextmanager
+    def _in_flight(self, queue: str | None) -> Iterator[None]:
+        """Mark a limited queue's claim in flight (none for a claim of unlimited queues)."""
+        if queue is None:
+            yield
+            return
+        self._claiming.add(queue)
+        try:
+            yield
+        finally:
+            self._claiming.discard(queue)
 
     def _reserve(self, *, freed: int) -> Reservation:
         """Rows for one claim; ``freed`` are held rows the same statement gives back."""

@@ -280,7 +280,13 @@ _KEY_ROOM = """least((SELECT g.key_concurrency FROM gate AS g)
                    - coalesce(jsonb_array_length((SELECT r.starts FROM key_rated AS r) -> {key}),
                               0))"""
 _LIMITED_PARAMS = ("queue", "limit", "ahead", "worker_id", "lease_seconds")
-_LIMITED = f"""
+
+
+def _limited(written: str = "") -> str:
+    """The limited claim's CTEs; ``written`` names a CTE of the ids of jobs whose successes
+    the same statement writes."""
+    finished = f"\n      AND h.id NOT IN (SELECT id FROM {written})" if written else ""
+    return f"""
 gate AS MATERIALIZED (
     SELECT q.concurrency, q.key_concurrency, q.key_cursor, q.paused_at,
            q.held_ids, q.held_attempts, q.held_until, q.held_keys,
@@ -304,7 +310,7 @@ held AS MATERIALIZED (
                      ELSE j.attempts < h.attempt AND h.until > now() END
          FROM outbox_jobs AS j
          WHERE j.id = h.id),
-        h.until > now())
+        h.until > now()){finished}
 ),
 room AS MATERIALIZED (
     SELECT g.paused_at IS NOT NULL AS paused, g.concurrency,
@@ -417,19 +423,19 @@ open_queues AS MATERIALIZED (
     SELECT ARRAY[:queue::text] AS names
 ),
 {
-    _claimable(
-        queues="(SELECT names FROM open_queues)::text[]",
-        limit="(SELECT CASE WHEN keyed THEN 0 ELSE (SELECT n FROM budget) END FROM gate)",
-        now=":limit - :ahead::integer",
-    )
-},
+        _claimable(
+            queues="(SELECT names FROM open_queues)::text[]",
+            limit="(SELECT CASE WHEN keyed THEN 0 ELSE (SELECT n FROM budget) END FROM gate)",
+            now=":limit - :ahead::integer",
+        )
+    },
 claimed AS (
 {
-    _claim_update(
-        "SELECT id FROM claimable UNION ALL SELECT id FROM keyed_taken "
-        "UNION ALL SELECT id FROM unkeyed"
-    )
-}
+        _claim_update(
+            "SELECT id FROM claimable UNION ALL SELECT id FROM keyed_taken "
+            "UNION ALL SELECT id FROM unkeyed"
+        )
+    }
 ),
 granted AS (
     UPDATE outbox_queues AS q
@@ -475,28 +481,29 @@ granted AS (
 )
 """
 
+
 JOB_CLAIM_LIMITED = statement(
     params=_LIMITED_PARAMS,
     text=f"""
-WITH RECURSIVE {_LIMITED}SELECT id, task, queue, args, attempts, max_attempts, correlation_id,
+WITH RECURSIVE {_limited()}SELECT id, task, queue, args, attempts, max_attempts, correlation_id,
        trace_context
 FROM claimed
 """,
 )
 
 # JOB_CLAIM_LIMITED's parameters, then _COMPLETE's: JOB_COMPLETE_AND_CLAIM for a worker whose
-# queues are all limited. The list of jobs the limits let start is read in the same
-# snapshot as the successes, so those jobs still count for this claim: it may take fewer
-# than the slots they free, never more than the limits allow. Rows as JOB_COMPLETE_AND_CLAIM's.
+# queues are all limited. The jobs whose successes it writes leave the list of those the
+# limits let start (they finish when this claim commits), so the claim may take the places
+# they free, and the next claim does not probe them. Rows as JOB_COMPLETE_AND_CLAIM's.
 JOB_COMPLETE_AND_CLAIM_LIMITED = statement(
     params=(*_LIMITED_PARAMS, "ids", "attempts", "results"),
     text=f"""
 WITH RECURSIVE done AS (
 {_COMPLETE}
 ),{_RESET_BREAKERS},
-{_LIMITED}SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue, NULL::text AS args,
-       NULL::integer AS attempts, NULL::integer AS max_attempts, NULL::text AS correlation_id,
-       NULL::text AS trace_context
+{_limited("done")}SELECT false AS claimed, id, NULL::text AS task, NULL::text AS queue,
+       NULL::text AS args, NULL::integer AS attempts, NULL::integer AS max_attempts,
+       NULL::text AS correlation_id, NULL::text AS trace_context
 FROM done
 UNION ALL
 SELECT true, id, task, queue, args, attempts, max_attempts, correlation_id, trace_context
