@@ -86,6 +86,20 @@ def form_values(page: str) -> dict[str, str]:
     return found
 
 
+def sent_form(page: str, **typed: str) -> dict[str, str]:
+    """What a browser sends from the settings page's form: every input as the page filled
+    it, hidden ones too, with what the operator ``typed`` into some."""
+    start = page.index('id="settings-form"')
+    form = page[start : page.index("</form>", start)]
+    found = dict(
+        re.findall(
+            r'<input type="(?:number|hidden)"[^>]*?name="([a-z_]+)"[^>]*?value="([^"]*)"', form
+        )
+    )
+    assert set(typed) <= set(SETTINGS) <= set(found), found
+    return {**found, **typed}
+
+
 def flash_of(response: httpx.Response, back: str = "/dashboard/queues/emails") -> tuple[str, str]:
     assert response.status_code == 303, response.text[:300]
     assert response.headers["location"] == back
@@ -330,6 +344,38 @@ async def test_every_setting_is_set_shown_and_lifted_from_the_settings_page(
         assert (await row(pool, "later"))["concurrency"] == 1
         overview = await client.get("/dashboard", headers=SIGNED_IN)
         assert shown_limits(queue_row(overview.text, "later")) == {"concurrency": "1 running"}
+
+
+@pytest.mark.parametrize("dependency", [plain, begun], ids=["plain", "begun"])
+async def test_the_form_keeps_a_change_made_elsewhere_since_the_page_was_loaded(
+    engine: AsyncEngine,
+    pool: asyncpg.Pool,
+    dependency: Callable[[AsyncEngine], SessionDependency],
+) -> None:
+    """Only the fields the operator changed are written: a limit set by SQL (or the CLI, the
+    API, another operator) after the page was loaded is not put back to what it showed."""
+    await pool.execute(
+        "INSERT INTO outbox_queues (name, concurrency, rate_limit) VALUES ('emails', 5, 50)"
+    )
+    async with client_of(dependency(engine)) as client:
+        page = await client.get("/dashboard/queues/emails", headers=SIGNED_IN)
+        assert form_values(page.text)["concurrency"] == "5"
+        await pool.execute("UPDATE outbox_queues SET concurrency = 8, rate_limit = 40")
+        response = await client.post(
+            "/dashboard/queues/emails/settings",
+            data=sent_form(page.text, key_concurrency="3", rate_limit="20"),
+            headers=FORM,
+        )
+    assert flash_of(response) == (
+        "ok",
+        "Queue emails: at most 8, 3 per key running at once; at most 20 started per 1.0 s.",
+    )
+    settings = await row(pool, "emails")
+    assert (settings["concurrency"], settings["key_concurrency"], settings["rate_limit"]) == (
+        8,
+        3,
+        20,
+    )
 
 
 @pytest.mark.parametrize("dependency", [plain, begun], ids=["plain", "begun"])

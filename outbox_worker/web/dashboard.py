@@ -21,7 +21,7 @@ of this site: :mod:`outbox_worker.web.dashboard_access`. How the pages render an
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request, Response, status
@@ -262,14 +262,27 @@ async def change_queue(
 # which takes an empty field for one not sent: empty is none, not sent leaves the setting.
 
 
-def whole_number(form: FormData, field: str, current: int | None) -> int | None:
+def changed_fields(form: FormData) -> dict[str, str]:
+    """The fields the operator changed. The page sends beside each field what it showed
+    (``shown_`` and the field's name); a field that still holds it counts as not sent, so
+    that a setting changed elsewhere since the page was loaded (by the CLI, the API, SQL or
+    another operator) keeps that change. A form without them (a script's) sends them all."""
+    fields = {name: str(value) for name, value in form.items() if not name.startswith("shown_")}
+    return {
+        name: value
+        for name, value in fields.items()
+        if form.get(f"shown_{name}") is None or str(form[f"shown_{name}"]) != value
+    }
+
+
+def whole_number(form: Mapping[str, str], field: str, current: int | None) -> int | None:
     """A limit as its field holds it: empty is none, not sent is ``current``. Read as ASCII
     digits, no more than the largest limit has: int() would also read fullwidth digits, and
     thousands of them. The range is the service's to check."""
     sent = form.get(field)
     if sent is None:
         return current
-    value = str(sent).strip()
+    value = sent.strip()
     if not value:
         return None
     if not (value.isascii() and value.isdigit()) or len(value) > len(str(MAX_CONCURRENCY)):
@@ -280,13 +293,13 @@ def whole_number(form: FormData, field: str, current: int | None) -> int | None:
     return int(value)
 
 
-def seconds(form: FormData, field: str, current: float) -> float:
+def seconds(form: Mapping[str, str], field: str, current: float) -> float:
     """A rate's window as its field holds it, in seconds: empty is one second (the default),
     not sent is ``current``. The range is the service's to check."""
     sent = form.get(field)
     if sent is None:
         return current
-    value = str(sent).strip()
+    value = sent.strip()
     if not value:
         return 1.0
     if not SECONDS.fullmatch(value):
@@ -361,7 +374,7 @@ async def resume_queue(
 
 
 async def set_queue_settings(request: Request, queue: str, session: SessionDep) -> Response:
-    form = await request.form()
+    form = changed_fields(await request.form())
 
     async def change() -> QueueSettings:
         # Every field is read before the first write, and change_queue rolls back the writes
