@@ -148,7 +148,9 @@ class Backpressure:
             )
 
 
-def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
+def _written(
+    row: Row, args: Mapping[str, Any], inserted: Sequence[Any], trace_context: str | None
+) -> Job:
     """The Job just inserted: what was sent, plus what the database decided
     (sql.client._INSERTED: id, run_at, created_at, the key as stored). Positional, in Job's
     field order: it runs once per job."""
@@ -178,6 +180,7 @@ def _written(row: Row, args: Mapping[str, Any], inserted: Sequence[Any]) -> Job:
         None,  # progress
         row.tags or (),
         row.concurrency_key,
+        None if trace_context is None else json.loads(trace_context),
     )
 
 
@@ -236,7 +239,7 @@ def _insert_one(
         inserted = yield sql.JOB_INSERT, params
         if inserted:
             _enqueued(row.task, row.queue).inc()
-            return _written(row, args, inserted[0])
+            return _written(row, args, inserted[0], trace_context)
         [existing] = yield from _find_keyed([row])
         if existing is not None:
             return existing
@@ -332,7 +335,7 @@ def _insert_many(
         columns["tags"] = [_tags_json(tags) for tags in columns["tags"]]
         answer = yield sql.JOB_INSERT_MANY, {**columns, "trace_context": trace_context}
     result: list[Job | None] = [
-        None if inserted[0] is None else _written(row, job.args, inserted)
+        None if inserted[0] is None else _written(row, job.args, inserted, trace_context)
         for inserted, row, job in zip(answer, rows, jobs, strict=True)
     ]
     written = collections.Counter((job.task, job.queue) for job in result if job is not None)

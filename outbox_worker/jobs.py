@@ -60,6 +60,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "progress",
     "tags",
     "concurrency_key",
+    "trace_context",
 )
 
 
@@ -91,6 +92,9 @@ class Job:
     progress: Any = None
     tags: tuple[str, ...] = ()
     concurrency_key: str | None = None
+    # The W3C trace context of the enqueuer (``traceparent``, ``tracestate``), when
+    # OpenTelemetry was on: what the run's span links to, and where to look for the request.
+    trace_context: dict[str, str] | None = None
     duplicate: bool = False
 
     @classmethod
@@ -102,7 +106,17 @@ class Job:
         values["result"] = None if values["result"] is None else _read_json(values["result"])
         values["progress"] = None if values["progress"] is None else _read_json(values["progress"])
         values["tags"] = tuple(values["tags"] or ())
+        if values["trace_context"] is not None:
+            values["trace_context"] = json.loads(values["trace_context"])
         return cls(**values, duplicate=duplicate)
+
+    @property
+    def trace_id(self) -> str | None:
+        """The enqueuer's trace id (32 hex digits, from its ``traceparent``): what a tracing
+        backend finds the request that enqueued the job by."""
+        parent = (self.trace_context or {}).get("traceparent", "")
+        parts = parent.split("-")
+        return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
     def to_json(self) -> dict[str, Any]:
         """The job as the admin API answers it (``GET /jobs/{id}``), which the CLI's
@@ -138,6 +152,7 @@ class JobOut(BaseModel):
     progress: Any
     tags: list[str]
     concurrency_key: str | None
+    trace_context: dict[str, str] | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

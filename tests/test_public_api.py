@@ -244,6 +244,7 @@ def test_job_has_the_contract_fields() -> None:
         "progress",
         "tags",
         "concurrency_key",
+        "trace_context",
         "duplicate",
     ]
 

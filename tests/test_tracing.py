@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
+from fastapi import FastAPI
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -25,7 +28,10 @@ import outbox_worker
 from outbox_worker import JobContext, NewJob, Registry, SnoozeJob, sql
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker.testing import drain
+from tests.admin_support import AUTH
+from tests.cli_support import cli, ok, ok_json
 from tests.conftest import ROOT
+from tests.dashboard_support import SIGNED_IN
 from tests.drivers_support import Caller
 from tests.tracing_support import named, recording, traceparent
 
@@ -111,6 +117,12 @@ async def test_every_enqueue_stores_the_context_of_its_send_span(
         keyed[1].id: {"traceparent": traceparent(mixed)},
         untraced.id: None,
     }
+    # The jobs enqueue returns carry it too.
+    assert (one.trace_context, keyed[1].trace_context, untraced.trace_context) == (
+        {"traceparent": traceparent(single)},
+        {"traceparent": traceparent(mixed)},
+        None,
+    )
     assert _attributes(single) == {
         "messaging.system": "pgoutbox",
         "messaging.operation.type": "send",
@@ -143,6 +155,40 @@ async def test_a_duplicate_keeps_the_context_it_was_written_with(
     assert _attributes(found)["messaging.message.id"] == str(first.id)
     assert _attributes(found)["messaging.message.conversation_id"] == correlation
     assert await _stored(pool) == {first.id: {"traceparent": traceparent(written)}}
+    assert again.trace_context == {"traceparent": traceparent(written)}
+
+
+async def test_the_job_s_json_page_and_cli_show_the_trace_of_its_enqueue(
+    engine: AsyncEngine,
+    admin_app: FastAPI,
+    admin_client: httpx.AsyncClient,
+    database_url: str,
+    spans: InMemorySpanExporter,
+) -> None:
+    """Where an operator looking at a job finds the request that enqueued it."""
+    async with AsyncSession(engine) as session:
+        with tracer.start_as_current_span("request") as request:
+            job = await outbox_worker.enqueue(session, "echo", {"n": 1})
+        untraced = await outbox_worker.enqueue(session, "echo", {"n": 2})
+        await session.commit()
+    [send] = _sends(spans)
+    trace_id = f"{_context(request).trace_id:032x}"
+    assert job.trace_id == trace_id
+    assert untraced.trace_id is None
+
+    shown = await admin_client.get(f"/jobs/{job.id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text
+    assert shown.json()["trace_context"] == {"traceparent": traceparent(send)}
+    page = await admin_client.get(f"/dashboard/jobs/{job.id}", headers=SIGNED_IN)
+    assert f'<td id="job-trace-id"><code>{trace_id}</code></td>' in page.text
+    plain = await admin_client.get(f"/dashboard/jobs/{untraced.id}", headers=SIGNED_IN)
+    assert plain.status_code == 200
+    assert "job-trace-id" not in plain.text
+    table = ok(await cli(database_url, "jobs", "show", str(job.id)))
+    assert re.search(rf"trace id\s+│?\s*{trace_id}", table), table
+    assert ok_json(await cli(database_url, "jobs", "show", str(job.id), "--json"))[
+        "trace_context"
+    ] == {"traceparent": traceparent(send)}
 
 
 async def test_a_failed_enqueue_ends_its_span_with_the_error(

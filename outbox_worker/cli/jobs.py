@@ -124,6 +124,8 @@ def _print_job(job: Job) -> None:
     if job.debounce_key is not None:
         table.add_row("debounce key", visible(job.debounce_key))
     table.add_row("correlation id", visible(job.correlation_id or MISSING))
+    if job.trace_id is not None:
+        table.add_row("trace id", job.trace_id)
     if job.tags:
         table.add_row("tags", visible(", ".join(job.tags)))
     if job.concurrency_key is not None:

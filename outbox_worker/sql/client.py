@@ -16,7 +16,8 @@ JOB_SELECT_LIST = """
     j.max_attempts, j.run_at, j.dedupe_key, j.correlation_id, j.last_error,
     j.result::text AS result, j.locked_by, j.locked_until, j.created_at, j.started_at,
     j.finished_at, j.cancel_requested_at, j.active_key, j.debounce_key,
-    j.progress::text AS progress, j.tags, j.concurrency_key
+    j.progress::text AS progress, j.tags, j.concurrency_key,
+    j.trace_context::text AS trace_context
 """
 
 # ---------------------------------------------------------------------------------------------
