@@ -6,7 +6,8 @@ An enqueue called while a span is current (a request's, say) runs in a PRODUCER 
 ``traceparent``, ``tracestate``) is stored in the job's ``trace_context``. Each attempt of
 the job runs in a CONSUMER span, ``process {queue}``, linked to that span rather than its
 child: a job runs seconds or days after its request, and once per attempt. The run's span is
-current while the handler runs, so the handler's own spans are its children.
+current while the handler runs, so the handler's own spans are its children, in a handler
+process too (its context crosses with the call).
 
 Without opentelemetry importable, or with no span current at the enqueue, no span is made
 and ``trace_context`` stays NULL; the import is tried once, here, and each call costs a
@@ -140,6 +141,33 @@ def _processing(job: ClaimedJob, worker_id: str) -> Iterator[None]:
     finally:
         otel_context.detach(token)
         span.end()
+
+
+def carrier() -> dict[str, str] | None:
+    """The current context as propagation headers, for a handler process to continue the
+    run's span from; None when nothing is traced."""
+    if not AVAILABLE:
+        return None
+    headers: dict[str, str] = {}
+    propagate.inject(headers)
+    return headers or None
+
+
+def continuing(headers: dict[str, str] | None) -> AbstractContextManager[None]:
+    """In a handler process, around the handler: the run's span (from ``carrier``, made in
+    the worker) current, so that the spans the handler makes are its children."""
+    if not AVAILABLE or not headers:
+        return _UNTRACED
+    return _continuing(headers)
+
+
+@contextmanager
+def _continuing(headers: dict[str, str]) -> Iterator[None]:
+    token = otel_context.attach(propagate.extract(headers))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
 
 
 def _links(trace_context: str | None) -> list[trace.Link]:

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
+
 from outbox_worker import (
     CancelJob,
     JobContext,
@@ -125,6 +127,13 @@ def spins(ctx: JobContext, pid_file: str) -> None:
     Path(pid_file).write_text(str(os.getpid()))
     while True:
         pass
+
+
+@registry.task(run_in="process")
+def current_span(ctx: JobContext) -> dict[str, str]:
+    """The ids of the span current in its process, in hex (zeros: none)."""
+    context = trace.get_current_span().get_span_context()
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
 
 
 @registry.task(run_in="process")

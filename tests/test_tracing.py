@@ -28,6 +28,7 @@ import outbox_worker
 from outbox_worker import JobContext, NewJob, Registry, SnoozeJob, sql
 from outbox_worker._worker.claims import ClaimedJob
 from outbox_worker.testing import drain
+from tests import offload_tasks
 from tests.admin_support import AUTH
 from tests.cli_support import cli, ok, ok_json
 from tests.conftest import ROOT
@@ -249,6 +250,24 @@ async def test_a_run_is_a_consumer_span_linked_to_its_enqueue_and_parent_of_the_
     [threaded] = named(spans, "work in a thread")
     assert _parent_id(work) == _span_id(run)
     assert _parent_id(threaded) == _span_id(work)
+
+
+async def test_a_handler_in_a_process_runs_in_the_span_of_its_run(
+    engine: AsyncEngine, database_url: str, pool: asyncpg.Pool, spans: InMemorySpanExporter
+) -> None:
+    """The run's span crosses to the handler process with the call: spans the handler makes
+    there are its children."""
+    async with AsyncSession(engine) as session:
+        with tracer.start_as_current_span("request"):
+            job = await outbox_worker.enqueue(session, "current_span")
+        await session.commit()
+    assert (await drain(offload_tasks.registry, database_url)).succeeded == 1
+    [run] = named(spans, "process default")
+    result = await pool.fetchval("SELECT result::text FROM outbox_jobs WHERE id = $1", job.id)
+    assert json.loads(result) == {
+        "trace_id": f"{_context(run).trace_id:032x}",
+        "span_id": f"{_span_id(run):016x}",
+    }
 
 
 async def test_a_failed_run_records_its_error_and_a_snooze_does_not(

@@ -1,12 +1,12 @@
 """What runs in a handler process (processes.py): one call at a time over its pipe, until the
 worker closes the pipe, kills it, or dies.
 
-The worker sends a call as JSON: the handler's module and name, the job's args and the
-context's fields. The child imports the handler by name (once per child), calls it with an
-OffloadedContext, and answers with tuples: ``("progress", json)`` as the handler reports,
-then one of ``("ok", result_json, problem)``, ``("snooze", seconds)``, ``("cancel",
-reason)``, ``("retry", seconds, reason)`` or ``("error", pickled_or_None, type_name,
-message, traceback)``.
+The worker sends a call as JSON: the handler's module and name, the job's args, the
+context's fields and the run's trace context. The child imports the handler by name (once
+per child), calls it with an OffloadedContext in that trace context, and answers with
+tuples: ``("progress", json)`` as the handler reports, then one of ``("ok", result_json,
+problem)``, ``("snooze", seconds)``, ``("cancel", reason)``, ``("retry", seconds,
+reason)`` or ``("error", pickled_or_None, type_name, message, traceback)``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from outbox_worker import tracing
 from outbox_worker._worker.storable import encode_result
 from outbox_worker.config import WorkerSettings
 from outbox_worker.context import OffloadedContext, current_correlation_id
@@ -101,7 +102,8 @@ def _run(conn: Connection, handlers: Handlers, request: dict[str, Any]) -> tuple
     ):
         try:
             handler = _handler(handlers, request["module"], request["name"])
-            value = handler(ctx, **request["args"])
+            with tracing.continuing(request["trace"]):
+                value = handler(ctx, **request["args"])
         except SnoozeJob as exc:
             return ("snooze", exc.seconds)
         except CancelJob as exc:

@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 
+from outbox_worker import tracing
 from outbox_worker._worker.child import serve
 from outbox_worker.context import JobContext
 from outbox_worker.control import CancelJob, RetryJob, SnoozeJob
@@ -210,6 +211,7 @@ class HandlerProcesses:
                 "correlation_id": ctx.correlation_id,
                 "worker_id": ctx.worker_id,
             },
+            "trace": tracing.carrier(),
         }
         child.send(json.dumps(request).encode())
         if deadline is None:
