@@ -158,9 +158,12 @@ async def fetch(
 
 
 async def sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """Sleep, waking early when ``stop`` is set; True when stopping."""
+    """Sleep, waking early when ``stop`` is set; True when stopping. A cancellation always
+    propagates: Python 3.11's asyncio.wait_for swallows one that comes as ``stop`` is set,
+    and the service cancelled would run on, keeping its worker from ever exiting."""
     try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     except TimeoutError:
         return False
     return True

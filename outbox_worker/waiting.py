@@ -21,6 +21,7 @@ import asyncpg
 
 from outbox_worker import sql
 from outbox_worker.config import asyncpg_dsn
+from outbox_worker.db import sleep_or_stop
 from outbox_worker.errors import JobNotFound, JobWaitTimeout
 from outbox_worker.jobs import MAX_JOB_ID, Job
 
@@ -70,8 +71,7 @@ async def wait_for_job(
                         f"job {job_id} did not finish within {timeout:g}s: it is {job.state}"
                         f" (attempt {job.attempts} of {job.max_attempts})"
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), min(poll_interval, left))
+                await sleep_or_stop(finished, min(poll_interval, left))
                 finished.clear()
                 job = await _read(conn, job_id)
             return job

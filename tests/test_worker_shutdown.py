@@ -9,7 +9,9 @@ import signal
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
+from outbox_worker.db import sleep_or_stop
 from tests.conftest import WorkerProcess, wait_until
 from tests.faults.invariants import log_events
 from tests.support import count_started, insert_sleepy, job_states
@@ -18,6 +20,20 @@ from tests.workload import EXIT_HOOKS_RAN
 # ---------------------------------------------------------------------------------------------
 # SIGTERM drain
 # ---------------------------------------------------------------------------------------------
+
+
+async def test_a_wait_cancelled_as_it_wakes_is_cancelled() -> None:
+    """The services' waits end in CancelledError when cancelled in the same turn of the loop
+    as their event is set. A service that ran on after its cancel (Python 3.11's
+    asyncio.wait_for swallows such a cancel) kept a burst worker from ever exiting."""
+    for _ in range(20):
+        stop = asyncio.Event()
+        waiting = asyncio.ensure_future(sleep_or_stop(stop, 10))
+        await asyncio.sleep(0)
+        stop.set()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
 
 
 async def test_sigterm_lets_in_flight_jobs_finish(

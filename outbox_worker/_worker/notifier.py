@@ -77,14 +77,10 @@ class Notifier:
             self._log.debug("listening", channel=sql.NOTIFY_CHANNEL)
             # Anything inserted while we were not listening has sent its NOTIFY to nobody.
             self._wake()
-            while True:
-                try:
-                    await asyncio.wait_for(lost.wait(), timeout=self._keepalive)
-                except TimeoutError:
-                    # A half-open TCP connection reports nothing: ask it something.
-                    await conn.fetchval("SELECT 1", timeout=self._keepalive)
-                else:
-                    raise ConnectionError("LISTEN connection closed")
+            while not await sleep_or_stop(lost, self._keepalive):
+                # A half-open TCP connection reports nothing: ask it something.
+                await conn.fetchval("SELECT 1", timeout=self._keepalive)
+            raise ConnectionError("LISTEN connection closed")
         finally:
             if not conn.is_closed():
                 await conn.close(timeout=2)
