@@ -2,10 +2,14 @@
 
 Cost: the processing drain (1 worker, no-op jobs) with no queue settings, with a global
 concurrency limit that does not bind (ten times the worker's slots), and with a limit of one
-running job per key over 1,000 keys, interleaved. Fairness: one worker at its benchmark
-concurrency on a queue whose keys take turns; key A holds a backlog of 10 ms jobs that
-fills every slot, key B enqueues a job five times a second: B's pickup (from its enqueue's
-commit to its claim, the database's clock) against the same jobs' on an idle worker."""
+running job per key over 1,000 keys, interleaved; then the first two with 2 worker
+processes, whose claims of a limited queue take turns on its row (no target: shown so that
+the price of an exact limit under several workers is in plain sight).
+
+Fairness: one worker at its benchmark concurrency on a queue whose keys take turns; key A
+holds a backlog of 10 ms jobs that fills every slot, key B enqueues a job five times a
+second: B's pickup (from its enqueue's commit to its claim, the database's clock) against
+the same jobs' on an idle worker."""
 
 from __future__ import annotations
 
@@ -42,15 +46,25 @@ def settings_for(case: str, variant: Variant) -> list[str]:
 
 async def cost(ctx: Context, variant: Variant) -> None:
     template = await ctx.template(pgoutbox_system())
-    cases = ("none", "global", "keys")
-    for turn in range(ctx.config.repeat):
-        for case in cases[turn % 3 :] + cases[: turn % 3]:
-            async with ctx.fresh(template) as url:
-                result = await drain(
-                    ctx, variant, url, ctx.config.jobs, 1, setup=settings_for(case, variant)
+    for workers, cases in ((1, ("none", "global", "keys")), (2, ("none", "global"))):
+        for turn in range(ctx.config.repeat):
+            start = turn % len(cases)
+            for case in cases[start:] + cases[:start]:
+                async with ctx.fresh(template) as url:
+                    result = await drain(
+                        ctx,
+                        variant,
+                        url,
+                        ctx.config.jobs,
+                        workers,
+                        setup=settings_for(case, variant),
+                    )
+                row = f"flow_{case}" if workers == 1 else f"flow_{case}_w{workers}"
+                ctx.record(row, variant.label, result.rate)
+                ctx.say(
+                    f"flow       {case:<8} {workers} worker(s), {ctx.config.jobs} jobs, "
+                    f"{result.rate:,.0f} jobs/s"
                 )
-            ctx.record(f"flow_{case}", variant.label, result.rate)
-            ctx.say(f"flow       {case:<20} {ctx.config.jobs} jobs, {result.rate:,.0f} jobs/s")
 
 
 async def pickups(url: str, backlog: int, seconds: float) -> list[float]:

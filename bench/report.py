@@ -141,6 +141,18 @@ ROWS = (
         True,
         compare=False,
     ),
+    Row(
+        "flow_none_w2",
+        "flow control: 2 workers, no queue settings (jobs/s)",
+        True,
+        compare=False,
+    ),
+    Row(
+        "flow_global_w2",
+        "flow control: 2 workers, a global limit that does not bind (jobs/s)",
+        True,
+        compare=False,
+    ),
     Row("flow_idle_p99", "key B's pickup p99, idle worker (ms)", False, compare=False),
     Row(
         "flow_backlog_p99",

@@ -99,6 +99,8 @@ def test_bench_smoke_run_completes(pg_server: PostgresServer, tmp_path: Path) ->
         "flow_none",
         "flow_global",
         "flow_keys",
+        "flow_none_w2",
+        "flow_global_w2",
         "flow_idle_p99",
         "flow_backlog_p99",
         "http_job_rps",
