@@ -69,7 +69,9 @@ class Claimer:
         """Claim on a connection of its own, for each limited queue and then for the
         others: (rows asked for, jobs claimed)."""
         asked = claimed = 0
-        for queue in sorted(self.limited - self._claiming):
+        for queue in sorted(self.limited):
+            if queue in self._claiming:
+                continue
             reservation = self._reserve(freed=0)
             if not reservation:
                 break
