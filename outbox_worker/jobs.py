@@ -94,7 +94,7 @@ class Job:
     concurrency_key: str | None = None
     # The W3C trace context of the enqueuer (``traceparent``, ``tracestate``), when
     # OpenTelemetry was on: what the run's span links to, and where to look for the request.
-    trace_context: dict[str, str] | None = None
+    trace_context: dict[str, Any] | None = None
     duplicate: bool = False
 
     @classmethod
@@ -107,15 +107,15 @@ class Job:
         values["progress"] = None if values["progress"] is None else _read_json(values["progress"])
         values["tags"] = tuple(values["tags"] or ())
         if values["trace_context"] is not None:
-            values["trace_context"] = json.loads(values["trace_context"])
+            values["trace_context"] = _read_json(values["trace_context"])
         return cls(**values, duplicate=duplicate)
 
     @property
     def trace_id(self) -> str | None:
         """The enqueuer's trace id (32 hex digits, from its ``traceparent``): what a tracing
         backend finds the request that enqueued the job by."""
-        parent = (self.trace_context or {}).get("traceparent", "")
-        parts = parent.split("-")
+        parent = (self.trace_context or {}).get("traceparent")
+        parts = parent.split("-") if isinstance(parent, str) else []
         return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
     def to_json(self) -> dict[str, Any]:
@@ -152,7 +152,7 @@ class JobOut(BaseModel):
     progress: Any
     tags: list[str]
     concurrency_key: str | None
-    trace_context: dict[str, str] | None
+    trace_context: dict[str, Any] | None
 
     @classmethod
     def of(cls, job: Job) -> JobOut:

@@ -23,6 +23,7 @@ from outbox_worker import enqueue
 from outbox_worker.jobs import MAX_JSON_DEPTH, TOO_DEEP
 from tests.admin_support import AUTH, insert_job
 from tests.conftest import deep_json, levels
+from tests.dashboard_support import SIGNED_IN
 
 # ---------------------------------------------------------------------------------------------
 # Jobs carrying more than Python's JSON readers take: shown with markers, never a 500
@@ -57,6 +58,28 @@ async def test_jobs_nested_deeper_than_readers_go_list_show_retry_and_cancel(
     # Only the answers are cut: the row keeps what was written.
     stored = await pool.fetchval("SELECT args::text FROM outbox_jobs WHERE id = $1", job_id)
     assert stored == deep_json(depth)
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        '{"traceparent": 5}',
+        '{"traceparent": "00-not-a-trace"}',
+        f'{{"traceparent": "00-{"a" * 32}-{"b" * 16}-01", "deep": {deep_json(1000)}}}',
+    ],
+)
+async def test_a_trace_context_written_by_hand_is_shown_as_it_is(
+    admin_app: FastAPI, admin_client: httpx.AsyncClient, pool: asyncpg.Pool, context: str
+) -> None:
+    """Plain SQL may store any object as a job's trace context: the job shows it (cut like
+    args when too deep), with a trace id only for a well-formed traceparent."""
+    job_id = await insert_job(pool, "echo", trace_context=context)
+    shown = await admin_client.get(f"/jobs/{job_id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text[:300]
+    assert "traceparent" in shown.json()["trace_context"]
+    page = await admin_client.get(f"/dashboard/jobs/{job_id}", headers=SIGNED_IN)
+    assert page.status_code == 200, page.text[:300]
+    assert ('id="job-trace-id"' in page.text) == ("a" * 32 in context)
 
 
 async def test_args_as_deep_as_enqueue_takes_come_back_whole(
