@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -95,6 +96,34 @@ async def test_health_counts_only_recent_heartbeats(database_url: str, pool: asy
     assert worker["last_seen_at"].endswith("Z"), worker
     seen = datetime.fromisoformat(worker["last_seen_at"])
     assert abs((datetime.now(UTC) - seen).total_seconds() - 3600) < 300
+
+
+async def test_health_on_this_host_counts_only_its_own_workers(
+    database_url: str, pool: asyncpg.Pool
+) -> None:
+    """A pod's liveness probe: another host's heartbeat keeps the deployment healthy, not
+    this host's worker alive."""
+    host = socket.gethostname()
+    await pool.execute(
+        "INSERT INTO outbox_workers (id, queues, concurrency, last_seen_at) "
+        "VALUES ('elsewhere:1:abc', '{default}', 4, now())"
+    )
+    assert ok_json(await cli(database_url, "health", "--json"))["status"] == "healthy"
+    result = await cli(database_url, "health", "--this-host")
+    assert result.returncode == 1, report_of(result)
+    assert f"no worker heartbeat on host {host} within 60s" in result.stdout
+    await pool.execute(
+        "INSERT INTO outbox_workers (id, queues, concurrency, last_seen_at) "
+        "VALUES ($1, '{default}', 4, now())",
+        f"{host}:2:def",
+    )
+    report = ok_json(await cli(database_url, "health", "--this-host", "--json"))
+    workers = report["checks"]["workers"]
+    assert (workers["host"], workers["alive"]) == (host, 1)
+    assert [worker["id"] for worker in workers["workers"]] == [f"{host}:2:def"]
+    assert f"1 alive on host {host} within 60s" in ok(
+        await cli(database_url, "health", "--this-host")
+    )
 
 
 async def test_health_reports_a_schema_behind_its_migrations(

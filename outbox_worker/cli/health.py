@@ -5,6 +5,7 @@ a database that cannot be reached is a failing check in the report, not an error
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,13 +56,21 @@ _SCHEMA_HEALTH = {
 
 
 async def _health(
-    engine: AsyncEngine, dsn: str, *, within: float, heads: list[str] | None, ini: Path
+    engine: AsyncEngine,
+    dsn: str,
+    *,
+    within: float,
+    heads: list[str] | None,
+    ini: Path,
+    host: str | None,
 ) -> dict[str, Any]:
     where = db.where(dsn)
     database: dict[str, Any] = {"status": "ok", "at": where}
     schema: dict[str, Any] = {"status": "unknown", "current": None, "expected": migrate.head()}
     migrations: dict[str, Any] = {"status": "unknown", "current": None, "expected": heads}
     workers: dict[str, Any] = {"status": "unknown", "alive": 0, "within_seconds": within}
+    if host is not None:
+        workers["host"] = host
     try:
         async with engine.connect() as conn:
             state = await conn.run_sync(migrate.state_of)
@@ -89,13 +98,17 @@ async def _health(
                 workers["detail"] = "no outbox_workers table: run `outbox-worker migrate`"
                 workers["status"] = "failing"
             else:
+                if host is not None:
+                    # A worker's id starts with its host's name (Worker's new_worker_id).
+                    alive = [w for w in alive if w.id.startswith(f"{host}:")]
                 workers["alive"] = len(alive)
                 workers["workers"] = [
                     {"id": w.id, "queues": w.queues, "last_seen_at": w.last_seen_at} for w in alive
                 ]
                 workers["status"] = "ok" if alive else "failing"
                 if not alive:
-                    workers["detail"] = f"no worker heartbeat within {within:g}s"
+                    on = "" if host is None else f" on host {host}"
+                    workers["detail"] = f"no worker heartbeat{on} within {within:g}s"
     except Exception as exc:
         error = database_error(exc, dsn)
         if not isinstance(error, DatabaseUnavailable):
@@ -129,6 +142,14 @@ def health(
             "too (migrations is 'unknown' when the file is not there)."
         ),
     ] = Path("alembic.ini"),
+    this_host: Annotated[
+        bool,
+        typer.Option(
+            "--this-host",
+            help="Count only the workers of this host (its name begins their ids): in a "
+            "pod's liveness probe, the pod's own worker.",
+        ),
+    ] = False,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:
@@ -140,7 +161,14 @@ def health(
     dsn = resolve_dsn(database_url)
 
     async def work(engine: AsyncEngine) -> dict[str, Any]:
-        return await _health(engine, dsn, within=within_seconds, heads=heads, ini=alembic_ini)
+        return await _health(
+            engine,
+            dsn,
+            within=within_seconds,
+            heads=heads,
+            ini=alembic_ini,
+            host=socket.gethostname() if this_host else None,
+        )
 
     report = with_engine(dsn, work)
     if as_json:
@@ -186,7 +214,10 @@ def _print_health(report: dict[str, Any]) -> None:
     workers = checks["workers"]
     if workers["status"] == "ok":
         ids = ", ".join(worker["id"] for worker in workers["workers"])
-        workers_detail = f"{workers['alive']} alive within {workers['within_seconds']:g}s: {ids}"
+        on = f" on host {workers['host']}" if "host" in workers else ""
+        workers_detail = (
+            f"{workers['alive']} alive{on} within {workers['within_seconds']:g}s: {ids}"
+        )
     else:
         workers_detail = workers.get("detail", "not checked")
     table.add_row(
